@@ -1,0 +1,85 @@
+"""Command line: argv + environment -> Settings -> one command. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import logs
+from .config import LOG_LEVELS, Settings, default_environ, from_environ
+
+log = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pouch-driver",
+        description="Docker/PouchContainer network + IPAM driver (libnetwork remote protocol).",
+        epilog="Every flag can also be set as POUCH_DRIVER_<NAME> in the environment "
+               "(e.g. POUCH_DRIVER_SOCKET); flags win.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--socket", help="plugin socket (default /run/docker/plugins/pouch.sock)")
+        p.add_argument("--state-dir", help="state directory (default /var/lib/pouch-driver)")
+        p.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+        p.add_argument("--log-format", choices=("text", "json"), help="default text")
+        p.add_argument("--prefix", help="1-3 letters starting every interface/chain we own")
+
+    serve = sub.add_parser("serve", help="run the plugin daemon")
+    common(serve)
+    serve.add_argument("--pools-v4", help="automatic IPv4 pools, CIDR:SIZE[,...]")
+    serve.add_argument("--pools-v6", help="automatic IPv6 pools, CIDR:SIZE[,...]")
+    serve.add_argument("--socket-group", help="group owning the socket (mode 0660)")
+    serve.add_argument("--request-timeout", type=float, help="seconds per request (default 60)")
+    serve.add_argument("--metrics", help="Prometheus metrics on unix:/path or 127.0.0.1:PORT")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        key: getattr(args, key, None)
+        for key in ("socket", "state_dir", "log_level", "log_format", "prefix", "socket_group",
+                    "request_timeout", "metrics")
+    }
+    from pathlib import Path  # noqa: PLC0415
+
+    from .config import parse_pools  # noqa: PLC0415
+
+    for key in ("socket", "state_dir"):
+        if overrides[key] is not None:
+            overrides[key] = Path(overrides[key])
+    if getattr(args, "pools_v4", None):
+        overrides["pools_v4"] = parse_pools(args.pools_v4, v6=False)
+    if getattr(args, "pools_v6", None):
+        overrides["pools_v6"] = parse_pools(args.pools_v6, v6=True)
+    return from_environ(default_environ(), **overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except ValueError as exc:
+        print(f"pouch-driver: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(settings.log_level, settings.log_format)
+    if args.command == "serve":
+        from .server import StartupError, serve  # noqa: PLC0415
+
+        try:
+            asyncio.run(serve(settings))
+        except StartupError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""marshmallow schemas for every request and response of both protocols.
+
+Wire keys keep the engine's CamelCase through ``data_key``; Python names stay snake_case.
+Requests tolerate unknown keys (engines add fields over versions). Types are checked strictly:
+a string where a number belongs is an error naming the field, never a silent coercion.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validates_schema
+
+from ..errors import DriverError
+from ..model import (
+    OPT_ENABLE_IPV6,
+    OPT_GENERIC,
+    OPT_INTERNAL,
+    IPAMData,
+    PortBinding,
+    Proto,
+)
+from ..naming import normalize_mac, validate_id
+
+
+class _Field(fields.Field):  # type: ignore[type-arg]
+    """A string field that becomes a typed value, or a ValidationError naming the problem."""
+
+    allow_empty = False
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, str):
+            raise ValidationError("must be a string")
+        if value == "" and self.allow_empty:
+            return None
+        try:
+            return self.parse(value)
+        except (ValueError, DriverError) as exc:
+            raise ValidationError(str(exc)) from None
+
+    def parse(self, value: str) -> Any:
+        raise NotImplementedError
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
+        return "" if value is None else str(value)
+
+
+class ID(_Field):
+    def parse(self, value: str) -> str:
+        return validate_id(value, "ID")
+
+
+class CIDR(_Field):
+    """A network such as 10.1.0.0/24 (host bits are cleared, as the engine's parser does)."""
+
+    def parse(self, value: str) -> Any:
+        if "/" not in value:
+            raise ValueError(f"{value!r} is not in CIDR form (address/length)")
+        return ipaddress.ip_network(value, strict=False)
+
+
+class OptionalCIDR(CIDR):
+    allow_empty = True
+
+
+class Interface(_Field):
+    """An address with its prefix length, such as 10.1.0.3/24."""
+
+    def parse(self, value: str) -> Any:
+        if "/" not in value:
+            raise ValueError(f"{value!r} is not in CIDR form (address/length)")
+        return ipaddress.ip_interface(value)
+
+
+class OptionalInterface(Interface):
+    allow_empty = True
+
+
+class IP(_Field):
+    def parse(self, value: str) -> Any:
+        return ipaddress.ip_address(value)
+
+
+class OptionalIP(IP):
+    allow_empty = True
+
+
+class MAC(_Field):
+    allow_empty = True
+
+    def parse(self, value: str) -> str:
+        return normalize_mac(value, "MAC")
+
+
+def _nullable_map(data_key: str) -> fields.Dict:
+    # Go serialises a nil map as null: accept it as empty.
+    return fields.Dict(keys=fields.String(), values=fields.Raw(allow_none=True),
+                       data_key=data_key, allow_none=True, load_default=dict)
+
+
+class Request(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+
+# --- NetworkDriver ----------------------------------------------------------------------------
+class IPAMDataSchema(Request):
+    address_space = fields.String(data_key="AddressSpace", load_default="")
+    pool = CIDR(data_key="Pool", required=True)
+    gateway = OptionalInterface(data_key="Gateway", load_default=None, allow_none=True)
+    aux_addresses = fields.Dict(
+        keys=fields.String(), values=Interface(), data_key="AuxAddresses", load_default=dict,
+        allow_none=True,
+    )
+
+    @validates_schema
+    def _gateway_in_pool(self, data: dict[str, Any], **kwargs: Any) -> None:
+        gw = data.get("gateway")
+        if gw is not None and gw.ip not in data["pool"]:
+            raise ValidationError(f"gateway {gw} is outside pool {data['pool']}", "Gateway")
+
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> IPAMData:
+        return IPAMData(
+            address_space=data["address_space"],
+            pool=data["pool"],
+            gateway=data.get("gateway"),
+            aux_addresses=tuple(sorted((data.get("aux_addresses") or {}).items())),
+        )
+
+
+class CreateNetworkRequest(Request):
+    network_id = ID(data_key="NetworkID", required=True)
+    options = _nullable_map("Options")
+    ipv4_data = fields.List(fields.Nested(IPAMDataSchema), data_key="IPv4Data",
+                            load_default=list, allow_none=True)
+    ipv6_data = fields.List(fields.Nested(IPAMDataSchema), data_key="IPv6Data",
+                            load_default=list, allow_none=True)
+
+    @post_load
+    def _engine_options(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        options: Mapping[str, Any] = data.get("options") or {}
+        generic = options.get(OPT_GENERIC) or {}
+        if not isinstance(generic, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in generic.items()
+        ):
+            raise ValidationError(
+                "must be an object of string options (-o key=value)", f"Options.{OPT_GENERIC}"
+            )
+        for key in (OPT_ENABLE_IPV6, OPT_INTERNAL):
+            value = options.get(key, False)
+            if not isinstance(value, bool):
+                raise ValidationError("must be a boolean", f"Options.{key}")
+        data["generic"] = generic
+        data["enable_ipv6"] = options.get(OPT_ENABLE_IPV6, False)
+        data["internal"] = options.get(OPT_INTERNAL, False)
+        data["ipv4_data"] = data.get("ipv4_data") or []
+        data["ipv6_data"] = data.get("ipv6_data") or []
+        for i, d in enumerate(data["ipv4_data"]):
+            if d.pool.version != 4:
+                raise ValidationError(f"pool {d.pool} is not IPv4", f"IPv4Data.{i}.Pool")
+        for i, d in enumerate(data["ipv6_data"]):
+            if d.pool.version != 6:
+                raise ValidationError(f"pool {d.pool} is not IPv6", f"IPv6Data.{i}.Pool")
+        return data
+
+
+class NetworkIDRequest(Request):
+    network_id = ID(data_key="NetworkID", required=True)
+
+
+class AllocateNetworkRequest(Request):
+    network_id = ID(data_key="NetworkID", required=True)
+    options = fields.Dict(keys=fields.String(), values=fields.String(), data_key="Options",
+                          load_default=dict, allow_none=True)
+    ipv4_data = fields.List(fields.Nested(IPAMDataSchema), data_key="IPv4Data",
+                            load_default=list, allow_none=True)
+    ipv6_data = fields.List(fields.Nested(IPAMDataSchema), data_key="IPv6Data",
+                            load_default=list, allow_none=True)
+
+
+class EndpointInterfaceSchema(Request):
+    address = OptionalInterface(data_key="Address", load_default=None, allow_none=True)
+    address_v6 = OptionalInterface(data_key="AddressIPv6", load_default=None, allow_none=True)
+    mac = MAC(data_key="MacAddress", load_default=None, allow_none=True)
+
+    @validates_schema
+    def _families(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("address") is not None and data["address"].version != 4:
+            raise ValidationError("must be an IPv4 address", "Address")
+        if data.get("address_v6") is not None and data["address_v6"].version != 6:
+            raise ValidationError("must be an IPv6 address", "AddressIPv6")
+
+
+class EndpointRequest(Request):
+    network_id = ID(data_key="NetworkID", required=True)
+    endpoint_id = ID(data_key="EndpointID", required=True)
+
+
+class CreateEndpointRequest(EndpointRequest):
+    interface = fields.Nested(EndpointInterfaceSchema, data_key="Interface", allow_none=True,
+                              load_default=None)
+    options = _nullable_map("Options")
+
+
+class JoinRequest(EndpointRequest):
+    sandbox_key = fields.String(data_key="SandboxKey", required=True)
+    options = _nullable_map("Options")
+
+    @validates_schema
+    def _key(self, data: dict[str, Any], **kwargs: Any) -> None:
+        key = data.get("sandbox_key", "")
+        if not key or len(key) > 4096 or "\x00" in key:
+            raise ValidationError("must be a non-empty path", "SandboxKey")
+
+
+class PortBindingSchema(Request):
+    proto = fields.Integer(data_key="Proto", required=True, strict=True)
+    ip = fields.String(data_key="IP", load_default="", allow_none=True)
+    port = fields.Integer(data_key="Port", required=True, strict=True)
+    host_ip = fields.String(data_key="HostIP", load_default="", allow_none=True)
+    host_port = fields.Integer(data_key="HostPort", load_default=0, strict=True)
+    host_port_end = fields.Integer(data_key="HostPortEnd", load_default=0, strict=True)
+
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> PortBinding:
+        try:
+            proto = Proto(data["proto"])
+        except ValueError:
+            raise ValidationError("must be 6 (tcp), 17 (udp) or 132 (sctp)", "Proto") from None
+        host_ip = None
+        if data.get("host_ip"):
+            try:
+                host_ip = ipaddress.ip_address(data["host_ip"])
+            except ValueError:
+                raise ValidationError("is not an IP address", "HostIP") from None
+        try:
+            return PortBinding(
+                proto=proto, port=data["port"], host_port=data["host_port"],
+                host_port_end=data["host_port_end"], host_ip=host_ip,
+            )
+        except ValueError as exc:
+            raise ValidationError(str(exc), "Port") from None
+
+
+class ProgramExternalConnectivityRequest(EndpointRequest):
+    options = _nullable_map("Options")
+
+
+class DiscoveryRequest(Request):
+    discovery_type = fields.Integer(data_key="DiscoveryType", required=True, strict=True)
+    discovery_data = fields.Raw(data_key="DiscoveryData", load_default=None, allow_none=True)
+
+
+# --- IpamDriver -------------------------------------------------------------------------------
+class RequestPoolRequest(Request):
+    address_space = fields.String(data_key="AddressSpace", load_default="")
+    pool = OptionalCIDR(data_key="Pool", load_default=None, allow_none=True)
+    sub_pool = OptionalCIDR(data_key="SubPool", load_default=None, allow_none=True)
+    options = fields.Dict(keys=fields.String(), values=fields.String(), data_key="Options",
+                          load_default=dict, allow_none=True)
+    v6 = fields.Boolean(data_key="V6", load_default=False)
+
+
+class ReleasePoolRequest(Request):
+    pool_id = fields.String(data_key="PoolID", required=True)
+
+
+class RequestAddressRequest(Request):
+    pool_id = fields.String(data_key="PoolID", required=True)
+    address = OptionalIP(data_key="Address", load_default=None, allow_none=True)
+    options = fields.Dict(keys=fields.String(), values=fields.String(), data_key="Options",
+                          load_default=dict, allow_none=True)
+
+
+class ReleaseAddressRequest(Request):
+    pool_id = fields.String(data_key="PoolID", required=True)
+    address = IP(data_key="Address", required=True)
+
+
+# --- responses --------------------------------------------------------------------------------
+class Response(Schema):
+    pass
+
+
+class ActivateResponse(Response):
+    implements = fields.List(fields.String(), data_key="Implements")
+
+
+class NetworkCapabilitiesResponse(Response):
+    scope = fields.String(data_key="Scope")
+    connectivity_scope = fields.String(data_key="ConnectivityScope")
+
+
+class EmptyResponse(Response):
+    pass
+
+
+class AllocateNetworkResponse(Response):
+    options = fields.Dict(keys=fields.String(), values=fields.String(), data_key="Options")
+
+
+class EndpointInterfaceResponse(Response):
+    mac = fields.String(data_key="MacAddress")
+
+
+class CreateEndpointResponse(Response):
+    interface = fields.Nested(EndpointInterfaceResponse, data_key="Interface")
+
+
+class EndpointInfoResponse(Response):
+    value = fields.Dict(keys=fields.String(), values=fields.String(), data_key="Value")
+
+
+class InterfaceNameResponse(Response):
+    src_name = fields.String(data_key="SrcName")
+    dst_prefix = fields.String(data_key="DstPrefix")
+
+
+class StaticRouteResponse(Response):
+    destination = fields.String(data_key="Destination")
+    route_type = fields.Integer(data_key="RouteType")
+    next_hop = fields.String(data_key="NextHop")
+
+
+class JoinResponse(Response):
+    interface_name = fields.Nested(InterfaceNameResponse, data_key="InterfaceName")
+    gateway = fields.String(data_key="Gateway")
+    gateway_v6 = fields.String(data_key="GatewayIPv6")
+    static_routes = fields.List(fields.Nested(StaticRouteResponse), data_key="StaticRoutes")
+    disable_gateway_service = fields.Boolean(data_key="DisableGatewayService")
+
+
+class IpamCapabilitiesResponse(Response):
+    requires_mac = fields.Boolean(data_key="RequiresMACAddress")
+    requires_replay = fields.Boolean(data_key="RequiresRequestReplay")
+
+
+class AddressSpacesResponse(Response):
+    local = fields.String(data_key="LocalDefaultAddressSpace")
+    global_ = fields.String(data_key="GlobalDefaultAddressSpace")
+
+
+class RequestPoolResponse(Response):
+    pool_id = fields.String(data_key="PoolID")
+    pool = fields.String(data_key="Pool")
+    data = fields.Dict(keys=fields.String(), values=fields.String(), data_key="Data")
+
+
+class RequestAddressResponse(Response):
+    address = fields.String(data_key="Address")
+    data = fields.Dict(keys=fields.String(), values=fields.String(), data_key="Data")
+
+
+def flatten_errors(messages: Any, prefix: str = "") -> list[str]:
+    """marshmallow's nested error dict as ``Field.Sub: message`` lines."""
+    if isinstance(messages, dict):
+        out: list[str] = []
+        for key, value in messages.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key == "_schema":
+                name = prefix or "request"
+            out.extend(flatten_errors(value, name))
+        return out
+    if isinstance(messages, list):
+        if all(isinstance(m, str) for m in messages):
+            return [f"{prefix}: {m}" for m in messages]
+        out = []
+        for m in messages:
+            out.extend(flatten_errors(m, prefix))
+        return out
+    return [f"{prefix}: {messages}"]

@@ -1,0 +1,131 @@
+"""Typed in-memory doubles of ``Links`` and ``Firewall`` for fast unit and HTTP tests.
+
+They follow the real adapters' contracts (idempotent verbs, errors as ``KernelError``) and
+can inject failures and delays, so tests reach the compensation paths the kernel rarely
+takes. The same behaviour tests run against the real kernel to keep these honest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field, replace
+
+from ..errors import KernelError
+from ..model import IPInterface, IPNetwork
+from . import BridgeSpec, FirewallPlan, LinkInfo, VethSpec
+
+
+@dataclass
+class Faults:
+    """Make the named verbs (``ensure_bridge``, ``ensure_veth``, ...) fail or slow down."""
+
+    fail: set[str] = field(default_factory=set)
+    delay: dict[str, float] = field(default_factory=dict)
+
+    async def check(self, verb: str) -> None:
+        if verb in self.delay:
+            await asyncio.sleep(self.delay[verb])
+        if verb in self.fail:
+            raise KernelError(f"{verb}: injected failure")
+
+
+class FakeLinks:
+    def __init__(self, routes: list[IPNetwork] | None = None) -> None:
+        self.links: dict[str, LinkInfo] = {}
+        self.peers: dict[str, str] = {}
+        self.routes = list(routes or [])
+        self.faults = Faults()
+        self.calls: list[str] = []
+        self._next = 10
+
+    def _index(self) -> int:
+        self._next += 1
+        return self._next
+
+    async def ensure_bridge(self, spec: BridgeSpec) -> None:
+        self.calls.append(f"ensure_bridge {spec.name}")
+        await self.faults.check("ensure_bridge")
+        link = self.links.get(spec.name)
+        if link is None:
+            link = LinkInfo(spec.name, self._index(), "bridge", None, False, spec.mtu or 1500,
+                            spec.mac or "02:00:00:00:00:01")
+        elif link.kind != "bridge":
+            raise KernelError(f"interface {spec.name} exists and is not a bridge")
+        addresses = tuple(dict.fromkeys((*link.addresses, *spec.addresses)))
+        self.links[spec.name] = replace(
+            link, up=True, mtu=spec.mtu or link.mtu, addresses=addresses
+        )
+
+    async def ensure_veth(self, spec: VethSpec) -> None:
+        self.calls.append(f"ensure_veth {spec.host}")
+        await self.faults.check("ensure_veth")
+        bridge = self.links.get(spec.bridge)
+        if bridge is None:
+            raise KernelError(f"bridge {spec.bridge} does not exist")
+        mtu = spec.mtu or 1500
+        self.links[spec.host] = LinkInfo(
+            spec.host, self.links[spec.host].index if spec.host in self.links else self._index(),
+            "veth", bridge.index, True, mtu, "02:00:00:00:00:02",
+        )
+        if spec.peer not in self.links:
+            self.links[spec.peer] = LinkInfo(spec.peer, self._index(), "veth", None, False, mtu,
+                                             spec.peer_mac)
+        self.peers[spec.host] = spec.peer
+        self.peers[spec.peer] = spec.host
+
+    async def ensure_link_absent(self, name: str) -> None:
+        self.calls.append(f"ensure_link_absent {name}")
+        await self.faults.check("ensure_link_absent")
+        link = self.links.pop(name, None)
+        if link is None:
+            return
+        peer = self.peers.pop(name, None)
+        if peer is not None:  # deleting one end of a veth deletes the pair
+            self.links.pop(peer, None)
+            self.peers.pop(peer, None)
+        if link.kind == "bridge":  # ports are released, not deleted
+            self.links.update({
+                n: replace(port, master=None)
+                for n, port in self.links.items() if port.master == link.index
+            })
+
+    async def ensure_addresses_absent(self, name: str, addresses: tuple[IPInterface, ...]) -> None:
+        self.calls.append(f"ensure_addresses_absent {name}")
+        await self.faults.check("ensure_addresses_absent")
+        link = self.links.get(name)
+        if link is not None:
+            kept = tuple(a for a in link.addresses if a not in addresses)
+            self.links[name] = replace(link, addresses=kept)
+
+    async def get_link(self, name: str) -> LinkInfo | None:
+        await self.faults.check("get_link")
+        return self.links.get(name)
+
+    async def list_links(self) -> list[LinkInfo]:
+        await self.faults.check("list_links")
+        return list(self.links.values())
+
+    async def host_routes(self) -> list[IPNetwork]:
+        await self.faults.check("host_routes")
+        return list(self.routes)
+
+    async def close(self) -> None:
+        return None
+
+
+class FakeFirewall:
+    def __init__(self) -> None:
+        self.plan = FirewallPlan()
+        self.applied = 0
+        self.faults = Faults()
+
+    async def apply(self, plan: FirewallPlan) -> None:
+        await self.faults.check("firewall_apply")
+        self.plan = plan
+        self.applied += 1
+
+    async def differences(self, plan: FirewallPlan) -> list[str]:
+        return [] if plan == self.plan else ["firewall rules differ from the plan"]
+
+    async def remove_all(self) -> None:
+        self.plan = FirewallPlan()

@@ -1,0 +1,268 @@
+"""The firewall: our own iptables chains, rewritten whole from a plan in one transaction.
+
+Each ``apply`` renders every chain we own from the plan and loads it with one
+``iptables-restore --noflush`` per address family: declaring a chain there empties it, so
+the result is exact and idempotent, and chains and rules of others (Docker's, the user's)
+are never touched. Only the jumps into our chains live in built-in chains; they carry a
+comment that marks them ours. Never imports ``service`` or ``http``.
+
+Where our rules sit, and why:
+* ``<P>-ISOLATION`` is the first rule of FORWARD. It only ever drops (traffic between two of
+  our networks, or leaving/entering an internal one), so putting it first weakens nothing.
+* ``<P>-FORWARD`` is appended to FORWARD, after Docker's DOCKER-USER, so an operator's
+  DOCKER-USER policy applies to our networks as it does to Docker's. It accepts our bridges'
+  traffic, which a Docker host's FORWARD policy (DROP) would otherwise drop.
+* ``<P>-POSTROUTING`` (nat) masquerades our subnets leaving through another interface, and
+  hairpins published ports; ``<P>-DNAT`` (nat, from PREROUTING and OUTPUT for local
+  destinations) publishes ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import KernelError
+from ..naming import Names
+from . import FirewallPlan, NetworkRules
+
+log = logging.getLogger(__name__)
+
+SYSCTL = Path("/proc/sys")
+
+
+class IptablesFirewall:
+    """The real ``Firewall``. ``netns`` (tests only) runs every command in a named netns."""
+
+    def __init__(self, names: Names, netns: str | None = None) -> None:
+        self.names = names
+        self._prefix: list[str] = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+        self._sysctl_cmd = netns is not None
+        self._lock = asyncio.Lock()
+        self._v6_used = True  # clean IPv6 chains once at start, then only while needed
+        self._has_ip6tables = shutil.which("ip6tables-restore") is not None
+
+    # --- process plumbing ---------------------------------------------------------------------
+    async def _exec(self, argv: Sequence[str], stdin: str | None = None) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            *self._prefix, *argv,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+        if proc.returncode != 0:
+            raise KernelError(f"{argv[0]} failed: {err.decode(errors='replace').strip()}")
+        return out.decode()
+
+    async def _sysctl(self, key: str, value: str) -> None:
+        if self._sysctl_cmd:
+            await self._exec(["sysctl", "-q", "-w", f"{key}={value}"])
+            return
+        path = SYSCTL / key.replace(".", "/")
+
+        def write() -> None:
+            if path.read_text().strip() != value:
+                path.write_text(value)
+
+        await asyncio.get_running_loop().run_in_executor(None, write)
+
+    # --- rendering ------------------------------------------------------------------------------
+    def _jumps(self) -> list[tuple[str, str, str, str]]:
+        """(table, chain, position, match) for each jump into our chains."""
+        n = self.names
+        c = f'-m comment --comment "{n.comment}"'
+        return [
+            ("filter", "FORWARD", "-I FORWARD 1", f"{c} -j {n.chain_isolation}"),
+            ("filter", "FORWARD", "-A FORWARD", f"{c} -j {n.chain_forward}"),
+            ("nat", "POSTROUTING", "-A POSTROUTING", f"{c} -j {n.chain_postrouting}"),
+            ("nat", "PREROUTING", "-A PREROUTING",
+             f"-m addrtype --dst-type LOCAL {c} -j {n.chain_dnat}"),
+            ("nat", "OUTPUT", "-A OUTPUT",
+             f"! -d {{loopback}} -m addrtype --dst-type LOCAL {c} -j {n.chain_dnat}"),
+        ]
+
+    def render(self, plan: FirewallPlan, version: int) -> dict[str, list[str]]:
+        """The rules of each of our chains, in ``iptables-save`` syntax, for one family."""
+        n = self.names
+        chains: dict[str, list[str]] = {c: [] for c in n.all_chains()}
+        iso, iso2, fwd = chains[n.chain_isolation], chains[n.chain_isolation2], \
+            chains[n.chain_forward]
+        post, dnat = chains[n.chain_postrouting], chains[n.chain_dnat]
+
+        def family(nets: NetworkRules) -> list[str]:
+            return [str(s) for s in nets.subnets if s.version == version]
+
+        for net in plan.networks:
+            b = net.bridge
+            if net.internal:
+                iso.append(f"-A {n.chain_isolation} -i {b} ! -o {b} -j DROP")
+                iso.append(f"-A {n.chain_isolation} -o {b} ! -i {b} -j DROP")
+            else:
+                iso.append(f"-A {n.chain_isolation} -i {b} ! -o {b} -j {n.chain_isolation2}")
+                iso2.append(f"-A {n.chain_isolation2} -o {b} -j DROP")
+            verdict = "ACCEPT" if net.icc else "DROP"
+            fwd.append(f"-A {n.chain_forward} -i {b} -o {b} -j {verdict}")
+            fwd.append(
+                f"-A {n.chain_forward} -o {b} -m conntrack --ctstate RELATED,ESTABLISHED "
+                "-j ACCEPT"
+            )
+            if not net.internal:
+                fwd.append(f"-A {n.chain_forward} -i {b} ! -o {b} -j ACCEPT")
+                if net.masquerade:
+                    for subnet in family(net):
+                        post.append(f"-A {n.chain_postrouting} -s {subnet} ! -o {b} -j MASQUERADE")
+        for f in plan.forwards:
+            if f.container_ip.version != version:
+                continue
+            if f.host_ip is not None and f.host_ip.version != version:
+                continue
+            # Host addresses are written as iptables-save prints them (/32, /128), so that
+            # ``differences`` compares like with like.
+            cip = f"{f.container_ip}/{f.container_ip.max_prefixlen}"
+            dst = (
+                f"-d {f.host_ip}/{f.host_ip.max_prefixlen} "
+                if f.host_ip is not None and not f.host_ip.is_unspecified else ""
+            )
+            target = (
+                f"{f.container_ip}:{f.container_port}" if version == 4
+                else f"[{f.container_ip}]:{f.container_port}"
+            )
+            dnat.append(
+                f"-A {n.chain_dnat} {dst}! -i {f.bridge} -p {f.proto} -m {f.proto} "
+                f"--dport {f.host_port} -j DNAT --to-destination {target}"
+            )
+            # Inserted before the bridge's "leaving" rules is not needed: this accepts traffic
+            # entering the bridge, which no other rule of ours does for NEW connections.
+            fwd.insert(
+                0,
+                f"-A {n.chain_forward} -d {cip} ! -i {f.bridge} -o {f.bridge} "
+                f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j ACCEPT",
+            )
+            post.append(
+                f"-A {n.chain_postrouting} -s {cip} -d {cip} "
+                f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j MASQUERADE"
+            )
+        return chains
+
+    def _restore_input(self, plan: FirewallPlan, version: int, saved: str) -> str:
+        n = self.names
+        chains = self.render(plan, version)
+        loopback = "127.0.0.0/8" if version == 4 else "::1/128"
+        tables = {
+            "filter": [n.chain_isolation, n.chain_isolation2, n.chain_forward],
+            "nat": [n.chain_postrouting, n.chain_dnat],
+        }
+        present = _saved_rules(saved)
+        out: list[str] = []
+        for table, ours in tables.items():
+            out.append(f"*{table}")
+            out.extend(f":{c} - [0:0]" for c in ours)  # declaring empties it (--noflush)
+            for c in ours:
+                out.extend(chains[c])
+            for t, chain, position, match in self._jumps():
+                rule_match = match.format(loopback=loopback)
+                if t == table and not _has_rule(present, table, chain, rule_match):
+                    out.append(f"{position} {rule_match}")
+            out.append("COMMIT")
+        return "\n".join(out) + "\n"
+
+    # --- verbs ------------------------------------------------------------------------------------
+    async def apply(self, plan: FirewallPlan) -> None:
+        async with self._lock:
+            if any(not net.internal for net in plan.networks):
+                await self._sysctl("net.ipv4.ip_forward", "1")
+            if any(not net.icc for net in plan.networks):
+                await self._ensure_bridge_netfilter()
+            await self._apply_family(plan, 4)
+            if self._has_ip6tables and (plan.needs_ipv6() or self._v6_used):
+                if plan.needs_ipv6() and any(
+                    not net.internal and any(s.version == 6 for s in net.subnets)
+                    for net in plan.networks
+                ):
+                    await self._sysctl("net.ipv6.conf.all.forwarding", "1")
+                await self._apply_family(plan, 6)
+                self._v6_used = plan.needs_ipv6()
+
+    async def _apply_family(self, plan: FirewallPlan, version: int) -> None:
+        save, restore = ("iptables-save", "iptables-restore") if version == 4 else \
+            ("ip6tables-save", "ip6tables-restore")
+        saved = await self._exec([save])
+        await self._exec([restore, "--noflush"], self._restore_input(plan, version, saved))
+
+    async def _ensure_bridge_netfilter(self) -> None:
+        """icc=false needs bridged traffic to pass iptables (as Docker's bridge does)."""
+        key = "net.bridge.bridge-nf-call-iptables"
+        if not (SYSCTL / "net/bridge").exists():
+            await self._exec(["modprobe", "br_netfilter"])
+        await self._sysctl(key, "1")
+        await self._sysctl("net.bridge.bridge-nf-call-ip6tables", "1")
+
+    async def differences(self, plan: FirewallPlan) -> list[str]:
+        """What ``apply(plan)`` would change, one line each; empty when in sync."""
+        out: list[str] = []
+        families = [4] + ([6] if self._has_ip6tables and plan.needs_ipv6() else [])
+        for version in families:
+            save = "iptables-save" if version == 4 else "ip6tables-save"
+            present = _saved_rules(await self._exec([save]))
+            chains = self.render(plan, version)
+            loopback = "127.0.0.0/8" if version == 4 else "::1/128"
+            tag = f"IPv{version}"
+            for chain, want in chains.items():
+                table = "nat" if chain in (self.names.chain_postrouting, self.names.chain_dnat) \
+                    else "filter"
+                have = [r for r in present.get(table, []) if r.startswith(f"-A {chain} ")]
+                want_norm = [_normalize(r) for r in want]
+                have_norm = [_normalize(r) for r in have]
+                out.extend(f"{tag} missing rule: {r}" for r in want_norm if r not in have_norm)
+                out.extend(f"{tag} unexpected rule: {r}" for r in have_norm if r not in want_norm)
+            for table, chain, _, match in self._jumps():
+                if not _has_rule(present, table, chain, match.format(loopback=loopback)):
+                    out.append(f"{tag} missing jump in {table}/{chain} to our chain")
+        return out
+
+    async def remove_all(self) -> None:
+        """Remove every jump and chain of ours (used by tests and uninstall)."""
+        async with self._lock:
+            for version in (4, 6) if self._has_ip6tables else (4,):
+                save, restore = ("iptables-save", "iptables-restore") if version == 4 else \
+                    ("ip6tables-save", "ip6tables-restore")
+                present = _saved_rules(await self._exec([save]))
+                lines: list[str] = []
+                for table in ("filter", "nat"):
+                    lines.append(f"*{table}")
+                    for rule in present.get(table, []):
+                        if f'--comment "{self.names.comment}"' in rule or \
+                                f"--comment {self.names.comment}" in rule:
+                            lines.append(rule.replace("-A ", "-D ", 1))
+                    ours = [c for c in self.names.all_chains()
+                            if any(r.startswith(f":{c} ") for r in present.get(table, []))]
+                    lines.extend(f":{c} - [0:0]" for c in ours)
+                    lines.extend(f"-X {c}" for c in ours)
+                    lines.append("COMMIT")
+                await self._exec([restore, "--noflush"], "\n".join(lines) + "\n")
+
+
+def _saved_rules(saved: str) -> dict[str, list[str]]:
+    """``iptables-save`` output as {table: [":CHAIN ..." and "-A ..." lines]}."""
+    tables: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            current = tables.setdefault(line[1:], [])
+        elif current is not None and (line.startswith("-A ") or line.startswith(":")):
+            current.append(line)
+    return tables
+
+
+def _normalize(rule: str) -> str:
+    """iptables-save prints comments unquoted and some matches in its own order and forms."""
+    return " ".join(rule.replace('"', "").split())
+
+
+def _has_rule(present: dict[str, list[str]], table: str, chain: str, match: str) -> bool:
+    want = _normalize(f"-A {chain} {match}")
+    return any(_normalize(r) == want for r in present.get(table, []))

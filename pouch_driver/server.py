@@ -1,0 +1,113 @@
+"""Serve the app on the plugin's Unix socket until SIGTERM/SIGINT, then shut down gracefully.
+
+The socket is created 0660 (group configurable). A stale socket file is replaced; a symlink,
+a non-socket, or a socket some live process still answers on makes us refuse to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+
+from aiohttp import web
+
+from .config import Settings
+from .errors import DriverError
+from .http import make_app
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+def _probe(path: Path) -> bool:
+    """Whether a live process accepts connections on ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def bind_socket(settings: Settings) -> socket.socket:
+    path = settings.socket
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            raise StartupError(f"{path} is a symlink; refusing to serve through it")
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartupError(f"{path} exists and is not a socket; remove it first")
+        if _probe(path):
+            raise StartupError(f"another process is already serving on {path}")
+        path.unlink()  # stale, left by a killed plugin
+    gid = -1
+    if settings.socket_group:
+        try:
+            gid = grp.getgrnam(settings.socket_group).gr_gid
+        except KeyError:
+            if not settings.socket_group.isdigit():
+                raise StartupError(f"socket group {settings.socket_group!r} does not exist") \
+                    from None
+            gid = int(settings.socket_group)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o117)  # bind creates the file 0660: no window where it is wider
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    if gid >= 0:
+        os.chown(path, -1, gid)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    # Bound before the store is opened and reconciled: the engine's requests wait in the
+    # listen backlog meanwhile instead of failing with ECONNREFUSED.
+    sock = bind_socket(settings)
+    ino = os.stat(settings.socket).st_ino
+    app = make_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        try:
+            await runner.setup()
+        except DriverError as exc:
+            raise StartupError(str(exc)) from exc
+        await web.SockSite(runner, sock).start()
+        log.info("pouch-driver %s serving on %s", settings.driver_name, settings.socket)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("shutting down: finishing in-flight requests")
+    finally:
+        with contextlib.suppress(OSError):
+            # Remove the socket only if it is still ours (not a successor's).
+            if os.stat(settings.socket).st_ino == ino:
+                settings.socket.unlink()
+        await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+

@@ -1,0 +1,651 @@
+"""Orchestration of every protocol call: locking, ordering, and compensation on failure.
+
+The service owns the in-memory state (networks, endpoints, IPAM) that mirrors the store. The
+rule for every change: the store first records what must exist, then the kernel is made to
+match, and the request is answered only after both. A failure undoes the record and whatever
+kernel work was done; a crash between the steps leaves a record (completed by ``reconcile``
+at start) or an object carrying our prefix and no record (removed by ``reconcile``).
+Imports ``model``, ``ipam``, ``store``, ``kernel`` ports; never ``http``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import replace
+
+from . import store as st
+from .config import Settings
+from .errors import Conflict, DriverError, Exhausted, InvalidRequest, NotFound
+from .ipam import AddressGrant, Ipam
+from .kernel import BridgeSpec, Firewall, FirewallPlan, Links, NetworkRules, PortForward, VethSpec
+from .locks import KeyedLocks
+from .model import (
+    GLOBAL_ADDRESS_SPACE,
+    LOCAL_ADDRESS_SPACE,
+    Endpoint,
+    IPAddress,
+    IPAMData,
+    IPInterface,
+    JoinInfo,
+    Network,
+    NetworkOptions,
+    Pool,
+    PortBinding,
+    Proto,
+)
+from .naming import Names, bridge_mac, endpoint_mac
+
+log = logging.getLogger(__name__)
+
+MAX_BRIDGE_PORTS = 1024  # BR_MAX_PORTS in the kernel
+EPHEMERAL_PORTS = (49153, 60999)
+
+
+def short(value: str) -> str:
+    return value[:12]
+
+
+class Service:
+    def __init__(
+        self, settings: Settings, store: st.Store, links: Links, firewall: Firewall
+    ) -> None:
+        self.settings = settings
+        self.names = Names(settings.prefix)
+        self.store = store
+        self.links = links
+        self.firewall = firewall
+        self.networks: dict[str, Network] = {}
+        self.endpoints: dict[str, Endpoint] = {}
+        self.ipam = Ipam(settings.pools_v4, settings.pools_v6)
+        self._locks = KeyedLocks()
+        self._fw_wanted = 0
+        self._fw_done = 0
+        self._fw_task: asyncio.Task[None] | None = None
+        self._fw_waiters: dict[int, list[asyncio.Future[None]]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the store; the caller reconciles the kernel before serving."""
+        snapshot = await self.store.open()
+        self.networks = {n.network_id: n for n in snapshot.networks}
+        self.endpoints = {e.endpoint_id: e for e in snapshot.endpoints}
+        for record in snapshot.pools:
+            self.ipam.restore_pool(record.pool, record.allocations, record.cursor)
+        log.info(
+            "loaded %d networks, %d endpoints, %d pools from %s",
+            len(self.networks), len(self.endpoints), len(self.ipam.pools), self.store.path,
+        )
+
+    def start_sweeper(self) -> None:
+        if self.settings.gc_interval > 0:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="sweeper")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._fw_task is not None:
+            with contextlib.suppress(DriverError):
+                await self._fw_task
+        await self.store.close()
+        await self.links.close()
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _network(self, network_id: str) -> Network:
+        net = self.networks.get(network_id)
+        if net is None:
+            raise NotFound(f"network {short(network_id)} is unknown to pouch-driver")
+        return net
+
+    def _endpoint(self, endpoint_id: str) -> Endpoint:
+        ep = self.endpoints.get(endpoint_id)
+        if ep is None:
+            raise NotFound(f"endpoint {short(endpoint_id)} is unknown to pouch-driver")
+        return ep
+
+    def endpoints_of(self, network_id: str) -> list[Endpoint]:
+        return [e for e in self.endpoints.values() if e.network_id == network_id]
+
+    async def _compensate(self, *steps: Callable[[], Awaitable[object]]) -> None:
+        """Undo steps after a failure; their own failures are logged, never masking the cause."""
+        for step in steps:
+            try:
+                await asyncio.shield(step())
+            except Exception:
+                log.exception("compensation step failed; start-up reconcile will finish it")
+
+    def _bridge_spec(self, net: Network) -> BridgeSpec:
+        return BridgeSpec(
+            name=net.bridge,
+            mtu=net.options.mtu,
+            addresses=net.gateways,
+            mac=bridge_mac(net.network_id) if net.bridge_owned else None,
+        )
+
+    def _veth_spec(self, ep: Endpoint, net: Network) -> VethSpec:
+        return VethSpec(
+            host=ep.host_ifname, peer=ep.container_ifname, bridge=net.bridge,
+            mtu=net.options.mtu, peer_mac=ep.mac,
+        )
+
+    # --- firewall: one apply serves every request that asked while it waited ---------------
+    def firewall_plan(self) -> FirewallPlan:
+        networks = tuple(
+            NetworkRules(
+                bridge=n.bridge, subnets=n.subnets, icc=n.options.enable_icc,
+                masquerade=n.options.enable_masquerade, internal=n.options.internal,
+            )
+            for n in sorted(self.networks.values(), key=lambda n: n.network_id)
+        )
+        forwards: list[PortForward] = []
+        for ep in sorted(self.endpoints.values(), key=lambda e: e.endpoint_id):
+            net = self.networks.get(ep.network_id)
+            if net is None or ep.address is None:
+                continue
+            for b in ep.port_bindings:
+                forwards.append(PortForward(
+                    bridge=net.bridge, proto=b.proto.name.lower(), host_ip=b.host_ip,
+                    host_port=b.host_port, container_ip=ep.address.ip, container_port=b.port,
+                ))
+        return FirewallPlan(networks=networks, forwards=tuple(forwards))
+
+    async def sync_firewall(self) -> None:
+        if not self.settings.firewall:
+            return
+        self._fw_wanted += 1
+        gen = self._fw_wanted
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._fw_waiters.setdefault(gen, []).append(fut)
+        if self._fw_task is None or self._fw_task.done():
+            self._fw_task = asyncio.create_task(self._firewall_loop())
+        await asyncio.shield(fut)
+
+    async def _firewall_loop(self) -> None:
+        while self._fw_done < self._fw_wanted:
+            gen = self._fw_wanted
+            error: BaseException | None = None
+            try:
+                await self.firewall.apply(self.firewall_plan())
+            except Exception as exc:  # noqa: BLE001 - handed to every waiter below
+                error = exc
+            self._fw_done = gen
+            for g in [g for g in self._fw_waiters if g <= gen]:
+                for fut in self._fw_waiters.pop(g):
+                    if fut.done():
+                        continue
+                    if error is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(error)
+
+    # === NetworkDriver ==========================================================================
+    async def create_network(
+        self,
+        network_id: str,
+        options: NetworkOptions,
+        ipv4: Sequence[IPAMData],
+        ipv6: Sequence[IPAMData],
+    ) -> None:
+        async with self._locks.exclusive(network_id):
+            bridge = options.bridge_name or self.names.bridge(network_id)
+            if options.enable_ipv6 is False and ipv6:
+                options = replace(options, enable_ipv6=True)
+            for other in self.networks.values():
+                if other.network_id == network_id:
+                    continue
+                if other.bridge == bridge:
+                    raise Conflict(
+                        f"bridge {bridge} is already used by network {short(other.network_id)}"
+                    )
+                for mine in (*ipv4, *ipv6):
+                    for theirs in other.subnets:
+                        if mine.pool.prefixlen and theirs.prefixlen and \
+                                mine.pool.overlaps(theirs):
+                            raise Conflict(
+                                f"subnet {mine.pool} overlaps with subnet {theirs} of network "
+                                f"{short(other.network_id)}"
+                            )
+            existing = self.networks.get(network_id)
+            if existing is not None:
+                if (existing.bridge, existing.options, existing.ipv4, existing.ipv6) != (
+                    bridge, options, tuple(ipv4), tuple(ipv6)
+                ):
+                    raise Conflict(f"network {short(network_id)} exists with another configuration")
+                # A retried create: make sure the kernel matches, answer as before.
+                await self.links.ensure_bridge(self._bridge_spec(existing))
+                await self.sync_firewall()
+                return
+            link = await self.links.get_link(bridge)
+            if link is not None and link.kind != "bridge":
+                raise InvalidRequest(
+                    f"option com.docker.network.bridge.name: interface {bridge} exists and is "
+                    "not a bridge"
+                )
+            owned = link is None or self.names.owned_kind(bridge) == "bridge"
+            net = Network(
+                network_id=network_id, bridge=bridge, bridge_owned=owned, options=options,
+                ipv4=tuple(ipv4), ipv6=tuple(ipv6),
+            )
+            self.networks[network_id] = net
+            try:
+                await self.store.commit([st.PutNetwork(net)])
+            except BaseException:
+                del self.networks[network_id]
+                raise
+            try:
+                await self.links.ensure_bridge(self._bridge_spec(net))
+                await self.sync_firewall()
+            except BaseException:
+                await self._undo_network(net)
+                raise
+            log.info(
+                "created network %s on bridge %s (%s)", short(network_id), bridge,
+                ", ".join(str(s) for s in net.subnets) or "no subnet",
+            )
+
+    async def _undo_network(self, net: Network) -> None:
+        async def forget() -> None:
+            self.networks.pop(net.network_id, None)
+            await self.store.commit([st.DeleteNetwork(net.network_id)])
+
+        async def unbridge() -> None:
+            if net.bridge_owned:
+                await self.links.ensure_link_absent(net.bridge)
+            else:
+                await self.links.ensure_addresses_absent(net.bridge, net.gateways)
+
+        await self._compensate(forget, unbridge, self.sync_firewall)
+
+    async def delete_network(self, network_id: str) -> None:
+        async with self._locks.exclusive(network_id):
+            net = self.networks.get(network_id)
+            if net is None:
+                return  # deletes of unknown IDs succeed (PROTOCOL.md 8.5)
+            leftovers = self.endpoints_of(network_id)
+            ops: list[st.Op] = [st.DeleteEndpoint(e.endpoint_id) for e in leftovers]
+            ops.append(st.DeleteNetwork(network_id))
+            await self.store.commit(ops)
+            del self.networks[network_id]
+            for e in leftovers:
+                self.endpoints.pop(e.endpoint_id, None)
+            # The record is gone first: a crash from here on leaves only prefixed orphans,
+            # which start-up removes.
+            for e in leftovers:
+                await self.links.ensure_link_absent(e.host_ifname)
+            await self.sync_firewall()
+            if net.bridge_owned:
+                await self.links.ensure_link_absent(net.bridge)
+            else:  # the user's bridge stays, without the gateway addresses we put on it
+                await self.links.ensure_addresses_absent(net.bridge, net.gateways)
+            log.info("deleted network %s", short(network_id))
+
+    async def create_endpoint(
+        self,
+        network_id: str,
+        endpoint_id: str,
+        address: ipaddress.IPv4Interface | None,
+        address_v6: ipaddress.IPv6Interface | None,
+        mac: str | None,
+    ) -> str | None:
+        """Returns the MAC we chose, or None when the engine set one (never echo it)."""
+        async with self._locks.shared(network_id), self._locks.exclusive(endpoint_id):
+            net = self._network(network_id)
+            self._check_address(net, address, "Interface.Address")
+            self._check_address(net, address_v6, "Interface.AddressIPv6")
+            chosen = mac or endpoint_mac(endpoint_id, address)
+            ep = Endpoint(
+                endpoint_id=endpoint_id, network_id=network_id,
+                host_ifname=self.names.host_veth(endpoint_id),
+                container_ifname=self.names.container_veth(endpoint_id),
+                mac=chosen, address=address, address_v6=address_v6,
+            )
+            existing = self.endpoints.get(endpoint_id)
+            if existing is not None:
+                if (existing.network_id, existing.address, existing.address_v6, existing.mac) != (
+                    network_id, address, address_v6, chosen
+                ):
+                    raise Conflict(
+                        f"endpoint {short(endpoint_id)} exists with another configuration"
+                    )
+                await self.links.ensure_veth(self._veth_spec(existing, net))
+                return None if mac else chosen
+            on_net = self.endpoints_of(network_id)
+            if len(on_net) >= MAX_BRIDGE_PORTS - 1:
+                raise Exhausted(
+                    f"network {short(network_id)} has {len(on_net)} endpoints: bridge {net.bridge} "
+                    f"reached the kernel's limit of {MAX_BRIDGE_PORTS} ports"
+                )
+            for other in on_net:
+                for mine, theirs in ((address, other.address), (address_v6, other.address_v6)):
+                    if mine is not None and theirs is not None and mine.ip == theirs.ip:
+                        raise Conflict(
+                            f"address {mine.ip} is already used by endpoint "
+                            f"{short(other.endpoint_id)} on network {short(network_id)}"
+                        )
+            for other in self.endpoints.values():
+                if other.host_ifname == ep.host_ifname:
+                    raise Conflict(
+                        f"endpoint {short(endpoint_id)} collides with endpoint "
+                        f"{short(other.endpoint_id)} on interface name {ep.host_ifname}"
+                    )
+            self.endpoints[endpoint_id] = ep
+            try:
+                await self.store.commit([st.PutEndpoint(ep)])
+            except BaseException:
+                del self.endpoints[endpoint_id]
+                raise
+            try:
+                await self.links.ensure_veth(self._veth_spec(ep, net))
+            except BaseException:
+                await self._undo_endpoint(ep)
+                raise
+            log.info(
+                "created endpoint %s on network %s: %s, %s", short(endpoint_id),
+                short(network_id), ep.host_ifname, address or address_v6 or "no address",
+            )
+            return None if mac else chosen
+
+    @staticmethod
+    def _check_address(net: Network, address: IPInterface | None, field: str) -> None:
+        if address is None:
+            return
+        pools = [d.pool for d in (*net.ipv4, *net.ipv6) if d.pool.version == address.version]
+        if pools and not any(address.ip in p for p in pools):
+            raise InvalidRequest(
+                f"{field} {address} is outside the network's subnets "
+                + ", ".join(str(p) for p in pools)
+            )
+
+    async def _undo_endpoint(self, ep: Endpoint) -> None:
+        async def forget() -> None:
+            self.endpoints.pop(ep.endpoint_id, None)
+            await self.store.commit([st.DeleteEndpoint(ep.endpoint_id)])
+
+        await self._compensate(forget, lambda: self.links.ensure_link_absent(ep.host_ifname))
+
+    async def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
+        async with self._locks.shared(network_id), self._locks.exclusive(endpoint_id):
+            ep = self.endpoints.get(endpoint_id)
+            if ep is None:
+                return
+            await self.store.commit([st.DeleteEndpoint(endpoint_id)])
+            del self.endpoints[endpoint_id]
+            # Deleting the host end deletes the pair; if the sandbox died with the other end
+            # in it, the kernel already removed both and this is a no-op.
+            await self.links.ensure_link_absent(ep.host_ifname)
+            if ep.port_bindings:
+                await self.sync_firewall()
+            log.info("deleted endpoint %s", short(endpoint_id))
+
+    def endpoint_info(self, network_id: str, endpoint_id: str) -> dict[str, str]:
+        """Informational only; an error here would fail ``docker run`` on 20.10-27.x."""
+        ep = self.endpoints.get(endpoint_id)
+        net = self.networks.get(network_id)
+        if ep is None or net is None:
+            return {}
+        return {"bridge": net.bridge, "veth": ep.host_ifname, "mac": ep.mac}
+
+    async def join(self, network_id: str, endpoint_id: str, sandbox_key: str) -> JoinInfo:
+        async with self._locks.shared(network_id), self._locks.exclusive(endpoint_id):
+            net = self._network(network_id)
+            ep = self._endpoint(endpoint_id)
+            if ep.network_id != network_id:
+                raise InvalidRequest(
+                    f"endpoint {short(endpoint_id)} belongs to network {short(ep.network_id)}"
+                )
+            if ep.sandbox_key != sandbox_key:
+                joined = replace(ep, sandbox_key=sandbox_key)
+                await self.store.commit([st.PutEndpoint(joined)])
+                self.endpoints[endpoint_id] = joined
+            gw4 = next((d.gateway.ip for d in net.ipv4 if d.gateway), None)
+            gw6 = next((d.gateway.ip for d in net.ipv6 if d.gateway), None)
+            internal = net.options.internal
+            return JoinInfo(
+                src_name=ep.container_ifname,
+                dst_prefix="eth",
+                # An internal network has no way out, so no default route through it
+                # (Docker's bridge does the same).
+                gateway=None if internal or ep.address is None else gw4,  # type: ignore[arg-type]
+                gateway_v6=None if internal or ep.address_v6 is None else gw6,  # type: ignore[arg-type]
+                disable_gateway_service=internal,
+            )
+
+    async def leave(self, network_id: str, endpoint_id: str) -> None:
+        async with self._locks.shared(network_id), self._locks.exclusive(endpoint_id):
+            ep = self.endpoints.get(endpoint_id)
+            if ep is None or ep.sandbox_key is None:
+                return
+            left = replace(ep, sandbox_key=None)
+            await self.store.commit([st.PutEndpoint(left)])
+            self.endpoints[endpoint_id] = left
+
+    async def program_external_connectivity(
+        self, network_id: str, endpoint_id: str, bindings: Sequence[PortBinding]
+    ) -> None:
+        async with self._locks.shared(network_id), self._locks.exclusive(endpoint_id):
+            net = self._network(network_id)
+            ep = self._endpoint(endpoint_id)
+            if net.options.internal or ep.address is None:
+                return
+            resolved = await self._resolve_ports(net, ep, bindings)
+            if resolved == ep.port_bindings:
+                await self.sync_firewall()
+                return
+            programmed = replace(ep, port_bindings=resolved)
+            await self.store.commit([st.PutEndpoint(programmed)])
+            self.endpoints[endpoint_id] = programmed
+            try:
+                await self.sync_firewall()
+            except BaseException:
+                async def revert() -> None:
+                    await self.store.commit([st.PutEndpoint(ep)])
+                    self.endpoints[endpoint_id] = ep
+                await self._compensate(revert, self.sync_firewall)
+                raise
+            log.info(
+                "published %s for endpoint %s", ", ".join(
+                    f"{b.host_ip or '*'}:{b.host_port}->{b.port}/{b.proto.name.lower()}"
+                    for b in resolved
+                ) or "nothing", short(endpoint_id),
+            )
+
+    async def revoke_external_connectivity(self, network_id: str, endpoint_id: str) -> None:
+        async with self._locks.shared(network_id), self._locks.exclusive(endpoint_id):
+            ep = self.endpoints.get(endpoint_id)
+            if ep is None or not ep.port_bindings:
+                return
+            revoked = replace(ep, port_bindings=())
+            await self.store.commit([st.PutEndpoint(revoked)])
+            self.endpoints[endpoint_id] = revoked
+            await self.sync_firewall()
+
+    async def _resolve_ports(
+        self, net: Network, ep: Endpoint, bindings: Sequence[PortBinding]
+    ) -> tuple[PortBinding, ...]:
+        """Pick concrete host ports: ranges and 0 become one free port, as Docker does."""
+        taken = {
+            (b.proto, b.host_ip, b.host_port)
+            for other in self.endpoints.values() if other.endpoint_id != ep.endpoint_id
+            for b in other.port_bindings
+        }
+        out: list[PortBinding] = []
+
+        def clash(proto: Proto, ip: IPAddress | None, port: int) -> bool:
+            return any(
+                p == proto and hp == port and (i is None or ip is None or i == ip)
+                for p, i, hp in taken
+            )
+
+        for b in bindings:
+            host_ip = b.host_ip
+            if (host_ip is None or host_ip.is_unspecified) and b.host_ip is None:
+                host_ip = net.options.host_binding_ipv4
+            if host_ip is not None and host_ip.is_unspecified:
+                host_ip = None
+            if b.host_port == 0:
+                candidates: Iterable[int] = range(EPHEMERAL_PORTS[0], EPHEMERAL_PORTS[1] + 1)
+            else:
+                candidates = range(b.host_port, max(b.host_port, b.host_port_end) + 1)
+            chosen = None
+            for port in candidates:
+                if clash(b.proto, host_ip, port):
+                    continue
+                if not await _port_free(b.proto, host_ip, port):
+                    continue
+                chosen = port
+                break
+            if chosen is None:
+                want = f"{b.host_port}" if b.host_port_end in (0, b.host_port) else \
+                    f"{b.host_port}-{b.host_port_end}"
+                raise Conflict(
+                    f"host port {want}/{b.proto.name.lower()} on {host_ip or 'all addresses'} "
+                    "is already allocated"
+                )
+            resolved = PortBinding(
+                proto=b.proto, port=b.port, host_port=chosen, host_port_end=chosen,
+                host_ip=host_ip,
+            )
+            taken.add((b.proto, host_ip, chosen))
+            out.append(resolved)
+        return tuple(out)
+
+    # === IpamDriver =============================================================================
+    async def request_pool(
+        self, address_space: str, pool: ipaddress.IPv4Network | ipaddress.IPv6Network | None,
+        sub_pool: ipaddress.IPv4Network | ipaddress.IPv6Network | None, v6: bool,
+    ) -> Pool:
+        routes = await self.links.host_routes() if pool is None else []
+        new = self.ipam.request_pool(address_space or LOCAL_ADDRESS_SPACE, pool, sub_pool, v6,
+                                     routes)
+        try:
+            await self.store.commit([st.PutPool(new)])
+        except BaseException:
+            self.ipam.release_pool(new.pool_id)
+            raise
+        log.info("reserved pool %s (%s)", new.pool_id, new.network)
+        return new
+
+    async def release_pool(self, pool_id: str) -> None:
+        state = self.ipam.pools.get(pool_id)
+        if state is None:
+            return
+        await self.store.commit([st.DeletePool(pool_id)])
+        self.ipam.release_pool(pool_id)
+        log.info("released pool %s", pool_id)
+
+    async def request_address(
+        self, pool_id: str, address: IPAddress | None, gateway: bool
+    ) -> IPInterface:
+        grant = self.ipam.request_address(pool_id, address, gateway)
+        try:
+            await self.store.commit([self._put_address(grant)])
+        except BaseException:
+            self.ipam.release_address(pool_id, grant.address.ip)
+            raise
+        return grant.address
+
+    @staticmethod
+    def _put_address(grant: AddressGrant) -> st.PutAddress:
+        return st.PutAddress(
+            pool_id=grant.pool_id, address=int(grant.address.ip), version=grant.address.version,
+            kind=grant.kind, cursor=grant.cursor,
+        )
+
+    async def release_address(self, pool_id: str, address: IPAddress) -> None:
+        state = self.ipam.pools.get(pool_id)
+        if state is None or int(address) not in state.allocated:
+            return
+        await self.store.commit(
+            [st.DeleteAddress(pool_id=pool_id, address=int(address), version=address.version)]
+        )
+        self.ipam.release_address(pool_id, address)
+
+    @staticmethod
+    def address_spaces() -> tuple[str, str]:
+        return LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE
+
+    # === cleanup of endpoints that died unannounced =========================================
+    async def _forget_endpoints(self, dead: Sequence[Endpoint]) -> list[str]:
+        """Drop endpoints whose veth vanished, and free their addresses."""
+        ops: list[st.Op] = []
+        released: list[tuple[str, IPAddress]] = []
+        for ep in dead:
+            ops.append(st.DeleteEndpoint(ep.endpoint_id))
+            for addr in (ep.address, ep.address_v6):
+                if addr is None:
+                    continue
+                state = self.ipam.pool_of(addr.ip)
+                if state is not None and int(addr.ip) in state.allocated:
+                    ops.append(st.DeleteAddress(state.pool.pool_id, int(addr.ip), addr.version))
+                    released.append((state.pool.pool_id, addr.ip))
+        await self.store.commit(ops)
+        for ep in dead:
+            self.endpoints.pop(ep.endpoint_id, None)
+            await self.links.ensure_link_absent(ep.host_ifname)
+        for pool_id, ip in released:
+            self.ipam.release_address(pool_id, ip)
+        if any(ep.port_bindings for ep in dead):
+            await self.sync_firewall()
+        return [
+            f"forgot endpoint {short(ep.endpoint_id)} (veth gone) and released "
+            + (", ".join(str(a.ip) for a in (ep.address, ep.address_v6) if a) or "no address")
+            for ep in dead
+        ]
+
+    async def sweep(self) -> list[str]:
+        """Forget endpoints whose veth vanished while we ran (their sandbox died unannounced)."""
+        names = {link.name for link in await self.links.list_links()}
+        dead = [
+            ep for ep in self.endpoints.values()
+            if ep.host_ifname not in names
+            and not self._locks.busy(ep.endpoint_id)
+            and not self._locks.busy(ep.network_id)
+        ]
+        # Look again under the locks: an endpoint being created has a record before its veth.
+        confirmed: list[Endpoint] = []
+        for ep in dead:
+            async with self._locks.shared(ep.network_id), self._locks.exclusive(ep.endpoint_id):
+                current = self.endpoints.get(ep.endpoint_id)
+                if current is not None and await self.links.get_link(current.host_ifname) is None:
+                    confirmed.append(current)
+        if not confirmed:
+            return []
+        return await self._forget_endpoints(confirmed)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.gc_interval)
+            try:
+                for line in await self.sweep():
+                    log.warning("sweep: %s", line)
+            except DriverError as exc:
+                log.warning("sweep failed: %s", exc)
+
+
+async def _port_free(proto: Proto, host_ip: IPAddress | None, port: int) -> bool:
+    """Whether a local socket could bind the port (DNAT would shadow a local listener)."""
+    if proto is Proto.SCTP:
+        return True
+    kind = socket.SOCK_STREAM if proto is Proto.TCP else socket.SOCK_DGRAM
+    family = socket.AF_INET6 if host_ip is not None and host_ip.version == 6 else socket.AF_INET
+    addr = str(host_ip) if host_ip is not None else ("::" if family == socket.AF_INET6 else "")
+    with socket.socket(family, kind) as sock:
+        try:
+            sock.bind((addr, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise InvalidRequest(
+                    f"host IP {host_ip} for a published port is not an address of this host"
+                ) from None
+            raise
+    return True
