@@ -68,7 +68,8 @@ class Names:
         self.prefix = validate_prefix(prefix)
         self._id_len = IFNAMSIZ - len(prefix) - 1
         self._owned_re = re.compile(
-            rf"^{re.escape(prefix)}([bhc])([0-9a-z]{{{self._id_len}}})$"
+            # IDs have at least 12 characters: a shorter tail is someone else's name.
+            rf"^{re.escape(prefix)}([bhc])([0-9a-z]{{{min(12, self._id_len)},{self._id_len}}})$"
         )
         chain = prefix.upper()
         self.chain_forward = f"{chain}-FORWARD"

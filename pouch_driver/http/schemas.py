@@ -186,7 +186,7 @@ class EndpointInterfaceSchema(Request):
     address_v6 = OptionalInterface(data_key="AddressIPv6", load_default=None, allow_none=True)
     mac = MAC(data_key="MacAddress", load_default=None, allow_none=True)
 
-    @validates_schema
+    @validates_schema(skip_on_field_errors=False)
     def _families(self, data: dict[str, Any], **kwargs: Any) -> None:
         if data.get("address") is not None and data["address"].version != 4:
             raise ValidationError("must be an IPv4 address", "Address")

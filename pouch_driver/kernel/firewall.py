@@ -100,7 +100,7 @@ class IptablesFirewall:
             b = net.bridge
             if net.internal:
                 iso.append(f"-A {n.chain_isolation} -i {b} ! -o {b} -j DROP")
-                iso.append(f"-A {n.chain_isolation} -o {b} ! -i {b} -j DROP")
+                iso.append(f"-A {n.chain_isolation} ! -i {b} -o {b} -j DROP")
             else:
                 iso.append(f"-A {n.chain_isolation} -i {b} ! -o {b} -j {n.chain_isolation2}")
                 iso2.append(f"-A {n.chain_isolation2} -o {b} -j DROP")
@@ -195,10 +195,12 @@ class IptablesFirewall:
 
     async def _ensure_bridge_netfilter(self) -> None:
         """icc=false needs bridged traffic to pass iptables (as Docker's bridge does)."""
-        key = "net.bridge.bridge-nf-call-iptables"
-        if not (SYSCTL / "net/bridge").exists():
+        loaded = await asyncio.get_running_loop().run_in_executor(
+            None, (SYSCTL / "net/bridge").exists
+        )
+        if not loaded:
             await self._exec(["modprobe", "br_netfilter"])
-        await self._sysctl(key, "1")
+        await self._sysctl("net.bridge.bridge-nf-call-iptables", "1")
         await self._sysctl("net.bridge.bridge-nf-call-ip6tables", "1")
 
     async def differences(self, plan: FirewallPlan) -> list[str]:

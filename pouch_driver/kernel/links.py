@@ -14,9 +14,9 @@ import errno
 import ipaddress
 import logging
 import os
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
@@ -56,45 +56,74 @@ def _link_info(msg: Any, addresses: tuple[IPInterface, ...] = ()) -> LinkInfo:
     )
 
 
+Job = tuple[Callable[[Any], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():  # the awaiting request was cancelled (deadline); the work still happened
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
 class NetlinkLinks:
-    """The real ``Links``; ``netns`` (tests only) targets a named network namespace."""
+    """The real ``Links``; ``netns`` (tests only) targets a named network namespace.
+
+    Each worker thread owns one ``IPRoute`` for its whole life and closes it itself: pyroute2
+    sockets and their private event loops must be closed on the thread that made them.
+    """
 
     def __init__(self, workers: int = 4, netns: str | None = None) -> None:
         self._netns = netns
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="netlink")
-        self._local = threading.local()
-        self._sockets: list[Any] = []
-        self._sockets_lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"netlink-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
 
     # --- plumbing -----------------------------------------------------------------------------
-    def _ipr(self) -> Any:
-        ipr = getattr(self._local, "ipr", None)
-        if ipr is None:
-            ipr = IPRoute(netns=self._netns) if self._netns else IPRoute()
-            self._local.ipr = ipr
-            with self._sockets_lock:
-                self._sockets.append(ipr)
-        return ipr
+    def _work(self) -> None:
+        ipr: Any = None
+        try:
+            while (job := self._jobs.get()) is not None:
+                fn, fut, loop = job
+                try:
+                    if ipr is None:
+                        ipr = IPRoute(netns=self._netns) if self._netns else IPRoute()
+                    result, error = fn(ipr), None
+                except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request
+                    result, error = None, exc
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+        finally:
+            if ipr is not None:
+                ipr.close()
 
     async def _run(self, what: str, fn: Callable[[Any], T]) -> T:
-        def call() -> T:
+        def call(ipr: Any) -> T:
             try:
-                return fn(self._ipr())
+                return fn(ipr)
             except NetlinkError as exc:
                 raise KernelError(f"{what}: {os.strerror(exc.code)} (netlink error {exc.code})") \
                     from exc
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((call, fut, loop))
+        return await fut
 
     async def close(self) -> None:
-        def close_all() -> None:
-            self._executor.shutdown(wait=True)
-            with self._sockets_lock:
-                for ipr in self._sockets:
-                    ipr.close()
-                self._sockets.clear()
+        for _ in self._threads:
+            self._jobs.put(None)
 
-        await asyncio.to_thread(close_all)
+        def join() -> None:
+            for t in self._threads:
+                t.join()
+
+        await asyncio.to_thread(join)
 
     # --- sync helpers, run on worker threads ------------------------------------------------
     @staticmethod

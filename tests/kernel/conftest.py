@@ -1,0 +1,99 @@
+"""The real kernel in a throwaway network namespace, checked with ``ip -json`` (not our code)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from pouch_driver.kernel.firewall import IptablesFirewall
+from pouch_driver.kernel.links import NetlinkLinks
+from pouch_driver.naming import Names
+
+from ..conftest import is_root
+
+NETNS_PREFIX = "pdk-"
+
+pytestmark = pytest.mark.root
+
+
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=30)
+
+
+def _remove_stale_namespaces() -> None:
+    """Tolerate leftovers of an interrupted run: our namespaces only, by prefix."""
+    for line in _run("ip", "netns", "list").stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if name.startswith(NETNS_PREFIX):
+            _run("ip", "netns", "del", name, check=False)
+
+
+@dataclass
+class Netns:
+    name: str
+
+    def ip_json(self, *args: str) -> Any:
+        return json.loads(_run("ip", "-n", self.name, "-json", *args).stdout or "[]")
+
+    def link(self, ifname: str) -> dict[str, Any] | None:
+        out = _run("ip", "-n", self.name, "-json", "-details", "link", "show", "dev", ifname,
+                   check=False)
+        if out.returncode != 0:
+            return None
+        (link,) = json.loads(out.stdout)
+        return link  # type: ignore[no-any-return]
+
+    def addresses(self, ifname: str) -> set[str]:
+        (entry,) = self.ip_json("addr", "show", "dev", ifname)
+        return {f"{a['local']}/{a['prefixlen']}" for a in entry.get("addr_info", [])
+                if a.get("scope") != "link"}
+
+    def names(self) -> set[str]:
+        return {link["ifname"] for link in self.ip_json("link", "show")}
+
+    def sh(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return _run("nsenter", f"--net=/run/netns/{self.name}", *argv, check=check)
+
+    def iptables_save(self, v6: bool = False) -> str:
+        return self.sh("ip6tables-save" if v6 else "iptables-save").stdout
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _need_root() -> None:
+    if not is_root():
+        pytest.skip("kernel tests need root (run scripts/test as root)")
+    _remove_stale_namespaces()
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    name = NETNS_PREFIX + secrets.token_hex(4)
+    _run("ip", "netns", "add", name)
+    _run("ip", "-n", name, "link", "set", "lo", "up")
+    try:
+        yield Netns(name)
+    finally:
+        _run("ip", "netns", "del", name, check=False)
+
+
+@pytest.fixture
+async def links(netns: Netns) -> AsyncIterator[NetlinkLinks]:
+    nl = NetlinkLinks(workers=2, netns=netns.name)
+    yield nl
+    await nl.close()
+
+
+@pytest.fixture
+def names() -> Names:
+    return Names("pk")
+
+
+@pytest.fixture
+def firewall(netns: Netns, names: Names) -> IptablesFirewall:
+    return IptablesFirewall(names, netns=netns.name)

@@ -1,0 +1,104 @@
+"""Firewall against real iptables in a throwaway namespace, read back with iptables-save."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from pouch_driver.kernel import FirewallPlan, NetworkRules, PortForward
+from pouch_driver.kernel.firewall import IptablesFirewall
+
+from .conftest import Netns
+
+net = ipaddress.ip_network
+
+NET_A = NetworkRules(bridge="pkbaaaaaaaaaaaa", subnets=(net("10.61.0.0/24"), net("fd70:61::/64")),
+                     icc=True, masquerade=True, internal=False)
+NET_B = NetworkRules(bridge="pkbbbbbbbbbbbbb", subnets=(net("10.62.0.0/24"),),
+                     icc=False, masquerade=True, internal=True)
+FWD = PortForward(bridge=NET_A.bridge, proto="tcp", host_ip=None, host_port=8080,
+                  container_ip=ipaddress.ip_address("10.61.0.2"), container_port=80)
+PLAN = FirewallPlan(networks=(NET_A, NET_B), forwards=(FWD,))
+
+
+def rules(save: str) -> list[str]:
+    return [line for line in save.splitlines() if line.startswith("-A ")]
+
+
+async def test_apply_twice_gives_the_same_rules(firewall: IptablesFirewall, netns: Netns) -> None:
+    await firewall.apply(PLAN)
+    first = rules(netns.iptables_save())
+    await firewall.apply(PLAN)
+    assert rules(netns.iptables_save()) == first
+    assert await firewall.differences(PLAN) == []
+    # One jump of each kind, never duplicated by re-applying.
+    assert sum("-j PK-FORWARD" in r for r in first) == 1
+    assert sum("-j PK-ISOLATION" in r and r.startswith("-A FORWARD") for r in first) == 1
+
+
+async def test_rules_say_what_the_policy_says(firewall: IptablesFirewall, netns: Netns) -> None:
+    await firewall.apply(PLAN)
+    got = rules(netns.iptables_save())
+    a, b = NET_A.bridge, NET_B.bridge
+    assert got[0] == "-A FORWARD -m comment --comment pk-driver -j PK-ISOLATION"
+    assert f"-A PK-FORWARD -i {a} -o {a} -j ACCEPT" in got
+    assert f"-A PK-FORWARD -i {b} -o {b} -j DROP" in got  # icc=false
+    assert f"-A PK-FORWARD -i {a} ! -o {a} -j ACCEPT" in got
+    assert f"-A PK-FORWARD -i {b} ! -o {b} -j ACCEPT" not in got  # internal: no way out
+    assert f"-A PK-ISOLATION -i {b} ! -o {b} -j DROP" in got
+    assert f"-A PK-ISOLATION ! -i {b} -o {b} -j DROP" in got
+    assert f"-A PK-ISOLATION-2 -o {a} -j DROP" in got
+    assert "-A PK-POSTROUTING -s 10.61.0.0/24 ! -o pkbaaaaaaaaaaaa -j MASQUERADE" in got
+    assert not any("10.62.0.0/24" in r and "MASQUERADE" in r for r in got)
+    assert (f"-A PK-DNAT ! -i {a} -p tcp -m tcp --dport 8080 -j DNAT "
+            "--to-destination 10.61.0.2:80") in got
+    v6 = rules(netns.iptables_save(v6=True))
+    assert "-A PK-POSTROUTING -s fd70:61::/64 ! -o pkbaaaaaaaaaaaa -j MASQUERADE" in v6
+    assert netns.sh("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
+
+
+async def test_removing_a_network_removes_exactly_its_rules(
+    firewall: IptablesFirewall, netns: Netns
+) -> None:
+    await firewall.apply(PLAN)
+    await firewall.apply(FirewallPlan(networks=(NET_B,)))
+    got = "\n".join(rules(netns.iptables_save()))
+    assert NET_A.bridge not in got
+    assert "8080" not in got
+    assert NET_B.bridge in got
+
+
+async def test_foreign_rules_and_chains_are_untouched(
+    firewall: IptablesFirewall, netns: Netns
+) -> None:
+    netns.sh("iptables", "-N", "DOCKER-USER")
+    netns.sh("iptables", "-A", "DOCKER-USER", "-s", "10.99.0.0/16", "-j", "DROP")
+    netns.sh("iptables", "-A", "FORWARD", "-j", "DOCKER-USER")
+    netns.sh("iptables", "-P", "FORWARD", "DROP")
+    await firewall.apply(PLAN)
+    await firewall.apply(FirewallPlan())
+    save = netns.iptables_save()
+    assert "-A DOCKER-USER -s 10.99.0.0/16 -j DROP" in save
+    assert "-A FORWARD -j DOCKER-USER" in save
+    assert ":FORWARD DROP" in save, "we never change a policy"
+    # Our jump comes after DOCKER-USER, so the operator's policy applies to our networks too.
+    forward = [r for r in rules(save) if r.startswith("-A FORWARD")]
+    assert forward.index("-A FORWARD -j DOCKER-USER") < forward.index(
+        "-A FORWARD -m comment --comment pk-driver -j PK-FORWARD")
+
+
+async def test_differences_report_drift_and_remove_all_cleans_up(
+    firewall: IptablesFirewall, netns: Netns
+) -> None:
+    await firewall.apply(PLAN)
+    netns.sh("iptables", "-D", "PK-FORWARD", "-i", NET_A.bridge, "-o", NET_A.bridge, "-j",
+             "ACCEPT")
+    netns.sh("iptables", "-A", "PK-FORWARD", "-j", "ACCEPT")
+    diffs = await firewall.differences(PLAN)
+    assert any("missing rule" in d and NET_A.bridge in d for d in diffs)
+    assert any("unexpected rule: -A PK-FORWARD -j ACCEPT" in d for d in diffs)
+    await firewall.apply(PLAN)
+    assert await firewall.differences(PLAN) == []
+    await firewall.remove_all()
+    for v6 in (False, True):
+        save = netns.iptables_save(v6=v6)
+        assert "PK-" not in save and "pk-driver" not in save

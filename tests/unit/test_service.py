@@ -1,0 +1,243 @@
+"""The service over fakes: compensation on failure, conflicts, ports, restart and sweeping."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from pouch_driver.config import Settings
+from pouch_driver.errors import Conflict, Exhausted, InvalidRequest, KernelError, NotFound
+from pouch_driver.kernel import LinkInfo
+from pouch_driver.kernel.fake import FakeFirewall, FakeLinks
+from pouch_driver.model import IPAMData, NetworkOptions, PortBinding, Proto
+from pouch_driver.reconcile import Reconciler
+from pouch_driver.service import Service
+from pouch_driver.store import Store
+
+NID = "1" * 64
+NID2 = "2" * 64
+EID = "e" * 64
+V4 = IPAMData("PouchLocal", ipaddress.ip_network("10.5.0.0/24"),
+              ipaddress.ip_interface("10.5.0.1/24"))
+ADDR = ipaddress.IPv4Interface("10.5.0.2/24")
+
+Factory = Callable[..., Awaitable[Service]]
+
+
+@pytest.fixture
+async def make_service(settings: Settings, tmp_path: Path) -> AsyncIterator[Factory]:
+    started: list[Service] = []
+
+    async def factory(links: FakeLinks | None = None, fw: FakeFirewall | None = None,
+                      reconcile: bool = True) -> Service:
+        svc = Service(settings, Store(settings.db_path), links or FakeLinks(),
+                      fw or FakeFirewall())
+        await svc.start()
+        if reconcile:
+            await Reconciler(svc, repair=True).run()
+        started.append(svc)
+        return svc
+
+    yield factory
+    for svc in started:
+        if svc.store._db is not None:
+            await svc.stop()
+
+
+async def restart(svc: Service, factory: Factory) -> Service:
+    await svc.stop()
+    assert isinstance(svc.links, FakeLinks) and isinstance(svc.firewall, FakeFirewall)
+    return await factory(svc.links, svc.firewall)
+
+
+async def test_bridge_failure_leaves_no_network(make_service: Factory) -> None:
+    svc = await make_service()
+    svc.links.faults.fail.add("ensure_bridge")  # type: ignore[attr-defined]
+    with pytest.raises(KernelError):
+        await svc.create_network(NID, NetworkOptions(), [V4], [])
+    assert svc.networks == {}
+    svc = await restart(svc, make_service)
+    assert svc.networks == {}, "the record was undone in the store too"
+
+
+async def test_firewall_failure_undoes_bridge_and_record(make_service: Factory) -> None:
+    svc = await make_service()
+    svc.firewall.faults.fail.add("firewall_apply")  # type: ignore[attr-defined]
+    with pytest.raises(KernelError):
+        await svc.create_network(NID, NetworkOptions(), [V4], [])
+    assert svc.networks == {}
+    assert svc.names.bridge(NID) not in svc.links.links  # type: ignore[attr-defined]
+
+
+async def test_veth_failure_leaves_no_endpoint(make_service: Factory) -> None:
+    svc = await make_service()
+    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    svc.links.faults.fail.add("ensure_veth")  # type: ignore[attr-defined]
+    with pytest.raises(KernelError):
+        await svc.create_endpoint(NID, EID, ADDR, None, None)
+    assert svc.endpoints == {}
+    assert not any(n.startswith(("puh", "puc")) for n in svc.links.links)  # type: ignore[attr-defined]
+    svc = await restart(svc, make_service)
+    assert svc.endpoints == {}
+
+
+async def test_program_failure_reverts_bindings(make_service: Factory) -> None:
+    svc = await make_service()
+    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    await svc.create_endpoint(NID, EID, ADDR, None, None)
+    svc.firewall.faults.fail.add("firewall_apply")  # type: ignore[attr-defined]
+    with pytest.raises(KernelError):
+        await svc.program_external_connectivity(
+            NID, EID, [PortBinding(Proto.TCP, 80, 18081, 18081)])
+    assert svc.endpoints[EID].port_bindings == ()
+
+
+async def test_conflicts_are_refused_before_any_kernel_work(make_service: Factory) -> None:
+    svc = await make_service()
+    await svc.create_network(NID, NetworkOptions(bridge_name="mybr0"), [V4], [])
+    calls = len(svc.links.calls)  # type: ignore[attr-defined]
+    with pytest.raises(Conflict, match="bridge mybr0 is already used"):
+        await svc.create_network(NID2, NetworkOptions(bridge_name="mybr0"), [], [])
+    other = IPAMData("PouchLocal", ipaddress.ip_network("10.5.0.128/25"))
+    with pytest.raises(Conflict, match="overlaps"):
+        await svc.create_network(NID2, NetworkOptions(), [other], [])
+    with pytest.raises(Conflict, match="another configuration"):
+        await svc.create_network(NID, NetworkOptions(mtu=1400, bridge_name="mybr0"), [V4], [])
+    assert len(svc.links.calls) == calls  # type: ignore[attr-defined]
+
+
+async def test_retried_create_network_is_idempotent(make_service: Factory) -> None:
+    svc = await make_service()
+    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    assert list(svc.networks) == [NID]
+
+
+async def test_existing_non_bridge_interface_is_refused(make_service: Factory) -> None:
+    links = FakeLinks()
+    links.links["eth9"] = LinkInfo("eth9", 9, "veth", None, True, 1500, "02:00:00:00:00:09")
+    svc = await make_service(links)
+    with pytest.raises(InvalidRequest, match="eth9 exists and is not a bridge"):
+        await svc.create_network(NID, NetworkOptions(bridge_name="eth9"), [V4], [])
+
+
+async def test_a_users_bridge_is_used_and_left_in_place(make_service: Factory) -> None:
+    links = FakeLinks()
+    links.links["br-user"] = LinkInfo("br-user", 9, "bridge", None, True, 1500,
+                                      "02:00:00:00:00:09")
+    svc = await make_service(links)
+    await svc.create_network(NID, NetworkOptions(bridge_name="br-user"), [V4], [])
+    assert links.links["br-user"].addresses == (V4.gateway,)
+    await svc.delete_network(NID)
+    assert "br-user" in links.links
+    assert links.links["br-user"].addresses == ()
+
+
+async def test_delete_network_removes_endpoints_the_engine_forgot(make_service: Factory) -> None:
+    svc = await make_service()
+    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    await svc.create_endpoint(NID, EID, ADDR, None, None)
+    await svc.delete_network(NID)
+    assert svc.endpoints == {}
+    assert svc.links.links == {}  # type: ignore[attr-defined]
+
+
+async def test_duplicate_address_on_a_network_is_refused(make_service: Factory) -> None:
+    svc = await make_service()
+    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    await svc.create_endpoint(NID, EID, ADDR, None, None)
+    with pytest.raises(Conflict, match="already used by endpoint"):
+        await svc.create_endpoint(NID, "f" * 64, ADDR, None, None)
+    with pytest.raises(InvalidRequest, match="outside the network's subnets"):
+        await svc.create_endpoint(NID, "f" * 64, ipaddress.IPv4Interface("10.9.0.2/24"), None,
+                                  None)
+    with pytest.raises(NotFound):
+        await svc.create_endpoint(NID2, "f" * 64, ADDR, None, None)
+
+
+async def test_bridge_port_limit_is_a_clear_error(make_service: Factory) -> None:
+    svc = await make_service()
+    big = IPAMData("PouchLocal", ipaddress.ip_network("10.6.0.0/16"))
+    await svc.create_network(NID, NetworkOptions(), [big], [])
+    for i in range(1023):
+        eid = f"{i:012x}" + "0" * 52
+        await svc.create_endpoint(NID, eid, None, None, None)
+    with pytest.raises(Exhausted, match="limit of 1024 ports"):
+        await svc.create_endpoint(NID, "f" * 64, None, None, None)
+
+
+async def test_port_ranges_and_ephemeral_ports_resolve_to_free_ports(
+    make_service: Factory,
+) -> None:
+    svc = await make_service()
+    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    await svc.create_endpoint(NID, EID, ADDR, None, None)
+    other = "f" * 64
+    await svc.create_endpoint(NID, other, ipaddress.IPv4Interface("10.5.0.3/24"), None, None)
+    await svc.program_external_connectivity(NID, EID, [
+        PortBinding(Proto.TCP, 80, 18090, 18092), PortBinding(Proto.UDP, 53, 0, 0)])
+    first = svc.endpoints[EID].port_bindings
+    assert first[0].host_port == 18090
+    assert 49153 <= first[1].host_port <= 60999
+    await svc.program_external_connectivity(NID, other, [PortBinding(Proto.TCP, 80, 18090, 18092)])
+    assert svc.endpoints[other].port_bindings[0].host_port == 18091
+    with pytest.raises(Conflict, match="18090/tcp"):
+        await svc.program_external_connectivity(NID, other,
+                                                 [PortBinding(Proto.TCP, 81, 18090, 18090)])
+    await svc.revoke_external_connectivity(NID, EID)
+    assert svc.endpoints[EID].port_bindings == ()
+    assert len(svc.firewall.plan.forwards) == 1  # type: ignore[attr-defined]
+
+
+async def test_state_survives_restart(make_service: Factory) -> None:
+    svc = await make_service()
+    pool = await svc.request_pool("PouchLocal", ipaddress.ip_network("10.5.0.0/24"), None, False)
+    await svc.request_address(pool.pool_id, None, gateway=True)
+    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    got = await svc.request_address(pool.pool_id, None, gateway=False)
+    await svc.create_endpoint(NID, EID, got, None, None)  # type: ignore[arg-type]
+    await svc.join(NID, EID, "/var/run/docker/netns/abc")
+    svc = await restart(svc, make_service)
+    assert svc.endpoints[EID].sandbox_key == "/var/run/docker/netns/abc"
+    nxt = await svc.request_address(pool.pool_id, None, gateway=False)
+    assert nxt.ip != got.ip and str(nxt.ip) == "10.5.0.3"
+    with pytest.raises(Conflict):
+        await svc.request_address(pool.pool_id, got.ip, gateway=False)
+
+
+async def test_start_up_repairs_kernel_and_removes_orphans(make_service: Factory) -> None:
+    svc = await make_service()
+    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    await svc.create_endpoint(NID, EID, ADDR, None, None)
+    links: FakeLinks = svc.links  # type: ignore[assignment]
+    await svc.stop()
+    bridge = svc.names.bridge(NID)
+    links.links.pop(bridge)  # host reboot: the bridge is gone (its ports stay detached)
+    links.links["puhdeadbeef0000"] = LinkInfo("puhdeadbeef0000", 99, "veth", None, True, 1500,
+                                              "02:00:00:00:00:99")
+    links.links["eth7"] = LinkInfo("eth7", 98, "veth", None, True, 1500, "02:00:00:00:00:98")
+    svc = await make_service(links, svc.firewall)
+    assert bridge in links.links
+    assert links.links[svc.endpoints[EID].host_ifname].master == links.links[bridge].index
+    assert "puhdeadbeef0000" not in links.links
+    assert "eth7" in links.links, "never touch what is not ours"
+
+
+async def test_sweep_forgets_endpoints_whose_veth_vanished(make_service: Factory) -> None:
+    svc = await make_service()
+    pool = await svc.request_pool("PouchLocal", ipaddress.ip_network("10.5.0.0/24"), None, False)
+    await svc.request_address(pool.pool_id, None, gateway=True)
+    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    got = await svc.request_address(pool.pool_id, None, gateway=False)
+    await svc.create_endpoint(NID, EID, got, None, None)  # type: ignore[arg-type]
+    assert await svc.sweep() == []
+    await svc.links.ensure_link_absent(svc.endpoints[EID].host_ifname)  # the sandbox died
+    (line,) = await svc.sweep()
+    assert "released 10.5.0.2" in line
+    assert svc.endpoints == {}
+    assert int(got.ip) not in svc.ipam.pools[pool.pool_id].allocated
+    svc = await restart(svc, make_service)
+    assert svc.endpoints == {}
