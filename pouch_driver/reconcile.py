@@ -84,10 +84,7 @@ class Reconciler:
         return True
 
     async def _orphans(self, links: dict[str, LinkInfo]) -> None:
-        known = {n.bridge for n in self.svc.networks.values()} | {
-            name for e in self.svc.endpoints.values()
-            for name in (e.host_ifname, e.container_ifname)
-        }
+        known = self.svc.known_links() | self.svc.pending_deletes()
         for name in sorted(links):
             if self.svc.names.owned_kind(name) is None or name in known:
                 continue

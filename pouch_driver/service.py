@@ -69,6 +69,7 @@ class Service:
         self._fw_task: asyncio.Task[None] | None = None
         self._fw_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._doomed: dict[str, asyncio.Task[None]] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -83,6 +84,34 @@ class Service:
             len(self.networks), len(self.endpoints), len(self.ipam.pools), self.store.path,
         )
 
+    # --- deferred link deletion ---------------------------------------------------------------
+    def delete_link_later(self, ifname: str) -> None:
+        """Delete a link in the background; deleting a veth's host end deletes the pair."""
+        if ifname in self._doomed:
+            return
+        task = asyncio.create_task(self._delete_link(ifname), name=f"delete {ifname}")
+        self._doomed[ifname] = task
+        task.add_done_callback(lambda _t: self._doomed.pop(ifname, None))
+
+    async def _delete_link(self, ifname: str) -> None:
+        try:
+            await self.links.ensure_link_absent(ifname)
+        except DriverError as exc:  # the sweep and start-up remove it as an orphan later
+            log.warning("deferred delete of %s failed: %s", ifname, exc)
+
+    def pending_deletes(self) -> frozenset[str]:
+        return frozenset(self._doomed)
+
+    async def drain(self) -> None:
+        """Wait for every deferred deletion (shutdown, tests, benchmarks)."""
+        while self._doomed:
+            await asyncio.gather(*list(self._doomed.values()), return_exceptions=True)
+
+    async def _not_doomed(self, ifname: str) -> None:
+        task = self._doomed.get(ifname)
+        if task is not None:  # a re-created name must not be deleted under our feet
+            await asyncio.gather(task, return_exceptions=True)
+
     def start_sweeper(self) -> None:
         if self.settings.gc_interval > 0:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="sweeper")
@@ -92,6 +121,7 @@ class Service:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        await self.drain()
         if self._fw_task is not None:
             with contextlib.suppress(DriverError):
                 await self._fw_task
@@ -279,7 +309,7 @@ class Service:
             # The record is gone first: a crash from here on leaves only prefixed orphans,
             # which start-up removes.
             for e in leftovers:
-                await self.links.ensure_link_absent(e.host_ifname)
+                self.delete_link_later(e.host_ifname)
             await self.sync_firewall()
             if net.bridge_owned:
                 await self.links.ensure_link_absent(net.bridge)
@@ -318,6 +348,9 @@ class Service:
                 await self.links.ensure_veth(self._veth_spec(existing, net))
                 return None if mac else chosen
             on_net = self.endpoints_of(network_id)
+            # Veths still waiting for their deferred delete hold bridge ports too.
+            if len(on_net) + len(self._doomed) >= MAX_BRIDGE_PORTS - 1:
+                await self.drain()
             if len(on_net) >= MAX_BRIDGE_PORTS - 1:
                 raise Exhausted(
                     f"network {short(network_id)} has {len(on_net)} endpoints: bridge {net.bridge} "
@@ -343,6 +376,7 @@ class Service:
                 del self.endpoints[endpoint_id]
                 raise
             try:
+                await self._not_doomed(ep.host_ifname)
                 await self.links.ensure_veth(self._veth_spec(ep, net))
             except BaseException:
                 await self._undo_endpoint(ep)
@@ -378,11 +412,12 @@ class Service:
                 return
             await self.store.commit([st.DeleteEndpoint(endpoint_id)])
             del self.endpoints[endpoint_id]
-            # Deleting the host end deletes the pair; if the sandbox died with the other end
-            # in it, the kernel already removed both and this is a no-op.
-            await self.links.ensure_link_absent(ep.host_ifname)
             if ep.port_bindings:
                 await self.sync_firewall()
+            # The veth is deleted off the request path: the kernel takes ~16 ms (RTNL and RCU
+            # waits) that the engine need not wait for. The record is already gone, so a crash
+            # before the delete leaves a prefixed orphan that start-up removes.
+            self.delete_link_later(ep.host_ifname)
             log.info("deleted endpoint %s", short(endpoint_id))
 
     def endpoint_info(self, network_id: str, endpoint_id: str) -> dict[str, str]:
@@ -437,8 +472,7 @@ class Service:
                 return
             resolved = await self._resolve_ports(net, ep, bindings)
             if resolved == ep.port_bindings:
-                await self.sync_firewall()
-                return
+                return  # nothing to publish (the usual case), or a repeated call
             programmed = replace(ep, port_bindings=resolved)
             await self.store.commit([st.PutEndpoint(programmed)])
             self.endpoints[endpoint_id] = programmed
@@ -589,7 +623,7 @@ class Service:
         await self.store.commit(ops)
         for ep in dead:
             self.endpoints.pop(ep.endpoint_id, None)
-            await self.links.ensure_link_absent(ep.host_ifname)
+            self.delete_link_later(ep.host_ifname)
         for pool_id, ip in released:
             self.ipam.release_address(pool_id, ip)
         if any(ep.port_bindings for ep in dead):
@@ -601,8 +635,17 @@ class Service:
         ]
 
     async def sweep(self) -> list[str]:
-        """Forget endpoints whose veth vanished while we ran (their sandbox died unannounced)."""
+        """Forget endpoints whose veth vanished (their sandbox died unannounced), and delete
+        links that carry our prefix but belong to nothing (a deferred delete that failed)."""
         names = {link.name for link in await self.links.list_links()}
+        # Records are written before links are made and removed before links are deleted, so
+        # a listed link of ours with no record now is an orphan.
+        known = self.known_links()
+        report = []
+        for name in sorted(names - known - set(self._doomed)):
+            if self.names.owned_kind(name) is not None:
+                self.delete_link_later(name)
+                report.append(f"removing orphan interface {name}")
         dead = [
             ep for ep in self.endpoints.values()
             if ep.host_ifname not in names
@@ -616,9 +659,19 @@ class Service:
                 current = self.endpoints.get(ep.endpoint_id)
                 if current is not None and await self.links.get_link(current.host_ifname) is None:
                     confirmed.append(current)
-        if not confirmed:
-            return []
-        return await self._forget_endpoints(confirmed)
+        if confirmed:
+            report.extend(await self._forget_endpoints(confirmed))
+        if self.settings.firewall:
+            drift = await self.firewall.differences(self.firewall_plan())
+            if drift:  # someone flushed or edited our rules (a firewall reload, say)
+                report.append("restoring firewall rules: " + "; ".join(drift[:3]))
+                await self.sync_firewall()
+        return report
+
+    def known_links(self) -> set[str]:
+        return {n.bridge for n in self.networks.values()} | {
+            name for e in self.endpoints.values() for name in (e.host_ifname, e.container_ifname)
+        }
 
     async def _sweep_forever(self) -> None:
         while True:

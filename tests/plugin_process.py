@@ -113,8 +113,3 @@ class EngineClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-
-async def wait_gone(path: Path, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while path.exists() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)

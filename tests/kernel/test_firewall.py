@@ -102,3 +102,17 @@ async def test_differences_report_drift_and_remove_all_cleans_up(
     for v6 in (False, True):
         save = netns.iptables_save(v6=v6)
         assert "PK-" not in save and "pk-driver" not in save
+
+
+async def test_a_flushed_forward_chain_is_noticed_and_restored(
+    firewall: IptablesFirewall, netns: Netns
+) -> None:
+    """Applies skip re-checking jumps once seen; ``differences`` (the sweep) looks again."""
+    await firewall.apply(PLAN)
+    netns.sh("iptables", "-F", "FORWARD")
+    await firewall.apply(PLAN)  # the cached apply rewrites our chains only
+    assert "-j PK-FORWARD" not in netns.iptables_save()
+    assert any("missing jump" in d for d in await firewall.differences(PLAN))
+    await firewall.apply(PLAN)
+    assert "-A FORWARD -m comment --comment pk-driver -j PK-FORWARD" in netns.iptables_save()
+    assert await firewall.differences(PLAN) == []

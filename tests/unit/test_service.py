@@ -241,3 +241,34 @@ async def test_sweep_forgets_endpoints_whose_veth_vanished(make_service: Factory
     assert int(got.ip) not in svc.ipam.pools[pool.pool_id].allocated
     svc = await restart(svc, make_service)
     assert svc.endpoints == {}
+
+
+async def test_sweep_removes_orphan_links_and_restores_firewall(make_service: Factory) -> None:
+    svc = await make_service()
+    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    links: FakeLinks = svc.links  # type: ignore[assignment]
+    links.links["puhfeedfeedfeed"] = LinkInfo("puhfeedfeedfeed", 77, "veth", None, True, 1500,
+                                              "02:00:00:00:00:77")
+    links.links["vethuser"] = LinkInfo("vethuser", 78, "veth", None, True, 1500,
+                                       "02:00:00:00:00:78")
+    svc.firewall.plan = type(svc.firewall.plan)()  # type: ignore[attr-defined]
+    report = await svc.sweep()
+    await svc.drain()
+    assert "removing orphan interface puhfeedfeedfeed" in report
+    assert any("restoring firewall" in line for line in report)
+    assert "puhfeedfeedfeed" not in links.links and "vethuser" in links.links
+    assert svc.firewall.plan == svc.firewall_plan()  # type: ignore[attr-defined]
+
+
+async def test_delete_endpoint_answers_before_the_veth_is_gone(make_service: Factory) -> None:
+    """The ~16 ms kernel delete runs after the answer; shutdown drains it."""
+    links = FakeLinks()
+    links.faults.delay["ensure_link_absent"] = 0.2
+    svc = await make_service(links)
+    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    await svc.create_endpoint(NID, EID, ADDR, None, None)
+    host = svc.endpoints[EID].host_ifname
+    await svc.delete_endpoint(NID, EID)
+    assert host in links.links and host in svc.pending_deletes()
+    await svc.stop()
+    assert host not in links.links
