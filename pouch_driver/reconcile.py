@@ -1,18 +1,26 @@
 """Reconcile: compare the store with the kernel and the firewall, and repair on request.
 
-Start-up runs it with ``repair=True`` before serving (after a crash or a host reboot the kernel
-may lack bridges, addresses or rules, or hold veths of endpoints that died unannounced);
-``pouch-driver check`` runs it read-only and ``gc`` with repair. It only ever removes objects
-carrying our prefix, so it never touches what it did not make.
+One mechanism serves start-up (repair before serving: after a crash or a host reboot the
+kernel may lack bridges, addresses or rules, or hold veths of endpoints that died unannounced),
+the periodic sweep and ``pouch-driver gc`` (repair while serving), and ``pouch-driver check``
+(read-only). It is safe while requests run: each repair happens under the locks of the network
+or endpoint it touches, after looking again. It only removes objects carrying our prefix, so it
+never touches what it did not make. Imports ``service``; the service never imports this.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .errors import DriverError
 from .kernel import LinkInfo
-from .model import Endpoint, IPInterface, Network
+from .model import Endpoint, Network
 from .service import Service, short
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,36 +39,41 @@ class Reconciler:
     repaired: list[str] = field(default_factory=list)
 
     async def run(self) -> Report:
-        links = {link.name: link for link in await self.svc.links.list_links()}
         for net in list(self.svc.networks.values()):
-            await self._bridge(net, links.get(net.bridge))
-        if self.repair:  # bridges may have been recreated with new indexes
-            links = {link.name: link for link in await self.svc.links.list_links()}
-        dead = [
-            ep for ep in list(self.svc.endpoints.values()) if not await self._endpoint(ep, links)
-        ]
+            await self._bridge(net)
+        # One listing for endpoints and orphans, taken after bridge repairs (new indexes).
+        links = {link.name: link for link in await self.svc.links.list_links()}
+        dead: list[Endpoint] = []
+        for ep in list(self.svc.endpoints.values()):
+            if not await self._endpoint(ep, links):
+                dead.append(ep)
         if dead and self.repair:
-            self.repaired.extend(await self.svc._forget_endpoints(dead))
+            await self._forget(dead)
         await self._orphans(links)
         await self._firewall()
         return Report(problems=tuple(self.problems), repaired=tuple(self.repaired))
 
-    async def _bridge(self, net: Network, link: LinkInfo | None) -> None:
-        where = f"network {short(net.network_id)}: bridge {net.bridge}"
-        missing: list[IPInterface] = []
-        if link is None:
-            self.problems.append(f"{where} is missing")
-        else:
-            info = await self.svc.links.get_link(net.bridge)
-            have = set(info.addresses) if info else set()
-            missing = [a for a in net.gateways if a not in have]
-            if missing:
-                self.problems.append(f"{where} lacks " + ", ".join(str(a) for a in missing))
-            if not link.up:
-                self.problems.append(f"{where} is down")
-        if self.repair and (link is None or missing or not link.up):
-            await self.svc.links.ensure_bridge(self.svc._bridge_spec(net))
-            self.repaired.append(f"restored bridge {net.bridge} of network {short(net.network_id)}")
+    async def _bridge(self, net: Network) -> None:
+        async with self.svc.guard_network(net.network_id):
+            if self.svc.networks.get(net.network_id) is not net:
+                return  # deleted (or replaced) meanwhile
+            link = await self.svc.links.get_link(net.bridge)
+            where = f"network {short(net.network_id)}: bridge {net.bridge}"
+            broken = link is None
+            if link is None:
+                self.problems.append(f"{where} is missing")
+            else:
+                missing = [a for a in net.gateways if a not in set(link.addresses)]
+                if missing:
+                    self.problems.append(f"{where} lacks " + ", ".join(str(a) for a in missing))
+                if not link.up:
+                    self.problems.append(f"{where} is down")
+                broken = bool(missing) or not link.up
+            if self.repair and broken:
+                await self.svc.links.ensure_bridge(self.svc.bridge_spec(net))
+                self.repaired.append(
+                    f"restored bridge {net.bridge} of network {short(net.network_id)}"
+                )
 
     async def _endpoint(self, ep: Endpoint, links: dict[str, LinkInfo]) -> bool:
         """False when the endpoint is dead: its network or its veth is gone."""
@@ -79,26 +92,68 @@ class Reconciler:
         if bridge is None or link.master != bridge.index or not link.up:
             self.problems.append(f"{where}: veth {ep.host_ifname} is not up on {net.bridge}")
             if self.repair:
-                await self.svc.links.ensure_veth(self.svc._veth_spec(ep, net))
-                self.repaired.append(f"re-attached {ep.host_ifname} to {net.bridge}")
+                async with self.svc.guard_endpoint(ep.network_id, ep.endpoint_id):
+                    if self.svc.endpoints.get(ep.endpoint_id) == ep:
+                        await self.svc.links.ensure_veth(self.svc.veth_spec(ep, net))
+                        self.repaired.append(f"re-attached {ep.host_ifname} to {net.bridge}")
         return True
 
+    async def _forget(self, candidates: Iterable[Endpoint]) -> None:
+        """Look again under each endpoint's locks: mid-create, the record precedes the veth."""
+        confirmed: list[Endpoint] = []
+        for ep in candidates:
+            async with self.svc.guard_endpoint(ep.network_id, ep.endpoint_id):
+                current = self.svc.endpoints.get(ep.endpoint_id)
+                if current is None:
+                    continue
+                gone = current.network_id not in self.svc.networks or (
+                    await self.svc.links.get_link(current.host_ifname) is None
+                )
+                if gone:
+                    confirmed.append(current)
+        if confirmed:
+            self.repaired.extend(await self.svc.forget_endpoints(confirmed))
+
     async def _orphans(self, links: dict[str, LinkInfo]) -> None:
+        # Records are written before links are made and removed before links are deleted, so
+        # a link of ours listed earlier and unknown now is an orphan.
         known = self.svc.known_links() | self.svc.pending_deletes()
         for name in sorted(links):
             if self.svc.names.owned_kind(name) is None or name in known:
                 continue
             self.problems.append(f"orphan interface {name} belongs to nothing in the store")
             if self.repair:
-                await self.svc.links.ensure_link_absent(name)
-                self.repaired.append(f"removed orphan interface {name}")
+                self.svc.delete_link_later(name)
+                self.repaired.append(f"removing orphan interface {name}")
 
     async def _firewall(self) -> None:
         if not self.svc.settings.firewall:
             return
         diffs = await self.svc.firewall.differences(self.svc.firewall_plan())
         self.problems.extend(diffs)
-        if self.repair:
+        if self.repair and diffs:
             await self.svc.sync_firewall()
-            if diffs:
-                self.repaired.append("rewrote our firewall chains")
+            self.repaired.append("rewrote our firewall chains")
+
+
+async def start_up(svc: Service) -> Report:
+    """Load the store and make the kernel match it before the first request is served."""
+    await svc.start()
+    report = await Reconciler(svc, repair=True).run()
+    await svc.drain()
+    for line in report.repaired:
+        log.warning("start-up repair: %s", line)
+    return report
+
+
+async def sweep_forever(svc: Service, interval: float) -> None:
+    """Self-healing while serving: endpoints that died unannounced, orphans, firewall drift."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            report = await Reconciler(svc, repair=True).run()
+        except DriverError as exc:
+            log.warning("sweep failed: %s", exc)
+            continue
+        for line in report.repaired:
+            log.warning("sweep: %s", line)

@@ -16,7 +16,8 @@ import errno
 import ipaddress
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 
 from . import store as st
@@ -68,7 +69,6 @@ class Service:
         self._fw_done = 0
         self._fw_task: asyncio.Task[None] | None = None
         self._fw_waiters: dict[int, list[asyncio.Future[None]]] = {}
-        self._sweeper: asyncio.Task[None] | None = None
         self._doomed: dict[str, asyncio.Task[None]] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -112,15 +112,7 @@ class Service:
         if task is not None:  # a re-created name must not be deleted under our feet
             await asyncio.gather(task, return_exceptions=True)
 
-    def start_sweeper(self) -> None:
-        if self.settings.gc_interval > 0:
-            self._sweeper = asyncio.create_task(self._sweep_forever(), name="sweeper")
-
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
         await self.drain()
         if self._fw_task is not None:
             with contextlib.suppress(DriverError):
@@ -152,7 +144,7 @@ class Service:
             except Exception:
                 log.exception("compensation step failed; start-up reconcile will finish it")
 
-    def _bridge_spec(self, net: Network) -> BridgeSpec:
+    def bridge_spec(self, net: Network) -> BridgeSpec:
         return BridgeSpec(
             name=net.bridge,
             mtu=net.options.mtu,
@@ -160,7 +152,7 @@ class Service:
             mac=bridge_mac(net.network_id) if net.bridge_owned else None,
         )
 
-    def _veth_spec(self, ep: Endpoint, net: Network) -> VethSpec:
+    def veth_spec(self, ep: Endpoint, net: Network) -> VethSpec:
         return VethSpec(
             host=ep.host_ifname, peer=ep.container_ifname, bridge=net.bridge,
             mtu=net.options.mtu, peer_mac=ep.mac,
@@ -250,7 +242,7 @@ class Service:
                 ):
                     raise Conflict(f"network {short(network_id)} exists with another configuration")
                 # A retried create: make sure the kernel matches, answer as before.
-                await self.links.ensure_bridge(self._bridge_spec(existing))
+                await self.links.ensure_bridge(self.bridge_spec(existing))
                 await self.sync_firewall()
                 return
             link = await self.links.get_link(bridge)
@@ -271,7 +263,7 @@ class Service:
                 del self.networks[network_id]
                 raise
             try:
-                await self.links.ensure_bridge(self._bridge_spec(net))
+                await self.links.ensure_bridge(self.bridge_spec(net))
                 await self.sync_firewall()
             except BaseException:
                 await self._undo_network(net)
@@ -345,7 +337,7 @@ class Service:
                     raise Conflict(
                         f"endpoint {short(endpoint_id)} exists with another configuration"
                     )
-                await self.links.ensure_veth(self._veth_spec(existing, net))
+                await self.links.ensure_veth(self.veth_spec(existing, net))
                 return None if mac else chosen
             on_net = self.endpoints_of(network_id)
             # Veths still waiting for their deferred delete hold bridge ports too.
@@ -377,7 +369,7 @@ class Service:
                 raise
             try:
                 await self._not_doomed(ep.host_ifname)
-                await self.links.ensure_veth(self._veth_spec(ep, net))
+                await self.links.ensure_veth(self.veth_spec(ep, net))
             except BaseException:
                 await self._undo_endpoint(ep)
                 raise
@@ -607,7 +599,7 @@ class Service:
         return LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE
 
     # === cleanup of endpoints that died unannounced =========================================
-    async def _forget_endpoints(self, dead: Sequence[Endpoint]) -> list[str]:
+    async def forget_endpoints(self, dead: Sequence[Endpoint]) -> list[str]:
         """Drop endpoints whose veth vanished, and free their addresses."""
         ops: list[st.Op] = []
         released: list[tuple[str, IPAddress]] = []
@@ -634,53 +626,20 @@ class Service:
             for ep in dead
         ]
 
-    async def sweep(self) -> list[str]:
-        """Forget endpoints whose veth vanished (their sandbox died unannounced), and delete
-        links that carry our prefix but belong to nothing (a deferred delete that failed)."""
-        names = {link.name for link in await self.links.list_links()}
-        # Records are written before links are made and removed before links are deleted, so
-        # a listed link of ours with no record now is an orphan.
-        known = self.known_links()
-        report = []
-        for name in sorted(names - known - set(self._doomed)):
-            if self.names.owned_kind(name) is not None:
-                self.delete_link_later(name)
-                report.append(f"removing orphan interface {name}")
-        dead = [
-            ep for ep in self.endpoints.values()
-            if ep.host_ifname not in names
-            and not self._locks.busy(ep.endpoint_id)
-            and not self._locks.busy(ep.network_id)
-        ]
-        # Look again under the locks: an endpoint being created has a record before its veth.
-        confirmed: list[Endpoint] = []
-        for ep in dead:
-            async with self._locks.shared(ep.network_id), self._locks.exclusive(ep.endpoint_id):
-                current = self.endpoints.get(ep.endpoint_id)
-                if current is not None and await self.links.get_link(current.host_ifname) is None:
-                    confirmed.append(current)
-        if confirmed:
-            report.extend(await self._forget_endpoints(confirmed))
-        if self.settings.firewall:
-            drift = await self.firewall.differences(self.firewall_plan())
-            if drift:  # someone flushed or edited our rules (a firewall reload, say)
-                report.append("restoring firewall rules: " + "; ".join(drift[:3]))
-                await self.sync_firewall()
-        return report
+    def guard_network(self, network_id: str) -> AbstractAsyncContextManager[None]:
+        """Hold off network create/delete while looking at (or repairing) this network."""
+        return self._locks.shared(network_id)
+
+    @asynccontextmanager
+    async def guard_endpoint(self, network_id: str, endpoint_id: str) -> AsyncIterator[None]:
+        """Hold off every call on this endpoint (its record precedes its veth mid-create)."""
+        async with self._locks.shared(network_id), self._locks.exclusive(endpoint_id):
+            yield
 
     def known_links(self) -> set[str]:
         return {n.bridge for n in self.networks.values()} | {
             name for e in self.endpoints.values() for name in (e.host_ifname, e.container_ifname)
         }
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.gc_interval)
-            try:
-                for line in await self.sweep():
-                    log.warning("sweep: %s", line)
-            except DriverError as exc:
-                log.warning("sweep failed: %s", exc)
 
 
 async def _port_free(proto: Proto, host_ip: IPAddress | None, port: int) -> bool:

@@ -7,6 +7,7 @@ IPAM proxy also reads ``Err`` on non-200 answers). 404 means only "no such metho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -24,7 +25,7 @@ from ..kernel import Firewall, Links
 from ..kernel.firewall import IptablesFirewall
 from ..kernel.links import NetlinkLinks
 from ..naming import Names
-from ..reconcile import Reconciler
+from ..reconcile import start_up, sweep_forever
 from ..service import Service, short
 from ..store import Store
 from .handlers import CALLS, Call
@@ -140,13 +141,17 @@ def make_app(
             links or NetlinkLinks(workers=settings.netlink_workers),
             firewall or IptablesFirewall(Names(settings.prefix)),
         )
-        await svc.start()
-        report = await Reconciler(svc, repair=True).run()
-        for line in report.repaired:
-            log.warning("start-up repair: %s", line)
-        svc.start_sweeper()
+        await start_up(svc)
+        sweeper = (
+            asyncio.create_task(sweep_forever(svc, settings.gc_interval), name="sweeper")
+            if settings.gc_interval > 0 else None
+        )
         app[SERVICE] = svc
         yield
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
         await svc.stop()
 
     app.cleanup_ctx.append(service_ctx)

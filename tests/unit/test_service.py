@@ -13,7 +13,7 @@ from pouch_driver.errors import Conflict, Exhausted, InvalidRequest, KernelError
 from pouch_driver.kernel import LinkInfo
 from pouch_driver.kernel.fake import FakeFirewall, FakeLinks
 from pouch_driver.model import IPAMData, NetworkOptions, PortBinding, Proto
-from pouch_driver.reconcile import Reconciler
+from pouch_driver.reconcile import Reconciler, Report, start_up
 from pouch_driver.service import Service
 from pouch_driver.store import Store
 
@@ -35,9 +35,10 @@ async def make_service(settings: Settings, tmp_path: Path) -> AsyncIterator[Fact
                       reconcile: bool = True) -> Service:
         svc = Service(settings, Store(settings.db_path), links or FakeLinks(),
                       fw or FakeFirewall())
-        await svc.start()
         if reconcile:
-            await Reconciler(svc, repair=True).run()
+            await start_up(svc)
+        else:
+            await svc.start()
         started.append(svc)
         return svc
 
@@ -45,6 +46,10 @@ async def make_service(settings: Settings, tmp_path: Path) -> AsyncIterator[Fact
     for svc in started:
         if svc.store._db is not None:
             await svc.stop()
+
+
+async def sweep(svc: Service) -> Report:
+    return await Reconciler(svc, repair=True).run()
 
 
 async def restart(svc: Service, factory: Factory) -> Service:
@@ -233,9 +238,9 @@ async def test_sweep_forgets_endpoints_whose_veth_vanished(make_service: Factory
     await svc.create_network(NID, NetworkOptions(), [V4], [])
     got = await svc.request_address(pool.pool_id, None, gateway=False)
     await svc.create_endpoint(NID, EID, got, None, None)  # type: ignore[arg-type]
-    assert await svc.sweep() == []
+    assert (await sweep(svc)).repaired == ()
     await svc.links.ensure_link_absent(svc.endpoints[EID].host_ifname)  # the sandbox died
-    (line,) = await svc.sweep()
+    (line,) = (await sweep(svc)).repaired
     assert "released 10.5.0.2" in line
     assert svc.endpoints == {}
     assert int(got.ip) not in svc.ipam.pools[pool.pool_id].allocated
@@ -252,10 +257,10 @@ async def test_sweep_removes_orphan_links_and_restores_firewall(make_service: Fa
     links.links["vethuser"] = LinkInfo("vethuser", 78, "veth", None, True, 1500,
                                        "02:00:00:00:00:78")
     svc.firewall.plan = type(svc.firewall.plan)()  # type: ignore[attr-defined]
-    report = await svc.sweep()
+    report = (await sweep(svc)).repaired
     await svc.drain()
     assert "removing orphan interface puhfeedfeedfeed" in report
-    assert any("restoring firewall" in line for line in report)
+    assert "rewrote our firewall chains" in report
     assert "puhfeedfeedfeed" not in links.links and "vethuser" in links.links
     assert svc.firewall.plan == svc.firewall_plan()  # type: ignore[attr-defined]
 
