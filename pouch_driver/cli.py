@@ -38,6 +38,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket-group", help="group owning the socket (mode 0660)")
     serve.add_argument("--request-timeout", type=float, help="seconds per request (default 60)")
     serve.add_argument("--metrics", help="Prometheus metrics on unix:/path or 127.0.0.1:PORT")
+
+    status = sub.add_parser("status", help="networks, endpoints and pool use")
+    common(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    engine_help = ("also ask the engine (e.g. unix:///var/run/docker.sock) which networks and "
+                   "endpoints it still knows")
+    check = sub.add_parser(
+        "check", help="compare store, kernel and firewall; exit 1 on any difference")
+    common(check)
+    check.add_argument("--engine", help=engine_help)
+    gc = sub.add_parser("gc", help="repair what check finds")
+    common(gc)
+    gc.add_argument("--engine", help=engine_help)
+    gc.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     return parser
 
 
@@ -78,7 +92,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("cannot start: %s", exc)
             return 1
         return 0
-    return 2
+    from . import tools  # noqa: PLC0415
+    from .errors import DriverError  # noqa: PLC0415
+
+    try:
+        if args.command == "status":
+            return asyncio.run(tools.status(settings, args.json))
+        mode = "plan" if args.command == "gc" and args.dry_run else args.command
+        return asyncio.run(tools.reconcile(settings, mode, engine_url=args.engine))
+    except (DriverError, RuntimeError) as exc:
+        print(f"pouch-driver {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

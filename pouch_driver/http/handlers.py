@@ -12,6 +12,7 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError
 
+from .. import admin
 from .. import options as opts
 from ..errors import InvalidRequest
 from ..model import GATEWAY_ADDRESS_TYPE, OPT_PORTMAP, REQUEST_ADDRESS_TYPE
@@ -181,6 +182,46 @@ async def release_address(svc: Service, body: Body) -> Body:
     return {}
 
 
+# --- our admin calls -------------------------------------------------------------------------
+def status_body(st: admin.Status) -> Body:
+    """The status as the admin schema names it (shared with the offline CLI)."""
+    counts: dict[str, int] = {}
+    for e in st.endpoints:
+        counts[e.network_id] = counts.get(e.network_id, 0) + 1
+    return {
+        "networks": [{
+            "network_id": n.network_id, "bridge": n.bridge, "bridge_owned": n.bridge_owned,
+            "subnets": [str(s) for s in n.subnets], "gateways": [str(g) for g in n.gateways],
+            "mtu": n.options.mtu, "icc": n.options.enable_icc,
+            "masquerade": n.options.enable_masquerade, "internal": n.options.internal,
+            "endpoints": counts.get(n.network_id, 0),
+        } for n in st.networks],
+        "endpoints": [{
+            "endpoint_id": e.endpoint_id, "network_id": e.network_id, "veth": e.host_ifname,
+            "src_name": e.container_ifname, "mac": e.mac,
+            "address": str(e.address) if e.address else None,
+            "address_v6": str(e.address_v6) if e.address_v6 else None,
+            "sandbox_key": e.sandbox_key,
+            "ports": [f"{b.host_ip or '*'}:{b.host_port}->{b.port}/{b.proto.name.lower()}"
+                      for b in e.port_bindings],
+        } for e in st.endpoints],
+        "pools": [p.__dict__ for p in st.pools],
+        "pending_deletes": st.pending_deletes,
+    }
+
+
+async def pouch_status(svc: Service, body: Body) -> Body:
+    return status_body(admin.status(svc))
+
+
+async def pouch_reconcile(svc: Service, body: Body) -> Body:
+    report = await admin.reconcile(
+        svc, repair=not body["dry_run"], forget_networks=body["forget_networks"],
+        forget_endpoints=body["forget_endpoints"],
+    )
+    return {"problems": list(report.problems), "repaired": list(report.repaired)}
+
+
 CALLS: dict[str, Call] = {
     "/Plugin.Activate": Call(None, activate, s.ActivateResponse),
     "/NetworkDriver.GetCapabilities": Call(None, network_capabilities,
@@ -210,4 +251,6 @@ CALLS: dict[str, Call] = {
     "/IpamDriver.RequestAddress": Call(s.RequestAddressRequest, request_address,
                                        s.RequestAddressResponse),
     "/IpamDriver.ReleaseAddress": Call(s.ReleaseAddressRequest, release_address, s.EmptyResponse),
+    "/Pouch.Status": Call(None, pouch_status, s.StatusResponse),
+    "/Pouch.Reconcile": Call(s.ReconcileRequest, pouch_reconcile, s.ReportResponse),
 }

@@ -372,3 +372,55 @@ def flatten_errors(messages: Any, prefix: str = "") -> list[str]:
             out.extend(flatten_errors(m, prefix))
         return out
     return [f"{prefix}: {messages}"]
+
+
+# --- our own admin calls (pouch-driver status/check/gc); the engine never sends these ---------
+class ReconcileRequest(Request):
+    dry_run = fields.Boolean(data_key="DryRun", load_default=True)
+    forget_networks = fields.List(ID(), data_key="ForgetNetworks", load_default=list)
+    forget_endpoints = fields.List(ID(), data_key="ForgetEndpoints", load_default=list)
+
+
+class ReportResponse(Response):
+    problems = fields.List(fields.String(), data_key="Problems")
+    repaired = fields.List(fields.String(), data_key="Repaired")
+
+
+class NetworkStatus(Response):
+    network_id = fields.String(data_key="NetworkID")
+    bridge = fields.String(data_key="Bridge")
+    bridge_owned = fields.Boolean(data_key="BridgeOwned")
+    subnets = fields.List(fields.String(), data_key="Subnets")
+    gateways = fields.List(fields.String(), data_key="Gateways")
+    mtu = fields.Integer(data_key="MTU", allow_none=True)
+    icc = fields.Boolean(data_key="ICC")
+    masquerade = fields.Boolean(data_key="Masquerade")
+    internal = fields.Boolean(data_key="Internal")
+    endpoints = fields.Integer(data_key="Endpoints")
+
+
+class EndpointStatus(Response):
+    endpoint_id = fields.String(data_key="EndpointID")
+    network_id = fields.String(data_key="NetworkID")
+    veth = fields.String(data_key="Veth")
+    src_name = fields.String(data_key="SrcName")
+    mac = fields.String(data_key="MacAddress")
+    address = fields.String(data_key="Address", allow_none=True)
+    address_v6 = fields.String(data_key="AddressIPv6", allow_none=True)
+    sandbox_key = fields.String(data_key="SandboxKey", allow_none=True)
+    ports = fields.List(fields.String(), data_key="Ports")
+
+
+class PoolStatus(Response):
+    pool_id = fields.String(data_key="PoolID")
+    network = fields.String(data_key="Pool")
+    sub_pool = fields.String(data_key="SubPool", allow_none=True)
+    used = fields.Integer(data_key="Used")
+    size = fields.Integer(data_key="Size")
+
+
+class StatusResponse(Response):
+    networks = fields.List(fields.Nested(NetworkStatus), data_key="Networks")
+    endpoints = fields.List(fields.Nested(EndpointStatus), data_key="Endpoints")
+    pools = fields.List(fields.Nested(PoolStatus), data_key="Pools")
+    pending_deletes = fields.Integer(data_key="PendingDeletes")

@@ -134,8 +134,11 @@ class IptablesFirewall:
                 f"{f.container_ip}:{f.container_port}" if version == 4
                 else f"[{f.container_ip}]:{f.container_port}"
             )
+            # No "! -i <bridge>": containers of the same network reach the published port
+            # through the host's address too (Docker leaves that to docker-proxy, which the
+            # engine does not run for remote drivers).
             dnat.append(
-                f"-A {n.chain_dnat} {dst}! -i {f.bridge} -p {f.proto} -m {f.proto} "
+                f"-A {n.chain_dnat} {dst}-p {f.proto} -m {f.proto} "
                 f"--dport {f.host_port} -j DNAT --to-destination {target}"
             )
             # Inserted before the bridge's "leaving" rules is not needed: this accepts traffic
