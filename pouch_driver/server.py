@@ -79,11 +79,36 @@ def bind_socket(settings: Settings) -> socket.socket:
     return sock
 
 
+SD_LISTEN_FDS_START = 3
+
+
+def inherited_socket() -> socket.socket | None:
+    """The listening socket systemd passed us (socket activation), if any.
+
+    With a .socket unit the socket outlives the daemon: the engine's requests queue in its
+    backlog while the plugin restarts, instead of failing and being retried for 15 s.
+    """
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    if int(os.environ.get("LISTEN_FDS", "0")) < 1:
+        return None
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)  # not for our children
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise StartupError("the socket passed by systemd is not a Unix stream socket")
+    sock.setblocking(False)
+    return sock
+
+
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     # Bound before the store is opened and reconciled: the engine's requests wait in the
     # listen backlog meanwhile instead of failing with ECONNREFUSED.
-    sock = bind_socket(settings)
-    ino = os.stat(settings.socket).st_ino
+    sock = inherited_socket()
+    owned = sock is None
+    if sock is None:
+        sock = bind_socket(settings)
+    ino = os.stat(settings.socket).st_ino if owned else -1
     app = make_app(settings)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
     stop = asyncio.Event()
@@ -96,15 +121,17 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         except DriverError as exc:
             raise StartupError(str(exc)) from exc
         await web.SockSite(runner, sock).start()
-        log.info("pouch-driver %s serving on %s", settings.driver_name, settings.socket)
+        log.info("pouch-driver %s serving on %s%s", settings.driver_name, settings.socket,
+                 "" if owned else " (socket from systemd)")
         if ready is not None:
             ready.set()
         await stop.wait()
         log.info("shutting down: finishing in-flight requests")
     finally:
         with contextlib.suppress(OSError):
-            # Remove the socket only if it is still ours (not a successor's).
-            if os.stat(settings.socket).st_ino == ino:
+            # Remove the socket only if we made it and it is still ours (not a successor's);
+            # an inherited one belongs to systemd and stays for the next start.
+            if owned and os.stat(settings.socket).st_ino == ino:
                 settings.socket.unlink()
         await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):
