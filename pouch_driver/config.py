@@ -94,6 +94,9 @@ class Settings:
         if self.netlink_workers < 1:
             raise ValueError("netlink workers must be at least 1")
 
+        if self.metrics:
+            parse_listen(self.metrics)
+
     @property
     def db_path(self) -> Path:
         return self.state_dir / "state.db"
@@ -141,3 +144,25 @@ def from_environ(environ: Mapping[str, str], **overrides: Any) -> Settings:
 
 def default_environ() -> Mapping[str, str]:
     return os.environ
+
+
+def parse_listen(value: str) -> tuple[str, str | int]:
+    """``unix:/path`` or ``127.0.0.1:PORT`` / ``[::1]:PORT``; anything else is refused."""
+    if value.startswith("unix:"):
+        path = value[len("unix:"):]
+        if not path.startswith("/"):
+            raise ValueError(f"metrics socket {path!r} must be an absolute path")
+        return "unix", path
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"metrics address {value!r}: use unix:/path or 127.0.0.1:PORT")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"metrics address {value!r} is not loopback; metrics stay on the host")
+    return host, int(port)

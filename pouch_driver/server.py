@@ -18,9 +18,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .config import Settings
+from .config import Settings, parse_listen
 from .errors import DriverError
 from .http import make_app
+from .http.app import OBSERVERS, SERVICE
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,38 @@ def inherited_socket() -> socket.socket | None:
     return sock
 
 
+async def _start_metrics(app: web.Application, settings: Settings) -> web.AppRunner:
+    """Prometheus text on GET /metrics, on a Unix socket or a loopback port only."""
+    metrics = Metrics()
+    app[OBSERVERS].append(metrics.observe)
+
+    async def scrape(_request: web.Request) -> web.Response:
+        svc = app.get(SERVICE)
+        return web.Response(text=metrics.render(svc), content_type="text/plain",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    mapp = web.Application()
+    mapp.router.add_get("/metrics", scrape)
+    runner = web.AppRunner(mapp, handle_signals=False, access_log=None)
+    await runner.setup()
+    host, where = parse_listen(settings.metrics)
+    if host == "unix":
+        path = Path(str(where))
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_symlink() or not stat.S_ISSOCK(path.lstat().st_mode):
+                raise StartupError(f"metrics path {path} exists and is not a socket")
+            path.unlink()
+        old = os.umask(0o117)
+        try:
+            await web.UnixSite(runner, str(path)).start()
+        finally:
+            os.umask(old)
+    else:
+        await web.TCPSite(runner, host, int(where)).start()
+    log.info("metrics on %s", settings.metrics)
+    return runner
+
+
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     # Bound before the store is opened and reconciled: the engine's requests wait in the
     # listen backlog meanwhile instead of failing with ECONNREFUSED.
@@ -110,6 +144,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         sock = bind_socket(settings)
     ino = os.stat(settings.socket).st_ino if owned else -1
     app = make_app(settings)
+    metrics_runner = await _start_metrics(app, settings) if settings.metrics else None
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -134,6 +169,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
             if owned and os.stat(settings.socket).st_ino == ino:
                 settings.socket.unlink()
         await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("stopped")

@@ -37,6 +37,7 @@ SETTINGS = web.AppKey("settings", Settings)
 SERVICE = web.AppKey("service", Service)
 
 _ID_FIELDS = ("NetworkID", "EndpointID", "PoolID")
+IDS = web.RequestKey("ids", str)
 Observer = Callable[[str, float, int], None]
 OBSERVERS = web.AppKey("observers", list[Observer])
 
@@ -71,8 +72,10 @@ async def dispatch(request: web.Request) -> web.Response:
     if call.request is not None:
         payload = _parse_body(raw, method)
         ids = " ".join(
-            f"{k}={short(str(payload[k]))}" for k in _ID_FIELDS if isinstance(payload.get(k), str)
+            f"{k}={short(str(payload[k]))!r}"
+            for k in _ID_FIELDS if isinstance(payload.get(k), str)
         )
+        request[IDS] = ids
         log.debug("%s %s payload=%s", method, ids, raw[:2000].decode(errors="replace"))
         try:
             body = call.request().load(payload)
@@ -117,7 +120,8 @@ async def error_middleware(
                            "see the plugin log")
     finally:
         elapsed = time.perf_counter() - started
-        log.info("%s -> %d in %.1f ms", request.path, status, elapsed * 1000)
+        log.info("%s %s-> %d in %.1f ms", request.path,
+                 f"{request[IDS]} " if IDS in request else "", status, elapsed * 1000)
         for observe in request.app[OBSERVERS]:
             observe(request.path, elapsed, status)
         logs.request_id.reset(token)
