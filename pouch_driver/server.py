@@ -103,6 +103,14 @@ def inherited_socket() -> socket.socket | None:
     return sock
 
 
+def _clear_stale_socket(path: Path) -> None:
+    """Start-up only (nothing is served yet): remove a stale socket, refuse anything else."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_symlink() or not stat.S_ISSOCK(path.lstat().st_mode):
+            raise StartupError(f"metrics path {path} exists and is not a socket")
+        path.unlink()
+
+
 async def _start_metrics(app: web.Application, settings: Settings) -> web.AppRunner:
     """Prometheus text on GET /metrics, on a Unix socket or a loopback port only."""
     metrics = Metrics()
@@ -120,10 +128,7 @@ async def _start_metrics(app: web.Application, settings: Settings) -> web.AppRun
     host, where = parse_listen(settings.metrics)
     if host == "unix":
         path = Path(str(where))
-        with contextlib.suppress(FileNotFoundError):
-            if path.is_symlink() or not stat.S_ISSOCK(path.lstat().st_mode):
-                raise StartupError(f"metrics path {path} exists and is not a socket")
-            path.unlink()
+        _clear_stale_socket(path)
         old = os.umask(0o117)
         try:
             await web.UnixSite(runner, str(path)).start()
