@@ -1,4 +1,6 @@
-"""asyncio locks keyed by ID, with a shared/exclusive mode. Pure asyncio, no I/O.
+"""asyncio coordination: locks keyed by ID with a shared/exclusive mode, and a coalescer.
+
+Pure asyncio, no I/O.
 
 A network is held shared by its endpoints' calls (so creates, joins and deletes on one network
 run in parallel) and exclusively by network create/delete, which must see no endpoint call
@@ -8,7 +10,7 @@ half-done.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 
@@ -85,3 +87,48 @@ class KeyedLocks:
     async def exclusive(self, key: str) -> AsyncIterator[None]:
         async with self._use(key) as lock, lock.exclusive():
             yield
+
+
+class Coalescer:
+    """Run ``job`` for every caller, but once for all callers that asked while it ran.
+
+    A caller returns after a run that *started* after its call, so it sees its own change
+    applied. Used for the firewall: one iptables-restore serves a burst of requests.
+    """
+
+    def __init__(self, job: Callable[[], Awaitable[None]]) -> None:
+        self._job = job
+        self._wanted = 0
+        self._done = 0
+        self._task: asyncio.Task[None] | None = None
+        self._waiters: dict[int, list[asyncio.Future[None]]] = {}
+
+    async def sync(self) -> None:
+        self._wanted += 1
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(self._wanted, []).append(fut)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop())
+        await asyncio.shield(fut)
+
+    async def _loop(self) -> None:
+        while self._done < self._wanted:
+            gen = self._wanted
+            error: BaseException | None = None
+            try:
+                await self._job()
+            except Exception as exc:  # noqa: BLE001 - handed to every waiter below
+                error = exc
+            self._done = gen
+            for g in [g for g in self._waiters if g <= gen]:
+                for fut in self._waiters.pop(g):
+                    if fut.done():
+                        continue
+                    if error is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(error)
+
+    async def idle(self) -> None:
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)

@@ -11,12 +11,9 @@ Imports ``model``, ``ipam``, ``store``, ``kernel`` ports; never ``http``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import ipaddress
 import logging
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 
@@ -25,7 +22,7 @@ from .config import Settings
 from .errors import Conflict, DriverError, Exhausted, InvalidRequest, NotFound
 from .ipam import AddressGrant, Ipam
 from .kernel import BridgeSpec, Firewall, FirewallPlan, Links, NetworkRules, PortForward, VethSpec
-from .locks import KeyedLocks
+from .locks import Coalescer, KeyedLocks
 from .model import (
     GLOBAL_ADDRESS_SPACE,
     LOCAL_ADDRESS_SPACE,
@@ -38,14 +35,13 @@ from .model import (
     NetworkOptions,
     Pool,
     PortBinding,
-    Proto,
 )
 from .naming import Names, bridge_mac, endpoint_mac
+from .ports import resolve_ports
 
 log = logging.getLogger(__name__)
 
 MAX_BRIDGE_PORTS = 1024  # BR_MAX_PORTS in the kernel
-EPHEMERAL_PORTS = (49153, 60999)
 
 
 def short(value: str) -> str:
@@ -65,10 +61,7 @@ class Service:
         self.endpoints: dict[str, Endpoint] = {}
         self.ipam = Ipam(settings.pools_v4, settings.pools_v6)
         self._locks = KeyedLocks()
-        self._fw_wanted = 0
-        self._fw_done = 0
-        self._fw_task: asyncio.Task[None] | None = None
-        self._fw_waiters: dict[int, list[asyncio.Future[None]]] = {}
+        self._fw = Coalescer(lambda: self.firewall.apply(self.firewall_plan()))
         self._doomed: dict[str, asyncio.Task[None]] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -114,9 +107,7 @@ class Service:
 
     async def stop(self) -> None:
         await self.drain()
-        if self._fw_task is not None:
-            with contextlib.suppress(DriverError):
-                await self._fw_task
+        await self._fw.idle()
         await self.store.close()
         await self.links.close()
 
@@ -180,33 +171,9 @@ class Service:
         return FirewallPlan(networks=networks, forwards=tuple(forwards))
 
     async def sync_firewall(self) -> None:
-        if not self.settings.firewall:
-            return
-        self._fw_wanted += 1
-        gen = self._fw_wanted
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._fw_waiters.setdefault(gen, []).append(fut)
-        if self._fw_task is None or self._fw_task.done():
-            self._fw_task = asyncio.create_task(self._firewall_loop())
-        await asyncio.shield(fut)
-
-    async def _firewall_loop(self) -> None:
-        while self._fw_done < self._fw_wanted:
-            gen = self._fw_wanted
-            error: BaseException | None = None
-            try:
-                await self.firewall.apply(self.firewall_plan())
-            except Exception as exc:  # noqa: BLE001 - handed to every waiter below
-                error = exc
-            self._fw_done = gen
-            for g in [g for g in self._fw_waiters if g <= gen]:
-                for fut in self._fw_waiters.pop(g):
-                    if fut.done():
-                        continue
-                    if error is None:
-                        fut.set_result(None)
-                    else:
-                        fut.set_exception(error)
+        """Make the firewall match the current state; returns once an apply covering it ran."""
+        if self.settings.firewall:
+            await self._fw.sync()
 
     # === NetworkDriver ==========================================================================
     async def create_network(
@@ -462,7 +429,11 @@ class Service:
             ep = self._endpoint(endpoint_id)
             if net.options.internal or ep.address is None:
                 return
-            resolved = await self._resolve_ports(net, ep, bindings)
+            taken = [
+                b for other in self.endpoints.values() if other.endpoint_id != endpoint_id
+                for b in other.port_bindings
+            ]
+            resolved = await resolve_ports(bindings, taken, net.options.host_binding_ipv4)
             if resolved == ep.port_bindings:
                 return  # nothing to publish (the usual case), or a repeated call
             programmed = replace(ep, port_bindings=resolved)
@@ -492,56 +463,6 @@ class Service:
             await self.store.commit([st.PutEndpoint(revoked)])
             self.endpoints[endpoint_id] = revoked
             await self.sync_firewall()
-
-    async def _resolve_ports(
-        self, net: Network, ep: Endpoint, bindings: Sequence[PortBinding]
-    ) -> tuple[PortBinding, ...]:
-        """Pick concrete host ports: ranges and 0 become one free port, as Docker does."""
-        taken = {
-            (b.proto, b.host_ip, b.host_port)
-            for other in self.endpoints.values() if other.endpoint_id != ep.endpoint_id
-            for b in other.port_bindings
-        }
-        out: list[PortBinding] = []
-
-        def clash(proto: Proto, ip: IPAddress | None, port: int) -> bool:
-            return any(
-                p == proto and hp == port and (i is None or ip is None or i == ip)
-                for p, i, hp in taken
-            )
-
-        for b in bindings:
-            host_ip = b.host_ip
-            if (host_ip is None or host_ip.is_unspecified) and b.host_ip is None:
-                host_ip = net.options.host_binding_ipv4
-            if host_ip is not None and host_ip.is_unspecified:
-                host_ip = None
-            if b.host_port == 0:
-                candidates: Iterable[int] = range(EPHEMERAL_PORTS[0], EPHEMERAL_PORTS[1] + 1)
-            else:
-                candidates = range(b.host_port, max(b.host_port, b.host_port_end) + 1)
-            chosen = None
-            for port in candidates:
-                if clash(b.proto, host_ip, port):
-                    continue
-                if not await _port_free(b.proto, host_ip, port):
-                    continue
-                chosen = port
-                break
-            if chosen is None:
-                want = f"{b.host_port}" if b.host_port_end in (0, b.host_port) else \
-                    f"{b.host_port}-{b.host_port_end}"
-                raise Conflict(
-                    f"host port {want}/{b.proto.name.lower()} on {host_ip or 'all addresses'} "
-                    "is already allocated"
-                )
-            resolved = PortBinding(
-                proto=b.proto, port=b.port, host_port=chosen, host_port_end=chosen,
-                host_ip=host_ip,
-            )
-            taken.add((b.proto, host_ip, chosen))
-            out.append(resolved)
-        return tuple(out)
 
     # === IpamDriver =============================================================================
     async def request_pool(
@@ -640,24 +561,3 @@ class Service:
         return {n.bridge for n in self.networks.values()} | {
             name for e in self.endpoints.values() for name in (e.host_ifname, e.container_ifname)
         }
-
-
-async def _port_free(proto: Proto, host_ip: IPAddress | None, port: int) -> bool:
-    """Whether a local socket could bind the port (DNAT would shadow a local listener)."""
-    if proto is Proto.SCTP:
-        return True
-    kind = socket.SOCK_STREAM if proto is Proto.TCP else socket.SOCK_DGRAM
-    family = socket.AF_INET6 if host_ip is not None and host_ip.version == 6 else socket.AF_INET
-    addr = str(host_ip) if host_ip is not None else ("::" if family == socket.AF_INET6 else "")
-    with socket.socket(family, kind) as sock:
-        try:
-            sock.bind((addr, port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return False
-            if exc.errno == errno.EADDRNOTAVAIL:
-                raise InvalidRequest(
-                    f"host IP {host_ip} for a published port is not an address of this host"
-                ) from None
-            raise
-    return True

@@ -1,0 +1,81 @@
+"""Published ports: turn the engine's port map into concrete host ports.
+
+Ranges and port 0 become one free port, as Docker does; "free" means no other endpoint of ours
+publishes it and no local socket holds it (our DNAT would shadow a local listener). Domain
+logic with one kind of I/O: a non-blocking bind() probe.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Iterable, Sequence
+
+from .errors import Conflict, InvalidRequest
+from .model import IPAddress, PortBinding, Proto
+
+EPHEMERAL_PORTS = (49153, 60999)
+
+
+def _clash(taken: Iterable[PortBinding], proto: Proto, ip: IPAddress | None, port: int) -> bool:
+    return any(
+        b.proto == proto and b.host_port == port
+        and (b.host_ip is None or ip is None or b.host_ip == ip)
+        for b in taken
+    )
+
+
+async def resolve_ports(
+    bindings: Sequence[PortBinding],
+    taken: Sequence[PortBinding],
+    default_host_ip: IPAddress | None,
+) -> tuple[PortBinding, ...]:
+    """Concrete bindings for ``bindings``, avoiding ``taken`` (other endpoints' bindings)."""
+    used = list(taken)
+    out: list[PortBinding] = []
+    for b in bindings:
+        host_ip = b.host_ip if b.host_ip is not None else default_host_ip
+        if host_ip is not None and host_ip.is_unspecified:
+            host_ip = None
+        if b.host_port == 0:
+            candidates: Iterable[int] = range(EPHEMERAL_PORTS[0], EPHEMERAL_PORTS[1] + 1)
+        else:
+            candidates = range(b.host_port, max(b.host_port, b.host_port_end) + 1)
+        chosen = next(
+            (p for p in candidates
+             if not _clash(used, b.proto, host_ip, p) and port_free(b.proto, host_ip, p)),
+            None,
+        )
+        if chosen is None:
+            want = f"{b.host_port}" if b.host_port_end in (0, b.host_port) else \
+                f"{b.host_port}-{b.host_port_end}"
+            raise Conflict(
+                f"host port {want}/{b.proto.name.lower()} on {host_ip or 'all addresses'} "
+                "is already allocated"
+            )
+        resolved = PortBinding(proto=b.proto, port=b.port, host_port=chosen,
+                               host_port_end=chosen, host_ip=host_ip)
+        used.append(resolved)
+        out.append(resolved)
+    return tuple(out)
+
+
+def port_free(proto: Proto, host_ip: IPAddress | None, port: int) -> bool:
+    """Whether a local socket could bind the port. bind() never blocks."""
+    if proto is Proto.SCTP:
+        return True
+    kind = socket.SOCK_STREAM if proto is Proto.TCP else socket.SOCK_DGRAM
+    family = socket.AF_INET6 if host_ip is not None and host_ip.version == 6 else socket.AF_INET
+    addr = str(host_ip) if host_ip is not None else ("::" if family == socket.AF_INET6 else "")
+    with socket.socket(family, kind) as sock:
+        try:
+            sock.bind((addr, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise InvalidRequest(
+                    f"host IP {host_ip} for a published port is not an address of this host"
+                ) from None
+            raise
+    return True
