@@ -6,7 +6,9 @@ import json
 import secrets
 import subprocess
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from pouch_driver.kernel.links import NetlinkLinks
 from pouch_driver.naming import Names
 
 from ..conftest import is_root
+from ..plugin_process import PluginProcess
 
 NETNS_PREFIX = "pdk-"
 
@@ -71,8 +74,8 @@ def _need_root() -> None:
     _remove_stale_namespaces()
 
 
-@pytest.fixture
-def netns() -> Iterator[Netns]:
+@contextmanager
+def new_netns() -> Iterator[Netns]:
     name = NETNS_PREFIX + secrets.token_hex(4)
     _run("ip", "netns", "add", name)
     _run("ip", "-n", name, "link", "set", "lo", "up")
@@ -80,6 +83,12 @@ def netns() -> Iterator[Netns]:
         yield Netns(name)
     finally:
         _run("ip", "netns", "del", name, check=False)
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    with new_netns() as ns:
+        yield ns
 
 
 @pytest.fixture
@@ -97,3 +106,13 @@ def names() -> Names:
 @pytest.fixture
 def firewall(netns: Netns, names: Names) -> IptablesFirewall:
     return IptablesFirewall(names, netns=netns.name)
+
+
+@pytest.fixture
+def plugin(netns: Netns, short_tmp: Path) -> Iterator[PluginProcess]:
+    """The real daemon as its own process in the test's namespace, prefix ``pk``."""
+    p = PluginProcess(socket_path=short_tmp / "pd.sock", state_dir=short_tmp / "state",
+                      netns=netns.name, prefix="pk")
+    p.start()
+    yield p
+    p.stop()

@@ -12,8 +12,6 @@ import ipaddress
 import random
 import signal
 import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -27,15 +25,6 @@ NID = hashlib.sha256(b"net").hexdigest()
 
 def eid(i: int) -> str:
     return hashlib.sha256(f"ep{i}".encode()).hexdigest()
-
-
-@pytest.fixture
-def plugin(netns: Netns, short_tmp: Path) -> Iterator[PluginProcess]:
-    p = PluginProcess(socket_path=short_tmp / "pd.sock", state_dir=short_tmp / "state",
-                      netns=netns.name, prefix="pk")
-    p.start()
-    yield p
-    p.stop()
 
 
 async def make_network(c: EngineClient) -> None:
@@ -96,6 +85,11 @@ async def test_kill_9_then_restart_keeps_everything(plugin: PluginProcess, netns
         assert fresh not in addrs
         assert len(veths(netns)) == 12
         await c.call("NetworkDriver.DeleteEndpoint", {"NetworkID": NID, "EndpointID": eid(0)})
+        # The veth is deleted just after the answer (off the request path): wait for it.
+        for _ in range(100):
+            if len(veths(netns)) == 10:
+                break
+            await asyncio.sleep(0.05)
         assert len(veths(netns)) == 10
     bridge = netns.link("pkb" + NID[:12])
     assert bridge is not None and "10.66.0.1/16" in netns.addresses("pkb" + NID[:12])

@@ -5,23 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from ..plugin_process import EngineClient, PluginProcess
 from .conftest import Netns
 from .test_durability import NID, eid, make_network, start_endpoint
-
-
-@pytest.fixture
-def plugin(netns: Netns, short_tmp: Path) -> Iterator[PluginProcess]:
-    p = PluginProcess(socket_path=short_tmp / "pd.sock", state_dir=short_tmp / "state",
-                      netns=netns.name, prefix="pk")
-    p.start()
-    yield p
-    p.stop()
 
 
 def cli(plugin: PluginProcess, *args: str) -> subprocess.CompletedProcess[str]:
