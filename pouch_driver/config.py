@@ -27,7 +27,7 @@ def parse_pools(text: str, *, v6: bool) -> tuple[PoolCandidate, ...]:
     for item in (p.strip() for p in text.split(",")):
         if not item:
             continue
-        m = _POOL_RE.match(item)
+        m = _POOL_RE.fullmatch(item)
         if not m:
             raise ValueError(f"pool {item!r} is not CIDR:SIZE (e.g. 10.200.0.0/13:24)")
         base = ipaddress.ip_network(m["base"], strict=True)
@@ -76,8 +76,9 @@ class Settings:
     metrics: str = ""
     #: Largest request body accepted, in bytes.
     max_body: int = 1 << 20
-    #: Threads doing netlink work, so slow kernel calls never stall the event loop.
-    netlink_workers: int = 4
+    #: Threads doing netlink work, so slow kernel calls never stall the event loop. More
+    #: threads than spare cores only compete with the loop for the GIL.
+    netlink_workers: int = field(default_factory=lambda: max(1, min(4, (os.cpu_count() or 2) - 1)))
     #: Apply firewall rules (iptables); off only for tests that check links alone.
     firewall: bool = True
 

@@ -25,13 +25,13 @@ _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 def validate_prefix(prefix: str) -> str:
     """The instance prefix marks every object we create; 1-3 lowercase letters."""
-    if not _PREFIX_RE.match(prefix):
+    if not _PREFIX_RE.fullmatch(prefix):
         raise ValueError(f"prefix {prefix!r} must be 1-3 lowercase letters")
     return prefix
 
 
 def validate_id(value: str, field_name: str) -> str:
-    if not _ID_RE.match(value):
+    if not _ID_RE.fullmatch(value):
         raise InvalidRequest(
             f"{field_name} must be 12-64 lowercase letters or digits, got {value!r}"
         )
@@ -39,7 +39,7 @@ def validate_id(value: str, field_name: str) -> str:
 
 
 def validate_user_ifname(value: str, option: str) -> str:
-    if not _USER_IFNAME_RE.match(value) or len(value.encode()) > IFNAMSIZ:
+    if not _USER_IFNAME_RE.fullmatch(value) or len(value.encode()) > IFNAMSIZ:
         raise InvalidOption(
             f"option {option}: {value!r} is not a valid interface name "
             "(1-15 characters from A-Z a-z 0-9 _ . -, not starting with . - or _)"
@@ -49,7 +49,7 @@ def validate_user_ifname(value: str, option: str) -> str:
 
 def normalize_mac(value: str, field_name: str) -> str:
     mac = value.strip().lower().replace("-", ":")
-    if not _MAC_RE.match(mac):
+    if not _MAC_RE.fullmatch(mac):
         raise InvalidRequest(f"{field_name}: {value!r} is not a MAC address like 02:42:ac:11:00:02")
     if int(mac[:2], 16) & 1:
         raise InvalidRequest(f"{field_name}: {value!r} is a multicast MAC address")
@@ -90,7 +90,7 @@ class Names:
 
     def owned_kind(self, ifname: str) -> str | None:
         """``"bridge"``, ``"host"`` or ``"container"`` if the name is one we generate."""
-        m = self._owned_re.match(ifname)
+        m = self._owned_re.fullmatch(ifname)
         if not m:
             return None
         return {"b": "bridge", "h": "host", "c": "container"}[m.group(1)]

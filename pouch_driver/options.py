@@ -55,10 +55,9 @@ def parse_network_options(
         validate_user_ifname(bridge_name, OPT_BRIDGE_NAME)
     mtu: int | None = None
     if (raw_mtu := generic.get(OPT_MTU)) is not None:
-        try:
-            mtu = int(raw_mtu, 10)
-        except ValueError:
-            raise InvalidOption(f"option {OPT_MTU}: {raw_mtu!r} is not a number") from None
+        if not raw_mtu.isascii() or not raw_mtu.isdigit() or len(raw_mtu) > 5:
+            raise InvalidOption(f"option {OPT_MTU}: {raw_mtu!r} is not a number")
+        mtu = int(raw_mtu, 10)
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise InvalidOption(f"option {OPT_MTU}: {mtu} is outside {MIN_MTU}-{MAX_MTU}")
     host_ip: ipaddress.IPv4Address | None = None

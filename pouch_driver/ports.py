@@ -7,6 +7,7 @@ logic with one kind of I/O: a non-blocking bind() probe.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 from collections.abc import Iterable, Sequence
@@ -17,12 +18,12 @@ from .model import IPAddress, PortBinding, Proto
 EPHEMERAL_PORTS = (49153, 60999)
 
 
-def _clash(taken: Iterable[PortBinding], proto: Proto, ip: IPAddress | None, port: int) -> bool:
-    return any(
-        b.proto == proto and b.host_port == port
-        and (b.host_ip is None or ip is None or b.host_ip == ip)
-        for b in taken
-    )
+PROBES_PER_YIELD = 256  # `docker run -P` with hundreds of ports must not hold the loop
+
+
+def _clash(used: dict[tuple[Proto, int], list[IPAddress | None]], proto: Proto,
+           ip: IPAddress | None, port: int) -> bool:
+    return any(i is None or ip is None or i == ip for i in used.get((proto, port), ()))
 
 
 async def resolve_ports(
@@ -31,8 +32,11 @@ async def resolve_ports(
     default_host_ip: IPAddress | None,
 ) -> tuple[PortBinding, ...]:
     """Concrete bindings for ``bindings``, avoiding ``taken`` (other endpoints' bindings)."""
-    used = list(taken)
+    used: dict[tuple[Proto, int], list[IPAddress | None]] = {}
+    for t in taken:
+        used.setdefault((t.proto, t.host_port), []).append(t.host_ip)
     out: list[PortBinding] = []
+    probes = 0
     for b in bindings:
         host_ip = b.host_ip if b.host_ip is not None else default_host_ip
         if host_ip is not None and host_ip.is_unspecified:
@@ -41,11 +45,14 @@ async def resolve_ports(
             candidates: Iterable[int] = range(EPHEMERAL_PORTS[0], EPHEMERAL_PORTS[1] + 1)
         else:
             candidates = range(b.host_port, max(b.host_port, b.host_port_end) + 1)
-        chosen = next(
-            (p for p in candidates
-             if not _clash(used, b.proto, host_ip, p) and port_free(b.proto, host_ip, p)),
-            None,
-        )
+        chosen = None
+        for p in candidates:
+            probes += 1
+            if probes % PROBES_PER_YIELD == 0:
+                await asyncio.sleep(0)
+            if not _clash(used, b.proto, host_ip, p) and port_free(b.proto, host_ip, p):
+                chosen = p
+                break
         if chosen is None:
             want = f"{b.host_port}" if b.host_port_end in (0, b.host_port) else \
                 f"{b.host_port}-{b.host_port_end}"
@@ -55,7 +62,7 @@ async def resolve_ports(
             )
         resolved = PortBinding(proto=b.proto, port=b.port, host_port=chosen,
                                host_port_end=chosen, host_ip=host_ip)
-        used.append(resolved)
+        used.setdefault((b.proto, chosen), []).append(host_ip)
         out.append(resolved)
     return tuple(out)
 
@@ -73,9 +80,11 @@ def port_free(proto: Proto, host_ip: IPAddress | None, port: int) -> bool:
         except OSError as exc:
             if exc.errno in (errno.EADDRINUSE, errno.EACCES):
                 return False
-            if exc.errno == errno.EADDRNOTAVAIL:
+            if isinstance(exc, socket.gaierror) or exc.errno in (errno.EADDRNOTAVAIL,
+                                                                 errno.EINVAL):
                 raise InvalidRequest(
-                    f"host IP {host_ip} for a published port is not an address of this host"
+                    f"host IP {host_ip} for a published port is not a usable address of this "
+                    "host"
                 ) from None
             raise
     return True

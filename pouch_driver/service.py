@@ -48,6 +48,15 @@ def short(value: str) -> str:
     return value[:12]
 
 
+def _net(network_id: str) -> str:
+    # Lock keys are namespaced: an EndpointID equal to a NetworkID must not wait on itself.
+    return f"net/{network_id}"
+
+
+def _ep(endpoint_id: str) -> str:
+    return f"ep/{endpoint_id}"
+
+
 class Service:
     def __init__(
         self, settings: Settings, store: st.Store, links: Links, firewall: Firewall
@@ -63,6 +72,7 @@ class Service:
         self._locks = KeyedLocks()
         self._fw = Coalescer(lambda: self.firewall.apply(self.firewall_plan()))
         self._doomed: dict[str, asyncio.Task[None]] = {}
+        self._ports_lock = asyncio.Lock()
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -118,14 +128,37 @@ class Service:
             raise NotFound(f"network {short(network_id)} is unknown to pouch-driver")
         return net
 
-    def _endpoint(self, endpoint_id: str) -> Endpoint:
-        ep = self.endpoints.get(endpoint_id)
-        if ep is None:
-            raise NotFound(f"endpoint {short(endpoint_id)} is unknown to pouch-driver")
-        return ep
-
     def endpoints_of(self, network_id: str) -> list[Endpoint]:
         return [e for e in self.endpoints.values() if e.network_id == network_id]
+
+    async def _durably(
+        self,
+        ops: Sequence[st.Op],
+        *,
+        undo: Callable[[], object] | None = None,
+        after: Callable[[], object] | None = None,
+    ) -> None:
+        """Commit ``ops``, then ``after()`` (memory follows the store); on failure ``undo()``.
+
+        The unit runs to its end even when the request is cancelled (its deadline): a commit
+        that landed while memory was rolled back would leave the two disagreeing, and a
+        restart would then resurrect or release what the engine was told otherwise.
+        """
+
+        async def unit() -> None:
+            try:
+                await self.store.commit(ops)
+            except BaseException:
+                if undo is not None:
+                    undo()
+                raise
+            if after is not None:
+                after()
+
+        task = asyncio.ensure_future(unit())
+        # Retrieve the result even if nobody awaits it any more (a cancelled request).
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        await asyncio.shield(task)
 
     async def _compensate(self, *steps: Callable[[], Awaitable[object]]) -> None:
         """Undo steps after a failure; their own failures are logged, never masking the cause."""
@@ -183,7 +216,7 @@ class Service:
         ipv4: Sequence[IPAMData],
         ipv6: Sequence[IPAMData],
     ) -> None:
-        async with self._locks.exclusive(network_id):
+        async with self._locks.exclusive(_net(network_id)):
             bridge = options.bridge_name or self.names.bridge(network_id)
             if options.enable_ipv6 is False and ipv6:
                 options = replace(options, enable_ipv6=True)
@@ -224,11 +257,8 @@ class Service:
                 ipv4=tuple(ipv4), ipv6=tuple(ipv6),
             )
             self.networks[network_id] = net
-            try:
-                await self.store.commit([st.PutNetwork(net)])
-            except BaseException:
-                del self.networks[network_id]
-                raise
+            await self._durably([st.PutNetwork(net)],
+                                undo=lambda: self.networks.pop(network_id, None))
             try:
                 await self.links.ensure_bridge(self.bridge_spec(net))
                 await self.sync_firewall()
@@ -242,8 +272,8 @@ class Service:
 
     async def _undo_network(self, net: Network) -> None:
         async def forget() -> None:
-            self.networks.pop(net.network_id, None)
-            await self.store.commit([st.DeleteNetwork(net.network_id)])
+            await self._durably([st.DeleteNetwork(net.network_id)],
+                                after=lambda: self.networks.pop(net.network_id, None))
 
         async def unbridge() -> None:
             if net.bridge_owned:
@@ -254,17 +284,20 @@ class Service:
         await self._compensate(forget, unbridge, self.sync_firewall)
 
     async def delete_network(self, network_id: str) -> None:
-        async with self._locks.exclusive(network_id):
+        async with self._locks.exclusive(_net(network_id)):
             net = self.networks.get(network_id)
             if net is None:
                 return  # deletes of unknown IDs succeed (PROTOCOL.md 8.5)
             leftovers = self.endpoints_of(network_id)
             ops: list[st.Op] = [st.DeleteEndpoint(e.endpoint_id) for e in leftovers]
             ops.append(st.DeleteNetwork(network_id))
-            await self.store.commit(ops)
-            del self.networks[network_id]
-            for e in leftovers:
-                self.endpoints.pop(e.endpoint_id, None)
+
+            def forget() -> None:
+                self.networks.pop(network_id, None)
+                for e in leftovers:
+                    self.endpoints.pop(e.endpoint_id, None)
+
+            await self._durably(ops, after=forget)
             # The record is gone first: a crash from here on leaves only prefixed orphans,
             # which start-up removes.
             for e in leftovers:
@@ -285,7 +318,7 @@ class Service:
         mac: str | None,
     ) -> str | None:
         """Returns the MAC we chose, or None when the engine set one (never echo it)."""
-        async with self._locks.shared(network_id), self._locks.exclusive(endpoint_id):
+        async with self._locks.shared(_net(network_id)), self._locks.exclusive(_ep(endpoint_id)):
             net = self._network(network_id)
             self._check_address(net, address, "Interface.Address")
             self._check_address(net, address_v6, "Interface.AddressIPv6")
@@ -306,10 +339,10 @@ class Service:
                     )
                 await self.links.ensure_veth(self.veth_spec(existing, net))
                 return None if mac else chosen
-            on_net = self.endpoints_of(network_id)
             # Veths still waiting for their deferred delete hold bridge ports too.
-            if len(on_net) + len(self._doomed) >= MAX_BRIDGE_PORTS - 1:
+            if len(self.endpoints_of(network_id)) + len(self._doomed) >= MAX_BRIDGE_PORTS - 1:
                 await self.drain()
+            on_net = self.endpoints_of(network_id)  # after the await: others may have come
             if len(on_net) >= MAX_BRIDGE_PORTS - 1:
                 raise Exhausted(
                     f"network {short(network_id)} has {len(on_net)} endpoints: bridge {net.bridge} "
@@ -329,11 +362,8 @@ class Service:
                         f"{short(other.endpoint_id)} on interface name {ep.host_ifname}"
                     )
             self.endpoints[endpoint_id] = ep
-            try:
-                await self.store.commit([st.PutEndpoint(ep)])
-            except BaseException:
-                del self.endpoints[endpoint_id]
-                raise
+            await self._durably([st.PutEndpoint(ep)],
+                                undo=lambda: self.endpoints.pop(endpoint_id, None))
             try:
                 await self._not_doomed(ep.host_ifname)
                 await self.links.ensure_veth(self.veth_spec(ep, net))
@@ -359,18 +389,18 @@ class Service:
 
     async def _undo_endpoint(self, ep: Endpoint) -> None:
         async def forget() -> None:
-            self.endpoints.pop(ep.endpoint_id, None)
-            await self.store.commit([st.DeleteEndpoint(ep.endpoint_id)])
+            await self._durably([st.DeleteEndpoint(ep.endpoint_id)],
+                                after=lambda: self.endpoints.pop(ep.endpoint_id, None))
 
         await self._compensate(forget, lambda: self.links.ensure_link_absent(ep.host_ifname))
 
     async def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
-        async with self._locks.shared(network_id), self._locks.exclusive(endpoint_id):
-            ep = self.endpoints.get(endpoint_id)
+        async with self._locks.shared(_net(network_id)), self._locks.exclusive(_ep(endpoint_id)):
+            ep = self._endpoint_on(network_id, endpoint_id)
             if ep is None:
                 return
-            await self.store.commit([st.DeleteEndpoint(endpoint_id)])
-            del self.endpoints[endpoint_id]
+            await self._durably([st.DeleteEndpoint(endpoint_id)],
+                                after=lambda: self.endpoints.pop(endpoint_id, None))
             if ep.port_bindings:
                 await self.sync_firewall()
             # The veth is deleted off the request path: the kernel takes ~16 ms (RTNL and RCU
@@ -378,6 +408,22 @@ class Service:
             # before the delete leaves a prefixed orphan that start-up removes.
             self.delete_link_later(ep.host_ifname)
             log.info("deleted endpoint %s", short(endpoint_id))
+
+    def _endpoint_on(self, network_id: str, endpoint_id: str) -> Endpoint | None:
+        """The endpoint, None if unknown; an error if the engine names another network."""
+        ep = self.endpoints.get(endpoint_id)
+        if ep is not None and ep.network_id != network_id:
+            raise InvalidRequest(
+                f"endpoint {short(endpoint_id)} belongs to network {short(ep.network_id)}, "
+                f"not {short(network_id)}"
+            )
+        return ep
+
+    async def _put_endpoint(self, ep: Endpoint) -> None:
+        def remember() -> None:
+            self.endpoints[ep.endpoint_id] = ep
+
+        await self._durably([st.PutEndpoint(ep)], after=remember)
 
     def endpoint_info(self, network_id: str, endpoint_id: str) -> dict[str, str]:
         """Informational only; an error here would fail ``docker run`` on 20.10-27.x."""
@@ -388,17 +434,13 @@ class Service:
         return {"bridge": net.bridge, "veth": ep.host_ifname, "mac": ep.mac}
 
     async def join(self, network_id: str, endpoint_id: str, sandbox_key: str) -> JoinInfo:
-        async with self._locks.shared(network_id), self._locks.exclusive(endpoint_id):
+        async with self._locks.shared(_net(network_id)), self._locks.exclusive(_ep(endpoint_id)):
             net = self._network(network_id)
-            ep = self._endpoint(endpoint_id)
-            if ep.network_id != network_id:
-                raise InvalidRequest(
-                    f"endpoint {short(endpoint_id)} belongs to network {short(ep.network_id)}"
-                )
+            ep = self._endpoint_on(network_id, endpoint_id)
+            if ep is None:
+                raise NotFound(f"endpoint {short(endpoint_id)} is unknown to pouch-driver")
             if ep.sandbox_key != sandbox_key:
-                joined = replace(ep, sandbox_key=sandbox_key)
-                await self.store.commit([st.PutEndpoint(joined)])
-                self.endpoints[endpoint_id] = joined
+                await self._put_endpoint(replace(ep, sandbox_key=sandbox_key))
             gw4 = next((d.gateway.ip for d in net.ipv4 if d.gateway), None)
             gw6 = next((d.gateway.ip for d in net.ipv6 if d.gateway), None)
             internal = net.options.internal
@@ -413,39 +455,37 @@ class Service:
             )
 
     async def leave(self, network_id: str, endpoint_id: str) -> None:
-        async with self._locks.shared(network_id), self._locks.exclusive(endpoint_id):
-            ep = self.endpoints.get(endpoint_id)
+        async with self._locks.shared(_net(network_id)), self._locks.exclusive(_ep(endpoint_id)):
+            ep = self._endpoint_on(network_id, endpoint_id)
             if ep is None or ep.sandbox_key is None:
                 return
-            left = replace(ep, sandbox_key=None)
-            await self.store.commit([st.PutEndpoint(left)])
-            self.endpoints[endpoint_id] = left
+            await self._put_endpoint(replace(ep, sandbox_key=None))
 
     async def program_external_connectivity(
         self, network_id: str, endpoint_id: str, bindings: Sequence[PortBinding]
     ) -> None:
-        async with self._locks.shared(network_id), self._locks.exclusive(endpoint_id):
+        async with self._locks.shared(_net(network_id)), self._locks.exclusive(_ep(endpoint_id)):
             net = self._network(network_id)
-            ep = self._endpoint(endpoint_id)
+            ep = self._endpoint_on(network_id, endpoint_id)
+            if ep is None:
+                raise NotFound(f"endpoint {short(endpoint_id)} is unknown to pouch-driver")
             if net.options.internal or ep.address is None:
                 return
-            taken = [
-                b for other in self.endpoints.values() if other.endpoint_id != endpoint_id
-                for b in other.port_bindings
-            ]
-            resolved = await resolve_ports(bindings, taken, net.options.host_binding_ipv4)
-            if resolved == ep.port_bindings:
-                return  # nothing to publish (the usual case), or a repeated call
-            programmed = replace(ep, port_bindings=resolved)
-            await self.store.commit([st.PutEndpoint(programmed)])
-            self.endpoints[endpoint_id] = programmed
+            # One endpoint at a time picks host ports: resolving yields to the loop, and two
+            # endpoints must not both take the same free port.
+            async with self._ports_lock:
+                taken = [
+                    b for other in self.endpoints.values() if other.endpoint_id != endpoint_id
+                    for b in other.port_bindings
+                ]
+                resolved = await resolve_ports(bindings, taken, net.options.host_binding_ipv4)
+                if resolved == ep.port_bindings:
+                    return  # nothing to publish (the usual case), or a repeated call
+                await self._put_endpoint(replace(ep, port_bindings=resolved))
             try:
                 await self.sync_firewall()
             except BaseException:
-                async def revert() -> None:
-                    await self.store.commit([st.PutEndpoint(ep)])
-                    self.endpoints[endpoint_id] = ep
-                await self._compensate(revert, self.sync_firewall)
+                await self._compensate(lambda: self._put_endpoint(ep), self.sync_firewall)
                 raise
             log.info(
                 "published %s for endpoint %s", ", ".join(
@@ -455,13 +495,11 @@ class Service:
             )
 
     async def revoke_external_connectivity(self, network_id: str, endpoint_id: str) -> None:
-        async with self._locks.shared(network_id), self._locks.exclusive(endpoint_id):
-            ep = self.endpoints.get(endpoint_id)
+        async with self._locks.shared(_net(network_id)), self._locks.exclusive(_ep(endpoint_id)):
+            ep = self._endpoint_on(network_id, endpoint_id)
             if ep is None or not ep.port_bindings:
                 return
-            revoked = replace(ep, port_bindings=())
-            await self.store.commit([st.PutEndpoint(revoked)])
-            self.endpoints[endpoint_id] = revoked
+            await self._put_endpoint(replace(ep, port_bindings=()))
             await self.sync_firewall()
 
     # === IpamDriver =============================================================================
@@ -472,11 +510,7 @@ class Service:
         routes = await self.links.host_routes() if pool is None else []
         new = self.ipam.request_pool(address_space or LOCAL_ADDRESS_SPACE, pool, sub_pool, v6,
                                      routes)
-        try:
-            await self.store.commit([st.PutPool(new)])
-        except BaseException:
-            self.ipam.release_pool(new.pool_id)
-            raise
+        await self._durably([st.PutPool(new)], undo=lambda: self.ipam.release_pool(new.pool_id))
         log.info("reserved pool %s (%s)", new.pool_id, new.network)
         return new
 
@@ -484,19 +518,16 @@ class Service:
         state = self.ipam.pools.get(pool_id)
         if state is None:
             return
-        await self.store.commit([st.DeletePool(pool_id)])
-        self.ipam.release_pool(pool_id)
+        await self._durably([st.DeletePool(pool_id)],
+                            after=lambda: self.ipam.release_pool(pool_id))
         log.info("released pool %s", pool_id)
 
     async def request_address(
         self, pool_id: str, address: IPAddress | None, gateway: bool
     ) -> IPInterface:
         grant = self.ipam.request_address(pool_id, address, gateway)
-        try:
-            await self.store.commit([self._put_address(grant)])
-        except BaseException:
-            self.ipam.release_address(pool_id, grant.address.ip)
-            raise
+        await self._durably([self._put_address(grant)],
+                            undo=lambda: self.ipam.release_address(pool_id, grant.address.ip))
         return grant.address
 
     @staticmethod
@@ -510,10 +541,10 @@ class Service:
         state = self.ipam.pools.get(pool_id)
         if state is None or int(address) not in state.allocated:
             return
-        await self.store.commit(
-            [st.DeleteAddress(pool_id=pool_id, address=int(address), version=address.version)]
+        await self._durably(
+            [st.DeleteAddress(pool_id=pool_id, address=int(address), version=address.version)],
+            after=lambda: self.ipam.release_address(pool_id, address),
         )
-        self.ipam.release_address(pool_id, address)
 
     @staticmethod
     def address_spaces() -> tuple[str, str]:
@@ -533,12 +564,15 @@ class Service:
                 if state is not None and int(addr.ip) in state.allocated:
                     ops.append(st.DeleteAddress(state.pool.pool_id, int(addr.ip), addr.version))
                     released.append((state.pool.pool_id, addr.ip))
-        await self.store.commit(ops)
+        def forget() -> None:
+            for ep in dead:
+                self.endpoints.pop(ep.endpoint_id, None)
+            for pool_id, ip in released:
+                self.ipam.release_address(pool_id, ip)
+
+        await self._durably(ops, after=forget)
         for ep in dead:
-            self.endpoints.pop(ep.endpoint_id, None)
             self.delete_link_later(ep.host_ifname)
-        for pool_id, ip in released:
-            self.ipam.release_address(pool_id, ip)
         if any(ep.port_bindings for ep in dead):
             await self.sync_firewall()
         return [
@@ -549,12 +583,12 @@ class Service:
 
     def guard_network(self, network_id: str) -> AbstractAsyncContextManager[None]:
         """Hold off network create/delete while looking at (or repairing) this network."""
-        return self._locks.shared(network_id)
+        return self._locks.shared(_net(network_id))
 
     @asynccontextmanager
     async def guard_endpoint(self, network_id: str, endpoint_id: str) -> AsyncIterator[None]:
         """Hold off every call on this endpoint (its record precedes its veth mid-create)."""
-        async with self._locks.shared(network_id), self._locks.exclusive(endpoint_id):
+        async with self._locks.shared(_net(network_id)), self._locks.exclusive(_ep(endpoint_id)):
             yield
 
     def known_links(self) -> set[str]:

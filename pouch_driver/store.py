@@ -425,7 +425,7 @@ class Store:
                 try:
                     for op in p.ops:
                         _apply(db, op)
-                except sqlite3.Error as exc:
+                except Exception as exc:  # noqa: BLE001 - fails this request only
                     db.execute(f"ROLLBACK TO s{i}")
                     p.error = exc
                 db.execute(f"RELEASE s{i}")

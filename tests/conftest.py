@@ -67,3 +67,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.outcome = "failed"
         report.longrepr = f"skipped under POUCH_DRIVER_TEST_STRICT=1: {report.longrepr}"
     return report
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark by directory (a pytestmark in a conftest marks nothing): -m root / -m docker."""
+    for item in items:
+        parts = item.path.parts
+        if "kernel" in parts:
+            item.add_marker(pytest.mark.root)
+        elif "e2e" in parts:
+            item.add_marker(pytest.mark.docker)

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import json
 import logging
-import secrets
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from marshmallow import ValidationError
+from marshmallow import Schema, ValidationError
 
 from .. import logs
 from ..config import Settings
@@ -37,9 +39,18 @@ SETTINGS = web.AppKey("settings", Settings)
 SERVICE = web.AppKey("service", Service)
 
 _ID_FIELDS = ("NetworkID", "EndpointID", "PoolID")
+# Request IDs: process ID and a counter (os.urandom per request showed up in loop stalls).
+_PID = os.getpid()
+_REQUEST_IDS = itertools.count(1)
 IDS = web.RequestKey("ids", str)
 Observer = Callable[[str, float, int], None]
 OBSERVERS = web.AppKey("observers", list[Observer])
+
+
+@functools.cache
+def _schema(cls: type[Schema]) -> Schema:
+    """One instance per schema: building one costs ~0.1 ms, and they hold no request state."""
+    return cls()
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -78,21 +89,21 @@ async def dispatch(request: web.Request) -> web.Response:
         request[IDS] = ids
         log.debug("%s %s payload=%s", method, ids, raw[:2000].decode(errors="replace"))
         try:
-            body = call.request().load(payload)
+            body = _schema(call.request).load(payload)
         except ValidationError as exc:
             raise InvalidRequest("; ".join(flatten_errors(exc.messages))) from None
         except RecursionError:
             raise InvalidRequest("the request is nested too deeply") from None
     svc = request.app[SERVICE]
     result = await call.handler(svc, body)
-    return web.json_response(call.response().dump(result))
+    return web.json_response(_schema(call.response).dump(result))
 
 
 @web.middleware
 async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    rid = secrets.token_hex(4)
+    rid = f"{_PID:x}-{next(_REQUEST_IDS):x}"
     token = logs.request_id.set(rid)
     started = time.perf_counter()
     status = 500

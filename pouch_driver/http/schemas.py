@@ -35,6 +35,10 @@ class _Field(fields.Field):  # type: ignore[type-arg]
             raise ValidationError("must be a string")
         if value == "" and self.allow_empty:
             return None
+        if "%" in value:
+            # Python accepts IPv6 scope IDs (fe80::1%anything) and keeps them in str(): they
+            # would carry arbitrary text into iptables rules. The engine never sends them.
+            raise ValidationError(f"{value!r}: IPv6 scope IDs (%...) are not accepted")
         try:
             return self.parse(value)
         except (ValueError, DriverError) as exc:
@@ -232,6 +236,8 @@ class PortBindingSchema(Request):
             raise ValidationError("must be 6 (tcp), 17 (udp) or 132 (sctp)", "Proto") from None
         host_ip = None
         if data.get("host_ip"):
+            if "%" in data["host_ip"]:
+                raise ValidationError("IPv6 scope IDs (%...) are not accepted", "HostIP")
             try:
                 host_ip = ipaddress.ip_address(data["host_ip"])
             except ValueError:
@@ -261,7 +267,7 @@ class RequestPoolRequest(Request):
     sub_pool = OptionalCIDR(data_key="SubPool", load_default=None, allow_none=True)
     options = fields.Dict(keys=fields.String(), values=fields.String(), data_key="Options",
                           load_default=dict, allow_none=True)
-    v6 = fields.Boolean(data_key="V6", load_default=False)
+    v6 = fields.Boolean(data_key="V6", load_default=False, truthy={True}, falsy={False})
 
 
 class ReleasePoolRequest(Request):
@@ -376,7 +382,7 @@ def flatten_errors(messages: Any, prefix: str = "") -> list[str]:
 
 # --- our own admin calls (pouch-driver status/check/gc); the engine never sends these ---------
 class ReconcileRequest(Request):
-    dry_run = fields.Boolean(data_key="DryRun", load_default=True)
+    dry_run = fields.Boolean(data_key="DryRun", load_default=True, truthy={True}, falsy={False})
     forget_networks = fields.List(ID(), data_key="ForgetNetworks", load_default=list)
     forget_endpoints = fields.List(ID(), data_key="ForgetEndpoints", load_default=list)
 

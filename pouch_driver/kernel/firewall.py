@@ -155,6 +155,25 @@ class IptablesFirewall:
         return chains
 
     def _restore_input(self, plan: FirewallPlan, version: int, saved: str | None) -> str:
+        text = self._render_input(plan, version, saved)
+        for line in text.splitlines():
+            # Defence in depth: every value we render is validated upstream, but a rule line
+            # must never smuggle a newline, NUL or a second table into iptables-restore.
+            if "\x00" in line or "\r" in line:
+                raise KernelError(f"refusing to load a firewall rule with control characters: "
+                                  f"{line!r}")
+        return text
+
+    def _check_plan(self, plan: FirewallPlan) -> None:
+        names = [n.bridge for n in plan.networks] + [f.bridge for f in plan.forwards]
+        values = names + [str(s) for n in plan.networks for s in n.subnets] + [
+            str(v) for f in plan.forwards for v in (f.host_ip, f.container_ip) if v is not None
+        ]
+        for value in values:
+            if not value or any(c.isspace() or c in "%\"'!#;" for c in value):
+                raise KernelError(f"refusing to put {value!r} into a firewall rule")
+
+    def _render_input(self, plan: FirewallPlan, version: int, saved: str | None) -> str:
         n = self.names
         chains = self.render(plan, version)
         loopback = "127.0.0.0/8" if version == 4 else "::1/128"
@@ -180,6 +199,7 @@ class IptablesFirewall:
 
     # --- verbs ------------------------------------------------------------------------------------
     async def apply(self, plan: FirewallPlan) -> None:
+        self._check_plan(plan)
         async with self._lock:
             if any(not net.internal for net in plan.networks):
                 await self._sysctl("net.ipv4.ip_forward", "1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -21,8 +22,9 @@ from ..conftest import is_root
 from ..plugin_process import PluginProcess
 
 NETNS_PREFIX = "pdk-"
+# Namespaces carry the creating process's pid, so a concurrent test session's are left alone.
+SESSION = f"{NETNS_PREFIX}{os.getpid():x}-"
 
-pytestmark = pytest.mark.root
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -30,10 +32,17 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def _remove_stale_namespaces() -> None:
-    """Tolerate leftovers of an interrupted run: our namespaces only, by prefix."""
+    """Tolerate leftovers of an interrupted run: our namespaces whose creator is gone."""
     for line in _run("ip", "netns", "list").stdout.splitlines():
         name = line.split()[0] if line.strip() else ""
-        if name.startswith(NETNS_PREFIX):
+        if not name.startswith(NETNS_PREFIX):
+            continue
+        owner = name[len(NETNS_PREFIX):].split("-")[0]
+        try:
+            alive = Path(f"/proc/{int(owner, 16)}").exists()
+        except ValueError:
+            alive = False
+        if not alive:
             _run("ip", "netns", "del", name, check=False)
 
 
@@ -76,7 +85,7 @@ def _need_root() -> None:
 
 @contextmanager
 def new_netns() -> Iterator[Netns]:
-    name = NETNS_PREFIX + secrets.token_hex(4)
+    name = SESSION + secrets.token_hex(3)
     _run("ip", "netns", "add", name)
     _run("ip", "-n", name, "link", "set", "lo", "up")
     try:
