@@ -101,18 +101,19 @@ class Reconciler:
     async def _forget(self, candidates: Iterable[Endpoint]) -> None:
         """Look again under each endpoint's locks: mid-create, the record precedes the veth."""
         confirmed: list[Endpoint] = []
+        linkless: set[str] = set()  # their veth is gone already: nothing to delete
         for ep in candidates:
             async with self.svc.guard_endpoint(ep.network_id, ep.endpoint_id):
                 current = self.svc.endpoints.get(ep.endpoint_id)
                 if current is None:
                     continue
-                gone = current.network_id not in self.svc.networks or (
-                    await self.svc.links.get_link(current.host_ifname) is None
-                )
-                if gone:
+                if await self.svc.links.get_link(current.host_ifname) is None:
+                    linkless.add(current.endpoint_id)
+                    confirmed.append(current)
+                elif current.network_id not in self.svc.networks:
                     confirmed.append(current)
         if confirmed:
-            self.repaired.extend(await self.svc.forget_endpoints(confirmed))
+            self.repaired.extend(await self.svc.forget_endpoints(confirmed, linkless))
 
     async def _orphans(self, links: dict[str, LinkInfo]) -> None:
         # Records are written before links are made and removed before links are deleted, so

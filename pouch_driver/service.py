@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 
@@ -551,8 +551,13 @@ class Service:
         return LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE
 
     # === cleanup of endpoints that died unannounced =========================================
-    async def forget_endpoints(self, dead: Sequence[Endpoint]) -> list[str]:
-        """Drop endpoints whose veth vanished, and free their addresses."""
+    async def forget_endpoints(
+        self, dead: Sequence[Endpoint], linkless: Collection[str] = ()
+    ) -> list[str]:
+        """Drop endpoints whose veth vanished, and free their addresses.
+
+        ``linkless``: endpoint IDs whose veth is known gone (no delete to schedule).
+        """
         ops: list[st.Op] = []
         released: list[tuple[str, IPAddress]] = []
         for ep in dead:
@@ -572,7 +577,8 @@ class Service:
 
         await self._durably(ops, after=forget)
         for ep in dead:
-            self.delete_link_later(ep.host_ifname)
+            if ep.endpoint_id not in linkless:
+                self.delete_link_later(ep.host_ifname)
         if any(ep.port_bindings for ep in dead):
             await self.sync_firewall()
         return [

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
+import sys
 
 import pytest
 
@@ -144,3 +146,27 @@ async def test_many_concurrent_veths(links: NetlinkLinks, netns: Netns) -> None:
     assert len(ports) == 40
     await asyncio.gather(*(links.ensure_link_absent(s.host) for s in specs))
     assert not any(n.startswith(("pkh", "pkc")) for n in netns.names())
+
+
+async def test_raw_link_dump_matches_ip_json(links: NetlinkLinks, netns: Netns) -> None:
+    """The daemon lists links with its own small netlink decoder (pyroute2 decodes every
+    attribute of every link, which dominated start-up); check it against iproute2."""
+    await links.ensure_bridge(BRIDGE)
+    await links.ensure_veth(VETH)
+    code = (
+        "import json; from pouch_driver.kernel.links import _dump_links; "
+        "print(json.dumps([l.__dict__ for l in _dump_links()], default=str))"
+    )
+    out = netns.sh(sys.executable, "-c", code).stdout
+    ours = {d["name"]: d for d in json.loads(out)}
+    theirs = {link["ifname"]: link for link in netns.ip_json("-details", "link", "show")}
+    assert set(ours) == set(theirs)
+    for name, link in theirs.items():
+        mine = ours[name]
+        assert mine["index"] == link["ifindex"]
+        assert mine["mtu"] == link["mtu"]
+        assert mine["up"] == ("UP" in link["flags"])
+        assert mine["mac"] == link.get("address", "")
+        assert mine["kind"] == link.get("linkinfo", {}).get("info_kind")
+        master = link.get("master")
+        assert mine["master"] == (theirs[master]["ifindex"] if master else None)
