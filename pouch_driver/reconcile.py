@@ -11,14 +11,16 @@ never touches what it did not make. Imports ``service``; the service never impor
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .errors import DriverError
 from .kernel import LinkInfo
 from .model import Endpoint, Network
-from .service import Service, short
+from .service import LEFTOVER_GRACE, Service, short
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class Reconciler:
         if dead and self.repair:
             await self._forget(dead)
         await self._orphans(links)
+        await self._leftovers()
         await self._firewall()
         return Report(problems=tuple(self.problems), repaired=tuple(self.repaired))
 
@@ -126,6 +129,41 @@ class Reconciler:
             if self.repair:
                 self.svc.delete_link_later(name)
                 self.repaired.append(f"removing orphan interface {name}")
+
+    async def _leftovers(self) -> None:
+        """Records from before a crash that the engine rolled back on its side (a lost answer,
+        retried with an empty body, failed). Looked at only once the engine's retry window is
+        over, so nothing it is still completing is taken for a leftover."""
+        svc = self.svc
+        if time.monotonic() - svc.before.started < LEFTOVER_GRACE:
+            return
+        for net in [n for n in svc.networks.values() if svc.rolled_back(n)]:
+            self.problems.append(f"network {short(net.network_id)}: rolled back by the engine")
+            if self.repair:
+                await svc.delete_network(net.network_id)
+                self.repaired.append(f"deleted network {short(net.network_id)} (rolled back)")
+        for ep in [e for e in svc.endpoints.values() if svc.create_rolled_back(e)]:
+            self.problems.append(f"endpoint {short(ep.endpoint_id)}: rolled back by the engine")
+            if self.repair:
+                async with svc.guard_endpoint(ep.network_id, ep.endpoint_id):
+                    if svc.endpoints.get(ep.endpoint_id) == ep:
+                        self.repaired.extend(await svc.forget_endpoints(
+                            [ep], release=False, reason="a create the engine rolled back"))
+        for pool_id, addr in sorted(svc.before.addresses):
+            state = svc.ipam.pools.get(pool_id)
+            if state is None or addr not in state.allocated:
+                continue
+            ip: ipaddress.IPv4Address | ipaddress.IPv6Address = (
+                ipaddress.IPv4Address(addr) if state.pool.network.version == 4
+                else ipaddress.IPv6Address(addr)
+            )
+            if not svc.leftover_address(pool_id, ip):
+                continue
+            self.problems.append(f"address {ip} in {pool_id} is held by nothing (a lost answer)")
+            if self.repair:
+                await svc.release_address(pool_id, ip)
+                svc.before.addresses.discard((pool_id, addr))
+                self.repaired.append(f"released address {ip} (held by nothing)")
 
     async def _firewall(self) -> None:
         if not self.svc.settings.firewall:

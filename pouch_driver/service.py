@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from . import store as st
 from .config import Settings
 from .errors import Conflict, DriverError, Exhausted, InvalidRequest, NotFound
-from .ipam import AddressGrant, Ipam
+from .ipam import ADDRESS, AddressGrant, Ipam
 from .kernel import BridgeSpec, Firewall, FirewallPlan, Links, NetworkRules, PortForward, VethSpec
 from .locks import Coalescer, KeyedLocks
 from .model import (
@@ -42,6 +43,26 @@ from .ports import resolve_ports
 log = logging.getLogger(__name__)
 
 MAX_BRIDGE_PORTS = 1024  # BR_MAX_PORTS in the kernel
+# After a restart the engine retries an in-flight request for about 15 s (PROTOCOL.md 1.5);
+# what is still unclaimed after this long was rolled back by the engine.
+LEFTOVER_GRACE = 30.0
+
+
+@dataclass
+class FromBefore:
+    """What the store held when this process started.
+
+    A request whose answer was lost in a crash is retried by the engine with an empty body
+    (PROTOCOL.md 1.5), which fails, and the engine rolls back only its own side: our record
+    of the pool, address, network or endpoint stays. Only records from before the start can
+    be such leftovers, so only they are ever adopted by an identical request or cleaned up.
+    """
+
+    started: float = 0.0
+    networks: set[str] = field(default_factory=set)
+    endpoints: set[str] = field(default_factory=set)
+    pools: set[str] = field(default_factory=set)
+    addresses: set[tuple[str, int]] = field(default_factory=set)
 
 
 def short(value: str) -> str:
@@ -73,6 +94,7 @@ class Service:
         self._fw = Coalescer(lambda: self.firewall.apply(self.firewall_plan()))
         self._doomed: dict[str, asyncio.Task[None]] = {}
         self._ports_lock = asyncio.Lock()
+        self.before = FromBefore()
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -82,6 +104,13 @@ class Service:
         self.endpoints = {e.endpoint_id: e for e in snapshot.endpoints}
         for record in snapshot.pools:
             self.ipam.restore_pool(record.pool, record.allocations, record.cursor)
+        self.before = FromBefore(
+            started=time.monotonic(),
+            networks=set(self.networks),
+            endpoints=set(self.endpoints),
+            pools={r.pool.pool_id for r in snapshot.pools},
+            addresses={(r.pool.pool_id, a) for r in snapshot.pools for a, _ in r.allocations},
+        )
         log.info(
             "loaded %d networks, %d endpoints, %d pools from %s",
             len(self.networks), len(self.endpoints), len(self.ipam.pools), self.store.path,
@@ -216,25 +245,17 @@ class Service:
         ipv4: Sequence[IPAMData],
         ipv6: Sequence[IPAMData],
     ) -> None:
+        bridge = options.bridge_name or self.names.bridge(network_id)
+        datas = (*ipv4, *ipv6)
+        while (hit := self._clash(network_id, bridge, datas)) and self.rolled_back(hit[0]):
+            log.warning("network %s was rolled back by the engine (its pools are released): "
+                        "deleting it", short(hit[0].network_id))
+            await self.delete_network(hit[0].network_id)
         async with self._locks.exclusive(_net(network_id)):
-            bridge = options.bridge_name or self.names.bridge(network_id)
             if options.enable_ipv6 is False and ipv6:
                 options = replace(options, enable_ipv6=True)
-            for other in self.networks.values():
-                if other.network_id == network_id:
-                    continue
-                if other.bridge == bridge:
-                    raise Conflict(
-                        f"bridge {bridge} is already used by network {short(other.network_id)}"
-                    )
-                for mine in (*ipv4, *ipv6):
-                    for theirs in other.subnets:
-                        if mine.pool.prefixlen and theirs.prefixlen and \
-                                mine.pool.overlaps(theirs):
-                            raise Conflict(
-                                f"subnet {mine.pool} overlaps with subnet {theirs} of network "
-                                f"{short(other.network_id)}"
-                            )
+            if hit := self._clash(network_id, bridge, datas):
+                raise Conflict(hit[1])
             existing = self.networks.get(network_id)
             if existing is not None:
                 if (existing.bridge, existing.options, existing.ipv4, existing.ipv6) != (
@@ -269,6 +290,46 @@ class Service:
                 "created network %s on bridge %s (%s)", short(network_id), bridge,
                 ", ".join(str(s) for s in net.subnets) or "no subnet",
             )
+
+    def _clash(
+        self, network_id: str, bridge: str, datas: Sequence[IPAMData]
+    ) -> tuple[Network, str] | None:
+        """Another network holding this bridge or an overlapping subnet, and why."""
+        for other in self.networks.values():
+            if other.network_id == network_id:
+                continue
+            if other.bridge == bridge:
+                return other, f"bridge {bridge} is already used by network " \
+                              f"{short(other.network_id)}"
+            for mine in datas:
+                for theirs in other.subnets:
+                    if mine.pool.prefixlen and theirs.prefixlen and mine.pool.overlaps(theirs):
+                        return other, (f"subnet {mine.pool} overlaps with subnet {theirs} of "
+                                       f"network {short(other.network_id)}")
+        return None
+
+    def create_rolled_back(self, ep: Endpoint) -> bool:
+        """An endpoint from before our start, never joined, whose address our IPAM no longer
+        holds: its CreateEndpoint answer was lost and the engine released the address."""
+        if ep.endpoint_id not in self.before.endpoints or ep.sandbox_key is not None:
+            return False
+        addrs = [a for a in (ep.address, ep.address_v6) if a is not None]
+        pools = [self.ipam.pool_of(a.ip) for a in addrs]
+        return bool(addrs) and all(
+            p is not None and int(a.ip) not in p.allocated
+            for a, p in zip(addrs, pools, strict=True)
+        )
+
+    def rolled_back(self, net: Network) -> bool:
+        """A network from before our start, with no endpoints, whose pools came from our IPAM
+        and are all released: the engine rolled its create back after a crash lost our
+        answer (it releases the pools but never sends DeleteNetwork, PROTOCOL.md 5.1)."""
+        if net.network_id not in self.before.networks or self.endpoints_of(net.network_id):
+            return False
+        ours = [d for d in (*net.ipv4, *net.ipv6)
+                if d.address_space in (LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE)]
+        held = {s.pool.network for pid, s in self.ipam.pools.items() if pid in self.before.pools}
+        return bool(ours) and not any(d.pool in held for d in ours)
 
     async def _undo_network(self, net: Network) -> None:
         async def forget() -> None:
@@ -350,7 +411,8 @@ class Service:
                 )
             for other in on_net:
                 for mine, theirs in ((address, other.address), (address_v6, other.address_v6)):
-                    if mine is not None and theirs is not None and mine.ip == theirs.ip:
+                    if (mine is not None and theirs is not None and mine.ip == theirs.ip
+                            and not await self._evict_if_stale(other, mine.ip)):
                         raise Conflict(
                             f"address {mine.ip} is already used by endpoint "
                             f"{short(other.endpoint_id)} on network {short(network_id)}"
@@ -375,6 +437,27 @@ class Service:
                 short(network_id), ep.host_ifname, address or address_v6 or "no address",
             )
             return None if mac else chosen
+
+    async def _evict_if_stale(self, other: Endpoint, ip: IPAddress) -> bool:
+        """The engine's IPAM just handed out ``ip``, so it freed it from ``other``: drop
+        ``other`` if it is provably dead (its veth is gone: the engine skipped DeleteEndpoint
+        after an unclean exit) or a leftover of a CreateEndpoint whose answer a crash lost
+        (from before our start and never joined). Its address is not released: it is the new
+        endpoint's now."""
+        async with self._locks.exclusive(_ep(other.endpoint_id)):
+            current = self.endpoints.get(other.endpoint_id)
+            if current is None:
+                return True
+            dead = await self.links.get_link(current.host_ifname) is None
+            leftover = current.endpoint_id in self.before.endpoints and current.sandbox_key is None
+            if not (dead or leftover):
+                return False
+            why = "its veth is gone" if dead else "a create the engine rolled back"
+            await self.forget_endpoints([current], release=False, reason=why,
+                                        linkless={current.endpoint_id} if dead else ())
+            log.warning("endpoint %s held %s but was stale (%s): dropped",
+                        short(current.endpoint_id), ip, why)
+            return True
 
     @staticmethod
     def _check_address(net: Network, address: IPInterface | None, field: str) -> None:
@@ -507,28 +590,83 @@ class Service:
         self, address_space: str, pool: ipaddress.IPv4Network | ipaddress.IPv6Network | None,
         sub_pool: ipaddress.IPv4Network | ipaddress.IPv6Network | None, v6: bool,
     ) -> Pool:
+        space = address_space or LOCAL_ADDRESS_SPACE
+        if pool is not None and (left := self._leftover_pool(space, pool, sub_pool)):
+            self.before.pools.discard(left.pool_id)
+            log.warning("pool %s: adopted the reservation a lost answer left", left.pool_id)
+            return left
         routes = await self.links.host_routes() if pool is None else []
-        new = self.ipam.request_pool(address_space or LOCAL_ADDRESS_SPACE, pool, sub_pool, v6,
-                                     routes)
+        new = self.ipam.request_pool(space, pool, sub_pool, v6, routes)
         await self._durably([st.PutPool(new)], undo=lambda: self.ipam.release_pool(new.pool_id))
         log.info("reserved pool %s (%s)", new.pool_id, new.network)
         return new
+
+    def _leftover_pool(
+        self, space: str, pool: ipaddress.IPv4Network | ipaddress.IPv6Network,
+        sub_pool: ipaddress.IPv4Network | ipaddress.IPv6Network | None,
+    ) -> Pool | None:
+        """The same pool, reserved before our start, still empty and used by no network of
+        ours: a RequestPool whose answer a crash lost (the engine never got its PoolID)."""
+        for pool_id in self.before.pools:
+            state = self.ipam.pools.get(pool_id)
+            if state is None or state.allocated:
+                continue
+            p = state.pool
+            if (p.address_space, p.network, p.sub_pool) != (space, pool, sub_pool):
+                continue
+            if any(pool == d.pool for n in self.networks.values() for d in (*n.ipv4, *n.ipv6)):
+                continue
+            return p
+        return None
 
     async def release_pool(self, pool_id: str) -> None:
         state = self.ipam.pools.get(pool_id)
         if state is None:
             return
-        await self._durably([st.DeletePool(pool_id)],
-                            after=lambda: self.ipam.release_pool(pool_id))
+        def release() -> None:
+            self.ipam.release_pool(pool_id)
+            # A pool requested again gets the same ID: it is not the one from before.
+            self.before.pools.discard(pool_id)
+            self.before.addresses -= {k for k in self.before.addresses if k[0] == pool_id}
+
+        await self._durably([st.DeletePool(pool_id)], after=release)
         log.info("released pool %s", pool_id)
 
     async def request_address(
         self, pool_id: str, address: IPAddress | None, gateway: bool
     ) -> IPInterface:
+        if address is not None and not gateway and self.leftover_address(pool_id, address):
+            self.before.addresses.discard((pool_id, int(address)))
+            state = self.ipam.pools[pool_id]
+            log.warning("address %s: adopted the reservation a lost answer left", address)
+            return ipaddress.ip_interface((address, state.pool.network.prefixlen))
         grant = self.ipam.request_address(pool_id, address, gateway)
         await self._durably([self._put_address(grant)],
                             undo=lambda: self.ipam.release_address(pool_id, grant.address.ip))
         return grant.address
+
+    def leftover_address(self, pool_id: str, address: IPAddress) -> bool:
+        """Held since before our start, in a pool of one of our networks (so we know every
+        endpoint on it), and claimed by no endpoint, gateway or aux address: a RequestAddress
+        whose answer a crash lost."""
+        state = self.ipam.pools.get(pool_id)
+        if state is None or (pool_id, int(address)) not in self.before.addresses:
+            return False
+        if state.allocated.get(int(address)) != ADDRESS:
+            return False
+        nets = [n for n in self.networks.values()
+                if any(d.pool == state.pool.network for d in (*n.ipv4, *n.ipv6))]
+        if not nets:
+            return False  # maybe another driver's network: we cannot see its endpoints
+        for n in nets:
+            claimed = {d.gateway.ip for d in (*n.ipv4, *n.ipv6) if d.gateway} | {
+                a.ip for d in (*n.ipv4, *n.ipv6) for _, a in d.aux_addresses}
+            if address in claimed:
+                return False
+        return not any(
+            address in (a.ip for a in (e.address, e.address_v6) if a is not None)
+            for e in self.endpoints.values()
+        )
 
     @staticmethod
     def _put_address(grant: AddressGrant) -> st.PutAddress:
@@ -541,9 +679,13 @@ class Service:
         state = self.ipam.pools.get(pool_id)
         if state is None or int(address) not in state.allocated:
             return
+        def release() -> None:
+            self.ipam.release_address(pool_id, address)
+            self.before.addresses.discard((pool_id, int(address)))
+
         await self._durably(
             [st.DeleteAddress(pool_id=pool_id, address=int(address), version=address.version)],
-            after=lambda: self.ipam.release_address(pool_id, address),
+            after=release,
         )
 
     @staticmethod
@@ -552,19 +694,29 @@ class Service:
 
     # === cleanup of endpoints that died unannounced =========================================
     async def forget_endpoints(
-        self, dead: Sequence[Endpoint], linkless: Collection[str] = ()
+        self,
+        dead: Sequence[Endpoint],
+        linkless: Collection[str] = (),
+        *,
+        release: bool = True,
+        reason: str = "veth gone",
     ) -> list[str]:
-        """Drop endpoints whose veth vanished, and free their addresses.
+        """Drop endpoints the engine will never delete, and (``release``) free their addresses.
 
         ``linkless``: endpoint IDs whose veth is known gone (no delete to schedule).
         """
         ops: list[st.Op] = []
         released: list[tuple[str, IPAddress]] = []
+        gone = {ep.endpoint_id for ep in dead}
+        held = {
+            a.ip for e in self.endpoints.values() if e.endpoint_id not in gone
+            for a in (e.address, e.address_v6) if a is not None
+        }
         for ep in dead:
             ops.append(st.DeleteEndpoint(ep.endpoint_id))
             for addr in (ep.address, ep.address_v6):
-                if addr is None:
-                    continue
+                if addr is None or not release or addr.ip in held:
+                    continue  # never free an address another endpoint holds now
                 state = self.ipam.pool_of(addr.ip)
                 if state is not None and int(addr.ip) in state.allocated:
                     ops.append(st.DeleteAddress(state.pool.pool_id, int(addr.ip), addr.version))
@@ -574,6 +726,7 @@ class Service:
                 self.endpoints.pop(ep.endpoint_id, None)
             for pool_id, ip in released:
                 self.ipam.release_address(pool_id, ip)
+                self.before.addresses.discard((pool_id, int(ip)))
 
         await self._durably(ops, after=forget)
         for ep in dead:
@@ -581,9 +734,12 @@ class Service:
                 self.delete_link_later(ep.host_ifname)
         if any(ep.port_bindings for ep in dead):
             await self.sync_firewall()
+        freed = {ip for _, ip in released}
         return [
-            f"forgot endpoint {short(ep.endpoint_id)} (veth gone) and released "
-            + (", ".join(str(a.ip) for a in (ep.address, ep.address_v6) if a) or "no address")
+            f"forgot endpoint {short(ep.endpoint_id)} ({reason})"
+            + (" and released " + ", ".join(str(a.ip) for a in (ep.address, ep.address_v6)
+                                            if a and a.ip in freed)
+               if any(a and a.ip in freed for a in (ep.address, ep.address_v6)) else "")
             for ep in dead
         ]
 

@@ -277,3 +277,118 @@ async def test_delete_endpoint_answers_before_the_veth_is_gone(make_service: Fac
     assert host in links.links and host in svc.pending_deletes()
     await svc.stop()
     assert host not in links.links
+
+
+# --- leftovers of answers lost in a crash (the engine retries with an empty body, fails, and
+#     rolls back only its own side) ------------------------------------------------------------
+POOL = ipaddress.ip_network("10.5.0.0/24")
+GW = V4.gateway
+
+
+async def net_with_pool(svc: Service) -> str:
+    pool = await svc.request_pool("PouchLocal", POOL, None, False)
+    await svc.request_address(pool.pool_id, GW.ip if GW else None, gateway=True)
+    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    return pool.pool_id
+
+
+async def test_identical_pool_request_adopts_a_lost_reservation(make_service: Factory) -> None:
+    svc = await make_service()
+    lost = await svc.request_pool("PouchLocal", POOL, None, False)  # answer lost in the crash
+    svc = await restart(svc, make_service)
+    again = await svc.request_pool("PouchLocal", POOL, None, False)
+    assert again == lost
+    with pytest.raises(Conflict, match="overlaps"):  # adopted once; now it is in use
+        await svc.request_pool("PouchLocal", POOL, None, False)
+
+
+async def test_a_pool_made_in_this_run_is_never_adopted(make_service: Factory) -> None:
+    svc = await make_service()
+    await svc.request_pool("PouchLocal", POOL, None, False)
+    with pytest.raises(Conflict, match="overlaps"):
+        await svc.request_pool("PouchLocal", POOL, None, False)
+
+
+async def test_explicit_address_request_adopts_a_lost_reservation(make_service: Factory) -> None:
+    svc = await make_service()
+    pool_id = await net_with_pool(svc)
+    wanted = ipaddress.ip_address("10.5.0.50")
+    await svc.request_address(pool_id, wanted, gateway=False)  # answer lost in the crash
+    held = ipaddress.ip_address("10.5.0.60")
+    got = await svc.request_address(pool_id, held, gateway=False)
+    await svc.create_endpoint(NID, EID, got, None, None)  # type: ignore[arg-type]
+    svc = await restart(svc, make_service)
+    assert str(await svc.request_address(pool_id, wanted, gateway=False)) == "10.5.0.50/24"
+    with pytest.raises(Conflict, match="already in use"):  # an endpoint holds this one
+        await svc.request_address(pool_id, held, gateway=False)
+    with pytest.raises(Conflict, match="already in use"):  # and the gateway is claimed
+        await svc.request_address(pool_id, GW.ip if GW else None, gateway=False)
+
+
+async def test_a_network_the_engine_rolled_back_makes_way(make_service: Factory) -> None:
+    svc = await make_service()
+    pool_id = await net_with_pool(svc)  # the CreateNetwork answer was lost in the crash
+    svc = await restart(svc, make_service)
+    await svc.release_address(pool_id, GW.ip)  # the engine's rollback: pool and gateway
+    await svc.release_pool(pool_id)
+    again = await svc.request_pool("PouchLocal", POOL, None, False)  # the user tries again
+    await svc.request_address(again.pool_id, GW.ip, gateway=True)
+    await svc.create_network(NID2, NetworkOptions(), [V4], [])
+    assert list(svc.networks) == [NID2]
+    assert svc.names.bridge(NID) not in svc.links.links  # type: ignore[attr-defined]
+
+
+async def test_a_stale_endpoint_gives_way_to_the_engines_new_owner(
+    make_service: Factory,
+) -> None:
+    """Never joined and from before the start: its CreateEndpoint answer was lost."""
+    svc = await make_service()
+    pool_id = await net_with_pool(svc)
+    got = await svc.request_address(pool_id, None, gateway=False)
+    await svc.create_endpoint(NID, EID, got, None, None)  # type: ignore[arg-type]
+    svc = await restart(svc, make_service)
+    await svc.release_address(pool_id, got.ip)  # the engine's rollback
+    again = await svc.request_address(pool_id, got.ip, gateway=False)
+    await svc.create_endpoint(NID, "f" * 64, again, None, None)  # type: ignore[arg-type]
+    assert set(svc.endpoints) == {"f" * 64}
+    assert int(got.ip) in svc.ipam.pools[pool_id].allocated, "the new owner keeps it"
+
+
+async def test_a_joined_endpoint_whose_veth_died_gives_way(make_service: Factory) -> None:
+    """The engine skipped DeleteEndpoint after an unclean exit and reuses the address."""
+    svc = await make_service()
+    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    await svc.create_endpoint(NID, EID, ADDR, None, None)
+    await svc.join(NID, EID, "/var/run/docker/netns/old")
+    await svc.links.ensure_link_absent(svc.endpoints[EID].host_ifname)
+    await svc.create_endpoint(NID, "f" * 64, ADDR, None, None)
+    assert set(svc.endpoints) == {"f" * 64}
+
+
+async def test_a_live_endpoint_keeps_its_address(make_service: Factory) -> None:
+    svc = await make_service()
+    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    await svc.create_endpoint(NID, EID, ADDR, None, None)
+    svc = await restart(svc, make_service)
+    await svc.join(NID, EID, "/var/run/docker/netns/x")
+    with pytest.raises(Conflict, match="already used by endpoint"):
+        await svc.create_endpoint(NID, "f" * 64, ADDR, None, None)
+
+
+async def test_sweep_cleans_leftovers_only_after_the_engines_retry_window(
+    make_service: Factory,
+) -> None:
+    svc = await make_service()
+    pool_id = await net_with_pool(svc)
+    lost_addr = await svc.request_address(pool_id, None, gateway=False)
+    got = await svc.request_address(pool_id, None, gateway=False)
+    await svc.create_endpoint(NID, EID, got, None, None)  # type: ignore[arg-type]
+    svc = await restart(svc, make_service)
+    await svc.release_address(pool_id, got.ip)  # the engine rolled the endpoint back
+    assert (await sweep(svc)).repaired == (), "inside the grace period nothing is touched"
+    svc.before.started -= 60
+    repaired = (await sweep(svc)).repaired
+    assert any("forgot endpoint" in r and "rolled back" in r for r in repaired)
+    assert f"released address {lost_addr.ip} (held by nothing)" in repaired
+    assert svc.endpoints == {}
+    assert set(svc.ipam.pools[pool_id].allocated) == {int(GW.ip)}
