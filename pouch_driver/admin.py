@@ -59,9 +59,16 @@ async def reconcile(
     repair: bool,
     forget_networks: Collection[str] = (),
     forget_endpoints: Collection[str] = (),
+    engine: bool = False,
 ) -> Report:
-    """Reconcile store and kernel; also drop what the engine says it no longer knows."""
-    report = await Reconciler(svc, repair=repair).run()
+    """Reconcile store and kernel; also drop what the engine says it no longer knows.
+
+    ``engine``: the caller compared with the engine's view, so records the engine rolled back
+    (leftovers of answers lost in a crash) are looked at now, without the sweep's grace period;
+    without it, check/gc compare store, kernel and firewall only.
+    """
+    grace = 0.0 if engine else float("inf")
+    report = await Reconciler(svc, repair=repair, grace=grace).run()
     problems, repaired = list(report.problems), list(report.repaired)
     for nid in sorted(forget_networks):
         if nid not in svc.networks:

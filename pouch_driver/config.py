@@ -72,6 +72,9 @@ class Settings:
     request_timeout: float = 60.0
     #: Seconds between sweeps for endpoints whose veth vanished (0 disables the sweep).
     gc_interval: float = 30.0
+    #: Seconds after start-up before the sweep takes records from before it for leftovers of
+    #: answers a crash lost: the engine retries an interrupted request for about 15 s.
+    leftover_grace: float = 30.0
     #: Prometheus metrics: ``unix:/path`` or ``127.0.0.1:PORT``; empty disables them.
     metrics: str = ""
     #: Largest request body accepted, in bytes.
@@ -81,6 +84,10 @@ class Settings:
     netlink_workers: int = field(default_factory=lambda: max(1, min(4, (os.cpu_count() or 2) - 1)))
     #: Apply firewall rules (iptables); off only for tests that check links alone.
     firewall: bool = True
+    #: Where the ``net.*`` sysctls are written (``<dir>/net/ipv4/ip_forward``). A managed plugin
+    #: sees a read-only /proc/sys: plugin/config.json mounts the host's /proc/sys/net at
+    #: /host/proc/sys/net and sets this to /host/proc/sys.
+    sysctl_dir: Path = Path("/proc/sys")
 
     def __post_init__(self) -> None:
         validate_prefix(self.prefix)
@@ -111,13 +118,13 @@ class Settings:
 
 
 def _convert(name: str, raw: str) -> Any:
-    if name in ("socket", "state_dir"):
+    if name in ("socket", "state_dir", "sysctl_dir"):
         return Path(raw)
     if name == "pools_v4":
         return parse_pools(raw, v6=False)
     if name == "pools_v6":
         return parse_pools(raw, v6=True)
-    if name in ("request_timeout", "gc_interval"):
+    if name in ("request_timeout", "gc_interval", "leftover_grace"):
         return float(raw)
     if name in ("max_body", "netlink_workers"):
         return int(raw)

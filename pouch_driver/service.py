@@ -43,9 +43,6 @@ from .ports import resolve_ports
 log = logging.getLogger(__name__)
 
 MAX_BRIDGE_PORTS = 1024  # BR_MAX_PORTS in the kernel
-# After a restart the engine retries an in-flight request for about 15 s (PROTOCOL.md 1.5);
-# what is still unclaimed after this long was rolled back by the engine.
-LEFTOVER_GRACE = 30.0
 
 
 @dataclass
@@ -601,23 +598,25 @@ class Service:
         log.info("reserved pool %s (%s)", new.pool_id, new.network)
         return new
 
+    def leftover_pools(self) -> list[Pool]:
+        """Pools reserved before our start, still empty and used by no network of ours: a
+        RequestPool whose answer a crash lost (the engine never got the PoolID)."""
+        used = {d.pool for n in self.networks.values() for d in (*n.ipv4, *n.ipv6)}
+        out = []
+        for pool_id in sorted(self.before.pools):
+            state = self.ipam.pools.get(pool_id)
+            if state is not None and not state.allocated and state.pool.network not in used:
+                out.append(state.pool)
+        return out
+
     def _leftover_pool(
         self, space: str, pool: ipaddress.IPv4Network | ipaddress.IPv6Network,
         sub_pool: ipaddress.IPv4Network | ipaddress.IPv6Network | None,
     ) -> Pool | None:
-        """The same pool, reserved before our start, still empty and used by no network of
-        ours: a RequestPool whose answer a crash lost (the engine never got its PoolID)."""
-        for pool_id in self.before.pools:
-            state = self.ipam.pools.get(pool_id)
-            if state is None or state.allocated:
-                continue
-            p = state.pool
-            if (p.address_space, p.network, p.sub_pool) != (space, pool, sub_pool):
-                continue
-            if any(pool == d.pool for n in self.networks.values() for d in (*n.ipv4, *n.ipv6)):
-                continue
-            return p
-        return None
+        """The same pool as a lost reservation: adopt it rather than refuse an overlap."""
+        return next((p for p in self.leftover_pools()
+                     if (p.address_space, p.network, p.sub_pool) == (space, pool, sub_pool)),
+                    None)
 
     async def release_pool(self, pool_id: str) -> None:
         state = self.ipam.pools.get(pool_id)

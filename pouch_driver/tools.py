@@ -50,7 +50,7 @@ async def _call(settings: Settings, method: str, body: Any = None) -> dict[str, 
 @asynccontextmanager
 async def offline(settings: Settings) -> AsyncIterator[Service]:
     svc = Service(settings, Store(settings.db_path), NetlinkLinks(workers=2),
-                  IptablesFirewall(Names(settings.prefix)))
+                  IptablesFirewall(Names(settings.prefix), sysctl_dir=settings.sysctl_dir))
     await svc.start()
     try:
         yield svc
@@ -113,21 +113,24 @@ async def reconcile(
             held = StatusResponse().dump(status_body(admin.status(svc)))
     nets: set[str] = set()
     eps: set[str] = set()
+    consulted = False
     if engine_url:
         try:
             nets, eps = await engine.forgotten(
                 engine_url, [n["NetworkID"] for n in held["Networks"]],
                 [e["EndpointID"] for e in held["Endpoints"]],
             )
+            consulted = True
         except engine.EngineUnavailable as exc:
             out.write(f"warning: {exc}; comparing store and kernel only\n")
-    body = {"DryRun": not repair, "ForgetNetworks": sorted(nets), "ForgetEndpoints": sorted(eps)}
+    body = {"DryRun": not repair, "ForgetNetworks": sorted(nets), "ForgetEndpoints": sorted(eps),
+            "Engine": consulted}
     if online:
         doc = await _call(settings, "Pouch.Reconcile", body)
     else:
         async with offline(settings) as svc:
             report = await admin.reconcile(svc, repair=repair, forget_networks=nets,
-                                           forget_endpoints=eps)
+                                           forget_endpoints=eps, engine=consulted)
             doc = ReportResponse().dump({"problems": list(report.problems),
                                          "repaired": list(report.repaired)})
     label = {"check": "problem", "gc": "found", "plan": "would repair"}[mode]

@@ -154,7 +154,7 @@ def make_app(
             settings,
             Store(settings.db_path),
             links or NetlinkLinks(workers=settings.netlink_workers),
-            firewall or IptablesFirewall(Names(settings.prefix)),
+            firewall or IptablesFirewall(Names(settings.prefix), sysctl_dir=settings.sysctl_dir),
         )
         await start_up(svc)
         sweeper = (

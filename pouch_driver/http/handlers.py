@@ -217,7 +217,7 @@ async def pouch_status(svc: Service, body: Body) -> Body:
 async def pouch_reconcile(svc: Service, body: Body) -> Body:
     report = await admin.reconcile(
         svc, repair=not body["dry_run"], forget_networks=body["forget_networks"],
-        forget_endpoints=body["forget_endpoints"],
+        forget_endpoints=body["forget_endpoints"], engine=body["engine"],
     )
     return {"problems": list(report.problems), "repaired": list(report.repaired)}
 

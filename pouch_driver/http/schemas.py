@@ -385,6 +385,7 @@ class ReconcileRequest(Request):
     dry_run = fields.Boolean(data_key="DryRun", load_default=True, truthy={True}, falsy={False})
     forget_networks = fields.List(ID(), data_key="ForgetNetworks", load_default=list)
     forget_endpoints = fields.List(ID(), data_key="ForgetEndpoints", load_default=list)
+    engine = fields.Boolean(data_key="Engine", load_default=False, truthy={True}, falsy={False})
 
 
 class ReportResponse(Response):

@@ -32,13 +32,21 @@ from . import FirewallPlan, NetworkRules
 log = logging.getLogger(__name__)
 
 SYSCTL = Path("/proc/sys")
+# Bridges Docker names for its own networks (docker0, br-<id>); a Docker network given a custom
+# bridge name is not recognised.
+DOCKER_BRIDGES = ("docker0", "br-+")
 
 
 class IptablesFirewall:
     """The real ``Firewall``. ``netns`` (tests only) runs every command in a named netns."""
 
-    def __init__(self, names: Names, netns: str | None = None) -> None:
+    def __init__(
+        self, names: Names, netns: str | None = None, sysctl_dir: Path = SYSCTL
+    ) -> None:
         self.names = names
+        # A managed plugin sees a read-only /proc/sys; plugin/config.json mounts the host's
+        # /proc/sys/net elsewhere and points this there.
+        self._sysctl_dir = sysctl_dir
         self._prefix: list[str] = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
         self._sysctl_cmd = netns is not None
         self._lock = asyncio.Lock()
@@ -61,15 +69,30 @@ class IptablesFirewall:
             raise KernelError(f"{argv[0]} failed: {err.decode(errors='replace').strip()}")
         return out.decode()
 
-    async def _sysctl(self, key: str, value: str) -> None:
-        if self._sysctl_cmd:
-            await self._exec(["sysctl", "-q", "-w", f"{key}={value}"])
+    async def _sysctl(self, rel: str, value: str, *, missing_ok: bool = False) -> None:
+        """Write ``<sysctl dir>/<rel>`` (e.g. ``net/ipv4/ip_forward``) if it differs.
+
+        ``missing_ok``: a per-interface key of an interface that is gone is not an error.
+        """
+        if self._sysctl_cmd:  # tests: the file as the target namespace sees it
+            script = f'[ -e "$1" ] || exit {0 if missing_ok else 1}; echo "$2" > "$1"'
+            await self._exec(["sh", "-c", script, "sysctl", str(SYSCTL / rel), value])
             return
-        path = SYSCTL / key.replace(".", "/")
+        path = self._sysctl_dir / rel
 
         def write() -> None:
-            if path.read_text().strip() != value:
-                path.write_text(value)
+            try:
+                if path.read_text().strip() != value:
+                    path.write_text(value)
+            except FileNotFoundError:
+                if not missing_ok:
+                    raise KernelError(f"{path} does not exist") from None
+            except OSError as exc:
+                key = rel.replace("/", ".")
+                raise KernelError(
+                    f"cannot set {key}={value} ({path}): {exc.strerror}; set it on the host "
+                    f"(sysctl -w {key}={value})"
+                ) from exc
 
         await asyncio.get_running_loop().run_in_executor(None, write)
 
@@ -84,8 +107,9 @@ class IptablesFirewall:
             ("nat", "POSTROUTING", "-A POSTROUTING", f"{c} -j {n.chain_postrouting}"),
             ("nat", "PREROUTING", "-A PREROUTING",
              f"-m addrtype --dst-type LOCAL {c} -j {n.chain_dnat}"),
+            # IPv4 includes 127.0.0.0/8 (-p 127.0.0.1::80); ::1 cannot be DNAT'd out.
             ("nat", "OUTPUT", "-A OUTPUT",
-             f"! -d {{loopback}} -m addrtype --dst-type LOCAL {c} -j {n.chain_dnat}"),
+             f"{{not_loopback}}-m addrtype --dst-type LOCAL {c} -j {n.chain_dnat}"),
         ]
 
     def render(self, plan: FirewallPlan, version: int) -> dict[str, list[str]]:
@@ -99,6 +123,10 @@ class IptablesFirewall:
         def family(nets: NetworkRules) -> list[str]:
             return [str(s) for s in nets.subnets if s.version == version]
 
+        # Traffic inside one network is never an isolation matter (and a user may name a pouch
+        # bridge br-something, which the Docker-bridge rules below would otherwise catch).
+        iso.extend(f"-A {n.chain_isolation} -i {net.bridge} -o {net.bridge} -j RETURN"
+                   for net in plan.networks)
         for net in plan.networks:
             b = net.bridge
             if net.internal:
@@ -107,6 +135,9 @@ class IptablesFirewall:
             else:
                 iso.append(f"-A {n.chain_isolation} -i {b} ! -o {b} -j {n.chain_isolation2}")
                 iso2.append(f"-A {n.chain_isolation2} -o {b} -j DROP")
+                # Docker's own bridges (default names) are other networks too: keep them out.
+                iso.extend(f"-A {n.chain_isolation} -i {d} -o {b} -j DROP"
+                           for d in DOCKER_BRIDGES)
             verdict = "ACCEPT" if net.icc else "DROP"
             fwd.append(f"-A {n.chain_forward} -i {b} -o {b} -j {verdict}")
             fwd.append(
@@ -118,6 +149,12 @@ class IptablesFirewall:
                 if net.masquerade:
                     for subnet in family(net):
                         post.append(f"-A {n.chain_postrouting} -s {subnet} ! -o {b} -j MASQUERADE")
+                if version == 4 and any(f.bridge == b for f in plan.forwards):
+                    # 127.0.0.1:PORT reached from the host itself: hide the loopback source.
+                    post.append(f"-A {n.chain_postrouting} -s 127.0.0.0/8 -o {b} -m addrtype "
+                                "--src-type LOCAL -j MASQUERADE")
+        if any(not net.internal for net in plan.networks):
+            iso2.extend(f"-A {n.chain_isolation2} -o {d} -j DROP" for d in DOCKER_BRIDGES)
         for f in plan.forwards:
             if f.container_ip.version != version:
                 continue
@@ -176,7 +213,7 @@ class IptablesFirewall:
     def _render_input(self, plan: FirewallPlan, version: int, saved: str | None) -> str:
         n = self.names
         chains = self.render(plan, version)
-        loopback = "127.0.0.0/8" if version == 4 else "::1/128"
+        not_loopback = "" if version == 4 else "! -d ::1/128 "
         tables = {
             "filter": [n.chain_isolation, n.chain_isolation2, n.chain_forward],
             "nat": [n.chain_postrouting, n.chain_dnat],
@@ -189,11 +226,14 @@ class IptablesFirewall:
             for c in ours:
                 out.extend(chains[c])
             for t, chain, position, match in self._jumps():
-                rule_match = match.format(loopback=loopback)
+                rule_match = match.format(not_loopback=not_loopback)
                 if present is None or t != table:
                     continue
                 if not _has_rule(present, table, chain, rule_match):
-                    out.append(f"{position} {rule_match}")
+                    where = position
+                    if position == "-I FORWARD 1":  # first, but after Docker's DOCKER-USER
+                        where = f"-I FORWARD {_docker_user_position(present) + 1}"
+                    out.append(f"{where} {rule_match}")
             out.append("COMMIT")
         return "\n".join(out) + "\n"
 
@@ -202,7 +242,12 @@ class IptablesFirewall:
         self._check_plan(plan)
         async with self._lock:
             if any(not net.internal for net in plan.networks):
-                await self._sysctl("net.ipv4.ip_forward", "1")
+                await self._sysctl("net/ipv4/ip_forward", "1")
+            # Published ports reach 127.0.0.1 too: the DNAT'd packet leaves through the bridge
+            # with a loopback source, which the kernel drops unless route_localnet is on.
+            for bridge in sorted({f.bridge for f in plan.forwards}):
+                await self._sysctl(f"net/ipv4/conf/{bridge}/route_localnet", "1",
+                                   missing_ok=True)
             if any(not net.icc for net in plan.networks):
                 await self._ensure_bridge_netfilter()
             await self._apply_family(plan, 4)
@@ -211,7 +256,7 @@ class IptablesFirewall:
                     not net.internal and any(s.version == 6 for s in net.subnets)
                     for net in plan.networks
                 ):
-                    await self._sysctl("net.ipv6.conf.all.forwarding", "1")
+                    await self._sysctl("net/ipv6/conf/all/forwarding", "1")
                 await self._apply_family(plan, 6)
                 self._v6_used = plan.needs_ipv6()
 
@@ -229,12 +274,12 @@ class IptablesFirewall:
     async def _ensure_bridge_netfilter(self) -> None:
         """icc=false needs bridged traffic to pass iptables (as Docker's bridge does)."""
         loaded = await asyncio.get_running_loop().run_in_executor(
-            None, (SYSCTL / "net/bridge").exists
+            None, (self._sysctl_dir / "net/bridge").exists
         )
         if not loaded:
             await self._exec(["modprobe", "br_netfilter"])
-        await self._sysctl("net.bridge.bridge-nf-call-iptables", "1")
-        await self._sysctl("net.bridge.bridge-nf-call-ip6tables", "1")
+        await self._sysctl("net/bridge/bridge-nf-call-iptables", "1")
+        await self._sysctl("net/bridge/bridge-nf-call-ip6tables", "1")
 
     async def differences(self, plan: FirewallPlan) -> list[str]:
         """What ``apply(plan)`` would change, one line each; empty when in sync."""
@@ -244,7 +289,7 @@ class IptablesFirewall:
             save = "iptables-save" if version == 4 else "ip6tables-save"
             present = _saved_rules(await self._exec([save]))
             chains = self.render(plan, version)
-            loopback = "127.0.0.0/8" if version == 4 else "::1/128"
+            not_loopback = "" if version == 4 else "! -d ::1/128 "
             tag = f"IPv{version}"
             for chain, want in chains.items():
                 table = "nat" if chain in (self.names.chain_postrouting, self.names.chain_dnat) \
@@ -255,7 +300,7 @@ class IptablesFirewall:
                 out.extend(f"{tag} missing rule: {r}" for r in want_norm if r not in have_norm)
                 out.extend(f"{tag} unexpected rule: {r}" for r in have_norm if r not in want_norm)
             for table, chain, _, match in self._jumps():
-                if not _has_rule(present, table, chain, match.format(loopback=loopback)):
+                if not _has_rule(present, table, chain, match.format(not_loopback=not_loopback)):
                     out.append(f"{tag} missing jump in {table}/{chain} to our chain")
                     self._jumps_ok.discard(version)
         return out
@@ -281,6 +326,14 @@ class IptablesFirewall:
                     lines.append("COMMIT")
                 await self._exec([restore, "--noflush"], "\n".join(lines) + "\n")
                 self._jumps_ok.discard(version)
+
+
+def _docker_user_position(present: dict[str, list[str]]) -> int:
+    """1-based position of FORWARD's jump to DOCKER-USER, 0 if there is none."""
+    forward = [r for r in present.get("filter", []) if r.startswith("-A FORWARD ")]
+    return next(
+        (i for i, r in enumerate(forward, 1) if _normalize(r) == "-A FORWARD -j DOCKER-USER"), 0
+    )
 
 
 def _saved_rules(saved: str) -> dict[str, list[str]]:

@@ -302,8 +302,9 @@ class NetlinkLinks:
         def ensure(ipr: Any) -> None:
             master = self._bridge_index.get(spec.bridge)
             if master is not None:
-                try:  # the usual case: a new pair on a known bridge, one round trip
+                try:  # the usual case: a new pair on a known bridge
                     ipr.link("add", **self._veth_args(spec, master))
+                    self._hairpin(ipr, spec.host)
                     return
                 except NetlinkError as exc:
                     if exc.code != errno.EEXIST:
@@ -318,6 +319,7 @@ class NetlinkLinks:
             if host is None:
                 host = self._add_veth(ipr, spec, master)
                 if host is None:
+                    self._hairpin(ipr, spec.host)
                     return
             if _kind(host) != "veth":
                 raise KernelError(f"interface {spec.host} exists and is not a veth")
@@ -331,8 +333,15 @@ class NetlinkLinks:
                 ipr.link("set", index=index, **changes)
             if not host["flags"] & IFF_UP:
                 ipr.link("set", index=index, state="up")
+            self._hairpin(ipr, spec.host)
 
         await self._run(f"ensure veth {spec.host}", ensure)
+
+    @staticmethod
+    def _hairpin(ipr: Any, host: str) -> None:
+        """A container reaching its own published port through the host's address is DNAT'd
+        back out the port it came in by (br_netfilter): that needs hairpin mode."""
+        ipr.link("set", ifname=host, kind="bridge_slave", mode=1)
 
     @staticmethod
     def _veth_args(spec: VethSpec, master: int) -> dict[str, Any]:

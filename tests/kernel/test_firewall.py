@@ -80,10 +80,12 @@ async def test_foreign_rules_and_chains_are_untouched(
     assert "-A DOCKER-USER -s 10.99.0.0/16 -j DROP" in save
     assert "-A FORWARD -j DOCKER-USER" in save
     assert ":FORWARD DROP" in save, "we never change a policy"
-    # Our jump comes after DOCKER-USER, so the operator's policy applies to our networks too.
+    # Our jumps come after DOCKER-USER, so the operator's policy applies to our networks too.
     forward = [r for r in rules(save) if r.startswith("-A FORWARD")]
     assert forward.index("-A FORWARD -j DOCKER-USER") < forward.index(
         "-A FORWARD -m comment --comment pk-driver -j PK-FORWARD")
+    assert forward.index("-A FORWARD -j DOCKER-USER") < forward.index(
+        "-A FORWARD -m comment --comment pk-driver -j PK-ISOLATION")
 
 
 async def test_differences_report_drift_and_remove_all_cleans_up(
@@ -116,3 +118,26 @@ async def test_a_flushed_forward_chain_is_noticed_and_restored(
     await firewall.apply(PLAN)
     assert "-A FORWARD -m comment --comment pk-driver -j PK-FORWARD" in netns.iptables_save()
     assert await firewall.differences(PLAN) == []
+
+
+async def test_docker_bridges_are_other_networks_and_loopback_ports_work(
+    firewall: IptablesFirewall, netns: Netns
+) -> None:
+    user_named = NetworkRules(bridge="br-mine", subnets=(net("10.63.0.0/24"),), icc=True,
+                              masquerade=True, internal=False)
+    await firewall.apply(FirewallPlan(networks=(NET_A, user_named), forwards=(FWD,)))
+    got = rules(netns.iptables_save())
+    a = NET_A.bridge
+    # Inside one network: never an isolation matter, even for a bridge named br-*.
+    assert got.index("-A PK-ISOLATION -i br-mine -o br-mine -j RETURN") < got.index(
+        "-A PK-ISOLATION -i br-+ -o br-mine -j DROP")
+    assert f"-A PK-ISOLATION -i docker0 -o {a} -j DROP" in got
+    assert "-A PK-ISOLATION-2 -o docker0 -j DROP" in got
+    assert "-A PK-ISOLATION-2 -o br-+ -j DROP" in got
+    # 127.0.0.1:8080 from the host: DNAT'd (no loopback exclusion) and masqueraded.
+    assert "-A OUTPUT -m addrtype --dst-type LOCAL -m comment --comment pk-driver -j PK-DNAT" \
+        in got
+    assert (f"-A PK-POSTROUTING -s 127.0.0.0/8 -o {a} -m addrtype --src-type LOCAL "
+            "-j MASQUERADE") in got
+    assert await firewall.differences(FirewallPlan(networks=(NET_A, user_named),
+                                                   forwards=(FWD,))) == []

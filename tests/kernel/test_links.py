@@ -170,3 +170,14 @@ async def test_raw_link_dump_matches_ip_json(links: NetlinkLinks, netns: Netns) 
         assert mine["kind"] == link.get("linkinfo", {}).get("info_kind")
         master = link.get("master")
         assert mine["master"] == (theirs[master]["ifindex"] if master else None)
+
+
+async def test_bridge_ports_are_in_hairpin_mode(links: NetlinkLinks, netns: Netns) -> None:
+    await links.ensure_bridge(BRIDGE)
+    await links.ensure_veth(VETH)
+    link = netns.link(VETH.host)
+    assert link is not None and link["linkinfo"]["info_slave_data"]["hairpin"] is True
+    netns.sh("ip", "link", "set", VETH.host, "type", "bridge_slave", "hairpin", "off")
+    await links.ensure_veth(VETH)
+    link = netns.link(VETH.host)
+    assert link is not None and link["linkinfo"]["info_slave_data"]["hairpin"] is True
