@@ -13,6 +13,10 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        # pyroute2 logs every netlink message at debug on loggers with levels of their own,
+        # far too much even for our debug level.
+        if record.name.startswith("pyroute2") and record.levelno < logging.WARNING:
+            return False
         record.request_id = request_id.get()
         return True
 
@@ -46,5 +50,3 @@ def setup(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
     # aiohttp's access log repeats what our request log says.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    # pyroute2 logs every netlink message at debug: far too much even for our debug level.
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)

@@ -69,6 +69,10 @@ FORBIDDEN_NETS = (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("fd
 _BASE_RE = re.compile(rf"^{PREFIX}-[a-z0-9]{{6}}$")
 _NETNS_RE = re.compile(rf"^{PREFIX}-[a-z0-9]{{6}}r?$")
 _PLUGIN_SOCK_RE = re.compile(r"^pdt[a-z]{5}\.sock$")
+_PLUGIN_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+#: In a session's base dir: ids of managed plugins created in its engine, one a line. Their
+#: socket dirs, /run/docker/plugins/<id>/, are on the host and outlive the data-root.
+MANAGED_PLUGINS = "managed-plugins"
 #: Daemons of ours that an interrupted run may leave behind, by /proc/<pid>/comm.
 _OUR_COMMS = frozenset({
     "dockerd", "containerd", "containerd-shim", "containerd-shim-runc-v2", "docker-proxy",
@@ -368,6 +372,8 @@ def cleanup_leftovers(log: Callable[[str], None] = lambda _msg: None) -> None:
         _wait_gone(victims, 10)
 
     # 3. Mounts, namespaces, cgroups, files.
+    for base in bases:
+        remove_managed_plugin_dirs(base, log)
     unmount_under(base_strs)
     for ns in netns:
         log(f"deleting leftover netns {ns.name}")
@@ -386,6 +392,17 @@ def cleanup_leftovers(log: Callable[[str], None] = lambda _msg: None) -> None:
                 log(f"removing leftover plugin socket {sock}")
                 with contextlib.suppress(OSError):
                     sock.unlink()
+
+
+def remove_managed_plugin_dirs(base: Path, log: Callable[[str], None] = lambda _m: None,
+                               ) -> None:
+    """Remove /run/docker/plugins/<id>/ of the managed plugins listed in ``base``."""
+    for plugin_id in _read(str(base / MANAGED_PLUGINS)).split():
+        path = PLUGIN_DIR / plugin_id
+        if _PLUGIN_ID_RE.match(plugin_id) and path.is_dir():
+            log(f"removing leftover managed-plugin dir {path}")
+            unmount_under([str(path)])
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,6 +472,22 @@ def _pids_in_netns(ns: str) -> set[int]:
 # The plugin process
 # --------------------------------------------------------------------------------------------
 
+def socket_answers(path: Path, *, timeout: float = 2.0) -> bool:
+    """True if a plugin on Unix socket ``path`` answers ``POST /Plugin.Activate`` with 200."""
+    request = (b"POST /Plugin.Activate HTTP/1.1\r\nHost: plugin\r\n"
+               b"Accept: application/vnd.docker.plugins.v1.2+json\r\n"
+               b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+            s.sendall(request)
+            head = s.recv(64)
+        except OSError:
+            return False
+    return head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200")
+
+
 @dataclass
 class Plugin:
     """The pouch-driver daemon, run inside the engine netns.
@@ -470,6 +503,8 @@ class Plugin:
     log_path: Path
     prefix: str = PLUGIN_PREFIX
     extra_args: tuple[str, ...] = ()
+    #: Extra environment of the daemon (e.g. ``POUCH_DRIVER_GC_INTERVAL``), read at each start.
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     starts: int = 0
 
@@ -501,6 +536,7 @@ class Plugin:
         self._mark(f"start #{self.starts}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("POUCH_DRIVER_")}
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.env)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
@@ -533,18 +569,7 @@ class Plugin:
         connect() alone can succeed while start-up is still reconciling; an answered request
         is what the engine needs.
         """
-        request = (b"POST /Plugin.Activate HTTP/1.1\r\nHost: plugin\r\n"
-                   b"Accept: application/vnd.docker.plugins.v1.2+json\r\n"
-                   b"Content-Length: 0\r\nConnection: close\r\n\r\n")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(2.0)
-            try:
-                s.connect(str(self.socket))
-                s.sendall(request)
-                head = s.recv(64)
-            except OSError:
-                return False
-        return head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200")
+        return socket_answers(self.socket)
 
     def accepts(self) -> bool:
         """True if a connect() on the socket succeeds."""
@@ -630,6 +655,8 @@ class Engine:
             log_path=self.base / "plugin.log",
         )
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Start dockerd with ``--live-restore`` (see :meth:`restart_dockerd`).
+        self.live_restore = False
         self.timings: dict[str, float] = {}
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
         env.update(DOCKER_HOST=f"unix://{self.sock}", DOCKER_CONFIG=str(self.base / "cli"),
@@ -669,6 +696,7 @@ class Engine:
             "-H", f"unix://{self.sock}", "--pidfile", str(self.pidfile),
             "--storage-driver", "vfs", "--config-file", str(b / "daemon.json"),
             "--cgroup-parent", self.cgroup_parent, "--log-level", "debug",
+            *(["--live-restore"] if self.live_restore else []),
         ])
 
     def start_dockerd(self, *, timeout: float = 60.0) -> None:
@@ -685,9 +713,12 @@ class Engine:
                 raise RuntimeError(f"dockerd exited with {self.proc.returncode}\n"
                                    f"--- dockerd log ---\n{tail(self.log_path, 60)}")
             if self.sock.exists():
-                r = run(self._docker_cmd("version", "--format", "{{.Server.Version}}"),
-                        check=False, timeout=10, env=self.env)
-                if r.returncode == 0:
+                try:
+                    r = run(self._docker_cmd("version", "--format", "{{.Server.Version}}"),
+                            check=False, timeout=10, env=self.env)
+                except CommandFailed:  # timed out: the API listens before start-up is done
+                    r = None
+                if r is not None and r.returncode == 0:
                     self.server_version = r.stdout.strip()
                     return
             if time.monotonic() > deadline:
@@ -758,6 +789,7 @@ class Engine:
         _remove_cgroup_dirs(cgroups)
         with contextlib.suppress(OSError):
             self.plugin.socket.unlink()
+        remove_managed_plugin_dirs(self.base)
         self._keep_logs()
         shutil.rmtree(self.base, ignore_errors=True)
         self.timings["teardown"] = time.monotonic() - t0
@@ -775,10 +807,35 @@ class Engine:
             if path.exists():
                 shutil.copyfile(path, dest / f"{self.netns}-{path.name}")
 
-    def restart_dockerd(self, *, timeout: float = 60.0) -> None:
-        """SIGTERM dockerd (it stops running containers, §5.8) and start it again."""
+    def restart_dockerd(self, *, timeout: float = 60.0, live_restore: bool | None = None,
+                        ) -> None:
+        """SIGTERM dockerd (it stops running containers unless live-restore is on, §5.8) and
+        start it again; ``live_restore`` (if given) sets :attr:`live_restore` for the new one."""
         self.stop_dockerd()
+        if live_restore is not None:
+            self.live_restore = live_restore
         self.start_dockerd(timeout=timeout)
+
+    def containerd_pids(self) -> list[int]:
+        """The containerd daemon(s) in the engine netns (not the shims)."""
+        return sorted(p for p in _pids_in_netns(self.netns)
+                      if _read(f"/proc/{p}/comm").strip() == "containerd")
+
+    def kill_dockerd(self, *, containerd: bool = False) -> None:
+        """SIGKILL dockerd, as a crash would (no container is stopped, no plugin call is
+        made); with ``containerd`` also its containerd. Shims and containers live on."""
+        victims = self.containerd_pids() if containerd else []
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if victims:
+            _kill_pids(victims)
+            _wait_gone(victims, 10)
+            # The dead containerd may linger as a zombie (our pid 1 may not reap it), which
+            # the next dockerd takes for a live one ("containerd is still running") and then
+            # times out on: drop its pidfile so a fresh one is started.
+            with contextlib.suppress(OSError):
+                (self.base / "exec" / "containerd" / "containerd.pid").unlink()
 
     def _remove_all_containers(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -823,6 +880,14 @@ class Engine:
         self.docker("import", "--change", 'CMD ["sh"]', str(tar_path), self.image, timeout=120)
         tar_path.unlink()
         shutil.rmtree(root)
+
+    def note_managed_plugin(self, plugin_id: str) -> None:
+        """Record a managed plugin made in this engine: its host dir is removed at teardown
+        and by :func:`cleanup_leftovers` after an interrupted run."""
+        if not _PLUGIN_ID_RE.match(plugin_id):
+            raise ValueError(f"not a plugin id: {plugin_id!r}")
+        with (self.base / MANAGED_PLUGINS).open("a") as f:
+            f.write(plugin_id + "\n")
 
     # ---- commands ---------------------------------------------------------------------------
 
@@ -909,17 +974,26 @@ class Engine:
 
     def plugin_links(self) -> list[str]:
         """Names of the interfaces in the engine netns carrying the plugin's prefix."""
-        p = self.plugin.prefix
+        return self.prefixed_links(self.plugin.prefix)
+
+    def prefixed_links(self, prefix: str) -> list[str]:
+        """Interfaces in the engine netns named like a pouch-driver with ``prefix`` names them
+        (bridges, host and container veth ends), e.g. those of a second driver instance."""
         return sorted(lk["ifname"] for lk in self.links()
-                      if re.match(rf"^{p}[bhc][0-9a-z]+$", lk.get("ifname", "")))
+                      if re.match(rf"^{prefix}[bhc][0-9a-z]+$", lk.get("ifname", "")))
+
+    def pids_in_netns(self) -> set[int]:
+        """Every process in the engine netns (dockerd, containerd, plugins, containers)."""
+        return _pids_in_netns(self.netns)
 
     def iptables_save(self, table: str | None = None) -> str:
         args = ["iptables-save"] + (["-t", table] if table else [])
         return self.in_engine_ns(*args).stdout
 
-    def bridge_name(self, network_id: str) -> str:
-        """The bridge name the plugin documents: ``<prefix>b<id>`` cut to 15 bytes."""
-        p = self.plugin.prefix
+    def bridge_name(self, network_id: str, prefix: str | None = None) -> str:
+        """The bridge name the plugin documents: ``<prefix>b<id>`` cut to 15 bytes
+        (``prefix``: another instance's, default the session plugin's)."""
+        p = prefix or self.plugin.prefix
         return f"{p}b{network_id[: 15 - len(p) - 1]}"
 
 
@@ -967,15 +1041,18 @@ class Scope:
     def create_network(self, base: str, *, subnet: str | None = None,
                        gateway: str | None = None, ipam: bool = True,
                        options: dict[str, str] | None = None, extra: Sequence[str] = (),
-                       check: bool = True) -> str:
+                       check: bool = True, driver: str | None = None) -> str:
         """``docker network create -d <plugin> [--ipam-driver <plugin>] ...``; returns the name.
 
+        ``driver``: another driver than the session's plugin (e.g. ``name:latest`` of a
+        managed plugin), used for both ``-d`` and ``--ipam-driver``.
         The network is removed at teardown even if creation fails half-way.
         """
         name = self.name(base)
-        args = ["network", "create", "-d", self.driver]
+        driver = driver or self.driver
+        args = ["network", "create", "-d", driver]
         if ipam:
-            args += ["--ipam-driver", self.driver]
+            args += ["--ipam-driver", driver]
         if subnet:
             check_no_overlap(subnet)
             args += ["--subnet", subnet]
