@@ -191,6 +191,19 @@ class NetlinkLinks:
         (self._deletes if delete else self._jobs).put((call, fut, loop))
         return await fut
 
+    def _background(self, what: str, fn: Callable[[Any], object]) -> None:
+        """Run ``fn`` on the slow lane without waiting; a vanished link is not an error."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[object] = loop.create_future()
+
+        def done(f: asyncio.Future[object]) -> None:
+            exc = f.exception()
+            if exc is not None and not (isinstance(exc, NetlinkError) and exc.code == errno.ENODEV):
+                log.warning("%s failed: %s", what, exc)
+
+        fut.add_done_callback(done)
+        self._deletes.put((fn, fut, loop))
+
     async def close(self) -> None:
         for lane in self._lanes:
             lane.put(None)
@@ -304,7 +317,6 @@ class NetlinkLinks:
             if master is not None:
                 try:  # the usual case: a new pair on a known bridge
                     ipr.link("add", **self._veth_args(spec, master))
-                    self._hairpin(ipr, spec.host)
                     return
                 except NetlinkError as exc:
                     if exc.code != errno.EEXIST:
@@ -319,7 +331,6 @@ class NetlinkLinks:
             if host is None:
                 host = self._add_veth(ipr, spec, master)
                 if host is None:
-                    self._hairpin(ipr, spec.host)
                     return
             if _kind(host) != "veth":
                 raise KernelError(f"interface {spec.host} exists and is not a veth")
@@ -333,9 +344,11 @@ class NetlinkLinks:
                 ipr.link("set", index=index, **changes)
             if not host["flags"] & IFF_UP:
                 ipr.link("set", index=index, state="up")
-            self._hairpin(ipr, spec.host)
 
         await self._run(f"ensure veth {spec.host}", ensure)
+        # Hairpin mode only matters to a container reaching its own published port: set it
+        # off the request path (the host end stays in this namespace; any time will do).
+        self._background(f"hairpin on {spec.host}", lambda ipr: self._hairpin(ipr, spec.host))
 
     @staticmethod
     def _hairpin(ipr: Any, host: str) -> None:
