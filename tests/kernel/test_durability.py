@@ -153,3 +153,18 @@ async def test_kill_9_at_a_random_instant_of_a_churn(
     async with EngineClient(plugin.socket_path) as c:  # the engine's next operations succeed
         await start_endpoint(c, 1000)
         await c.call("NetworkDriver.DeleteEndpoint", {"NetworkID": NID, "EndpointID": eid(1000)})
+
+
+def test_a_damaged_store_stops_start_up_and_is_never_reset(
+    plugin: PluginProcess, netns: Netns
+) -> None:
+    plugin.signal(signal.SIGTERM)
+    db = plugin.state_dir / "state.db"
+    db.write_bytes(db.read_bytes()[:700])  # truncated mid-page
+    (plugin.state_dir / "state.db-wal").unlink(missing_ok=True)
+    damaged = db.read_bytes()
+    with pytest.raises(RuntimeError, match="plugin exited with 1") as exc:
+        plugin.start(timeout=15)
+    assert "is damaged" in str(exc.value) and "left untouched" in str(exc.value)
+    assert db.read_bytes() == damaged
+    assert not plugin.socket_path.exists(), "no socket is left for the engine to hang on"
