@@ -22,6 +22,7 @@ class PoolUse:
     network: str
     sub_pool: str | None
     used: int
+    reclaimed: int  # parked after their endpoint was dropped; reused last
     size: int
 
 
@@ -38,7 +39,8 @@ def _pool_use(state: PoolState) -> PoolUse:
         pool_id=state.pool.pool_id,
         network=str(state.pool.network),
         sub_pool=str(state.pool.sub_pool) if state.pool.sub_pool else None,
-        used=len(state.allocated),
+        used=len(state.allocated) - (parked := state.reclaimed),
+        reclaimed=parked,
         size=state.hi - state.lo + 1 - len(state.reserved),
     )
 

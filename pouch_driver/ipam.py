@@ -25,6 +25,11 @@ from .model import (
 
 GATEWAY = "gateway"
 ADDRESS = "address"
+#: The address of an endpoint we dropped without the engine's word (its veth was gone). The
+#: engine may still send its ReleaseAddress later; if the address had been handed to a new
+#: endpoint by then, that release would free the new owner's address. So it is parked: given
+#: out again only when asked for by name, or when nothing else is free.
+RECLAIMED = "reclaimed"
 
 
 def _interface(addr: int, network: IPNetwork) -> IPInterface:
@@ -88,6 +93,15 @@ class PoolState:
             self.in_range -= 1
         return True
 
+    @property
+    def reclaimed(self) -> int:
+        return sum(1 for kind in self.allocated.values() if kind == RECLAIMED)
+
+    def oldest_reclaimed(self) -> int | None:
+        """Allocations keep their insertion order, so the first is the longest parked."""
+        return next((a for a, kind in self.allocated.items()
+                     if kind == RECLAIMED and self.lo <= a <= self.hi), None)
+
     def next_free(self) -> int:
         """Round-robin from the cursor, so a released address is not reused at once.
 
@@ -107,6 +121,7 @@ class AddressGrant:
     address: IPInterface
     kind: str
     cursor: int
+    was_parked: bool = False  # it was a RECLAIMED address: an undo parks it again
 
 
 class Ipam:
@@ -222,18 +237,25 @@ class Ipam:
             if addr in state.reserved:
                 what = "network" if addr == int(net.network_address) else "broadcast"
                 raise InvalidRequest(f"Address {address} is the {what} address of pool {net}")
-            if addr in state.allocated:
+            if state.allocated.get(addr, RECLAIMED) != RECLAIMED:
                 raise Conflict(f"Address {address} is already in use in pool {net}")
         elif gateway and (first := self._first_host(state)) is not None:
             addr = first
-        else:
-            if state.free <= 0:
-                where = f"range {state.pool.sub_pool}" if state.pool.sub_pool else f"pool {net}"
-                raise Exhausted(f"no free address left in {where}")
+        elif state.free > 0:
             addr = state.next_free()
             state.cursor = state.lo if addr >= state.hi else addr + 1
-        state.take(addr, kind)
-        return AddressGrant(pool_id, _interface(addr, net), kind, state.cursor)
+        elif (parked := state.oldest_reclaimed()) is not None:
+            addr = parked
+        else:
+            where = f"range {state.pool.sub_pool}" if state.pool.sub_pool else f"pool {net}"
+            raise Exhausted(f"no free address left in {where}")
+        parked = addr in state.allocated
+        if parked:
+            del state.allocated[addr]
+            state.allocated[addr] = kind
+        else:
+            state.take(addr, kind)
+        return AddressGrant(pool_id, _interface(addr, net), kind, state.cursor, parked)
 
     @staticmethod
     def _first_host(state: PoolState) -> int | None:
@@ -250,6 +272,15 @@ class Ipam:
         if state is None:
             return False
         return state.drop(int(address))
+
+    def reclaim(self, pool_id: str, address: IPAddress, kind: str = ADDRESS) -> bool:
+        """Park an address of this kind that its endpoint no longer uses (see ``RECLAIMED``)."""
+        state = self.pools.get(pool_id)
+        if state is None or state.allocated.get(int(address)) != kind:
+            return False
+        del state.allocated[int(address)]  # to the end of the order: parked last, reused last
+        state.allocated[int(address)] = RECLAIMED
+        return True
 
     def pool_of(self, address: IPAddress) -> PoolState | None:
         for state in self.pools.values():

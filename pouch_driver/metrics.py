@@ -95,12 +95,20 @@ class Metrics:
             "# HELP pouch_driver_pool_addresses Addresses a pool can hand out.",
             "# TYPE pouch_driver_pool_addresses gauge",
         ]
+        reclaimed: list[str] = [
+            "# HELP pouch_driver_pool_addresses_reclaimed Addresses of endpoints dropped without"
+            " the engine's word, reused only when nothing else is free.",
+            "# TYPE pouch_driver_pool_addresses_reclaimed gauge",
+        ]
         for _, state in sorted(svc.ipam.pools.items()):
             label = f'pool="{state.pool.network}",space="{state.pool.address_space}"'
-            out.append(f"pouch_driver_pool_addresses_used{{{label}}} {len(state.allocated)}")
+            parked = state.reclaimed
+            out.append(f"pouch_driver_pool_addresses_used{{{label}}} "
+                       f"{len(state.allocated) - parked}")
+            reclaimed.append(f"pouch_driver_pool_addresses_reclaimed{{{label}}} {parked}")
             size = state.hi - state.lo + 1 - len(state.reserved)
             sizes.append(f"pouch_driver_pool_addresses{{{label}}} {size}")
-        out += sizes
+        out += sizes + reclaimed
         out += [
             "# HELP pouch_driver_pending_deletes Veths waiting for their deferred delete.",
             "# TYPE pouch_driver_pending_deletes gauge",

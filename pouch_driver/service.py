@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from . import store as st
 from .config import Settings
 from .errors import Conflict, DriverError, Exhausted, InvalidRequest, NotFound
-from .ipam import ADDRESS, AddressGrant, Ipam
+from .ipam import ADDRESS, RECLAIMED, AddressGrant, Ipam
 from .kernel import BridgeSpec, Firewall, FirewallPlan, Links, NetworkRules, PortForward, VethSpec
 from .locks import Coalescer, KeyedLocks
 from .model import (
@@ -640,8 +640,21 @@ class Service:
             log.warning("address %s: adopted the reservation a lost answer left", address)
             return ipaddress.ip_interface((address, state.pool.network.prefixlen))
         grant = self.ipam.request_address(pool_id, address, gateway)
-        await self._durably([self._put_address(grant)],
-                            undo=lambda: self.ipam.release_address(pool_id, grant.address.ip))
+        # Granted in this run (a parked address can be from before): no longer a reservation
+        # a lost answer could have left, even for a request racing this one.
+        key = (pool_id, int(grant.address.ip))
+        was_before = key in self.before.addresses
+        self.before.addresses.discard(key)
+
+        def undo() -> None:
+            if grant.was_parked:
+                self.ipam.reclaim(pool_id, grant.address.ip, grant.kind)
+                if was_before:
+                    self.before.addresses.add(key)
+            else:
+                self.ipam.release_address(pool_id, grant.address.ip)
+
+        await self._durably([self._put_address(grant)], undo=undo)
         return grant.address
 
     def leftover_address(self, pool_id: str, address: IPAddress) -> bool:
@@ -700,7 +713,8 @@ class Service:
         release: bool = True,
         reason: str = "veth gone",
     ) -> list[str]:
-        """Drop endpoints the engine will never delete, and (``release``) free their addresses.
+        """Drop endpoints the engine will never delete, and (``release``) park their addresses
+        as ``RECLAIMED``: free for reuse, but last, as the engine may still release them.
 
         ``linkless``: endpoint IDs whose veth is known gone (no delete to schedule).
         """
@@ -717,14 +731,15 @@ class Service:
                 if addr is None or not release or addr.ip in held:
                     continue  # never free an address another endpoint holds now
                 state = self.ipam.pool_of(addr.ip)
-                if state is not None and int(addr.ip) in state.allocated:
-                    ops.append(st.DeleteAddress(state.pool.pool_id, int(addr.ip), addr.version))
+                if state is not None and state.allocated.get(int(addr.ip)) == ADDRESS:
+                    ops.append(st.PutAddress(state.pool.pool_id, int(addr.ip), addr.version,
+                                             RECLAIMED, state.cursor))
                     released.append((state.pool.pool_id, addr.ip))
         def forget() -> None:
             for ep in dead:
                 self.endpoints.pop(ep.endpoint_id, None)
             for pool_id, ip in released:
-                self.ipam.release_address(pool_id, ip)
+                self.ipam.reclaim(pool_id, ip)
                 self.before.addresses.discard((pool_id, int(ip)))
 
         await self._durably(ops, after=forget)
@@ -736,7 +751,7 @@ class Service:
         freed = {ip for _, ip in released}
         return [
             f"forgot endpoint {short(ep.endpoint_id)} ({reason})"
-            + (" and released " + ", ".join(str(a.ip) for a in (ep.address, ep.address_v6)
+            + (" and reclaimed " + ", ".join(str(a.ip) for a in (ep.address, ep.address_v6)
                                             if a and a.ip in freed)
                if any(a and a.ip in freed for a in (ep.address, ep.address_v6)) else "")
             for ep in dead

@@ -83,8 +83,8 @@ async def status(settings: Settings, as_json: bool, out: TextIO = sys.stdout) ->
         for e in doc["Endpoints"]
     ])
     out.write("\n")
-    _table(out, "POOL USED SIZE", [
-        [p["PoolID"], str(p["Used"]), str(p["Size"])] for p in doc["Pools"]
+    _table(out, "POOL USED RECLAIMED SIZE", [
+        [p["PoolID"], str(p["Used"]), str(p["Reclaimed"]), str(p["Size"])] for p in doc["Pools"]
     ])
     if doc["PendingDeletes"]:
         out.write(f"\n{doc['PendingDeletes']} veth deletions pending\n")

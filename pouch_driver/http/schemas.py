@@ -423,6 +423,7 @@ class PoolStatus(Response):
     network = fields.String(data_key="Pool")
     sub_pool = fields.String(data_key="SubPool", allow_none=True)
     used = fields.Integer(data_key="Used")
+    reclaimed = fields.Integer(data_key="Reclaimed")
     size = fields.Integer(data_key="Size")
 
 

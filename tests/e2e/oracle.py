@@ -276,7 +276,9 @@ def _address_problems(engine: Engine, st: dict[str, Any], nets: dict[str, Engine
         want.update(dict.fromkeys(n.aux, f"aux address of {n.name}"))
         want.update({ip: f"address of {name} on {n.name}"
                      for name, ip in n.endpoints.values() if ip})
-    have = {addr for rows in stored.values() for addr, _kind in rows}
+    # Reclaimed addresses (of endpoints the plugin dropped without the engine's word) are
+    # parked, reused last: neither in use nor leaked.
+    have = {addr for rows in stored.values() for addr, kind in rows if kind != "reclaimed"}
     problems = [Problem("address-leaked", f"address {a} is allocated in the plugin's IPAM but "
                         "used by nothing the engine knows (leaked)")
                 for a in sorted(have - set(want))]
@@ -288,10 +290,12 @@ def _address_problems(engine: Engine, st: dict[str, Any], nets: dict[str, Engine
                          "network") for p in sorted(pools - want_pools)]
     problems += [Problem("pool-missing", f"pool {p} of an engine network is not held by the "
                          "plugin's IPAM") for p in sorted(want_pools - pools)]
-    used = {p["PoolID"]: p["Used"] for p in st["Pools"]}
-    problems += [Problem("pool-count", f"status says pool {pid} uses {used.get(pid)}, the store "
-                         f"holds {len(rows)}")
-                 for pid, rows in stored.items() if used.get(pid) != len(rows)]
+    used = {p["PoolID"]: (p["Used"], p["Reclaimed"]) for p in st["Pools"]}
+    counts = {pid: (sum(k != "reclaimed" for _, k in rows), sum(k == "reclaimed" for _, k in rows))
+              for pid, rows in stored.items()}
+    problems += [Problem("pool-count", f"status says pool {pid} uses/parks {used.get(pid)}, the "
+                         f"store holds {count}")
+                 for pid, count in counts.items() if used.get(pid) != count]
     return problems
 
 

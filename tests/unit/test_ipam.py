@@ -136,6 +136,36 @@ def test_exhaustion_then_release_allows_one_more() -> None:
     assert ipam.request_address(pool.pool_id, None).address.ip == got[3]
 
 
+def test_reclaimed_addresses_are_reused_last_and_oldest_first() -> None:
+    ipam = make()
+    pool = ipam.request_pool(LOCAL, net("10.1.0.0/29"), None, False)
+    got = [ipam.request_address(pool.pool_id, None).address.ip for _ in range(6)]
+    assert ipam.reclaim(pool.pool_id, got[4]) and ipam.reclaim(pool.pool_id, got[1])
+    assert not ipam.reclaim(pool.pool_id, got[1])  # already parked
+    assert not ipam.reclaim(pool.pool_id, addr("10.1.0.7"))  # never handed out
+    ipam.release_address(pool.pool_id, got[2])
+    assert ipam.request_address(pool.pool_id, None).address.ip == got[2]  # free beats parked
+    first = ipam.request_address(pool.pool_id, None)
+    second = ipam.request_address(pool.pool_id, None)
+    assert (first.address.ip, second.address.ip) == (got[4], got[1])  # parked first, first
+    assert first.was_parked and first.kind == "address"
+    with pytest.raises(Exhausted):
+        ipam.request_address(pool.pool_id, None)
+
+
+def test_a_reclaimed_address_is_free_by_name_and_to_release() -> None:
+    ipam = make()
+    pool = ipam.request_pool(LOCAL, net("10.1.0.0/24"), None, False)
+    a, b = (ipam.request_address(pool.pool_id, None).address.ip for _ in range(2))
+    ipam.reclaim(pool.pool_id, a)
+    ipam.reclaim(pool.pool_id, b)
+    assert ipam.request_address(pool.pool_id, a).was_parked
+    with pytest.raises(Conflict):
+        ipam.request_address(pool.pool_id, a)
+    assert ipam.release_address(pool.pool_id, b) is True
+    assert ipam.pools[pool.pool_id].free == 253  # 254 hosts, minus a
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     prefix=st.integers(min_value=24, max_value=30),

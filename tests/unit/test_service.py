@@ -10,6 +10,7 @@ import pytest
 
 from pouch_driver.config import Settings
 from pouch_driver.errors import Conflict, Exhausted, InvalidRequest, KernelError, NotFound
+from pouch_driver.ipam import RECLAIMED
 from pouch_driver.kernel import LinkInfo
 from pouch_driver.kernel.fake import FakeFirewall, FakeLinks
 from pouch_driver.model import IPAMData, NetworkOptions, PortBinding, Proto
@@ -241,11 +242,56 @@ async def test_sweep_forgets_endpoints_whose_veth_vanished(make_service: Factory
     assert (await sweep(svc)).repaired == ()
     await svc.links.ensure_link_absent(svc.endpoints[EID].host_ifname)  # the sandbox died
     (line,) = (await sweep(svc)).repaired
-    assert "released 10.5.0.2" in line
+    assert "reclaimed 10.5.0.2" in line
     assert svc.endpoints == {}
-    assert int(got.ip) not in svc.ipam.pools[pool.pool_id].allocated
+    assert svc.ipam.pools[pool.pool_id].allocated[int(got.ip)] == RECLAIMED
     svc = await restart(svc, make_service)
     assert svc.endpoints == {}
+    assert svc.ipam.pools[pool.pool_id].allocated[int(got.ip)] == RECLAIMED  # durably parked
+
+
+async def test_a_late_release_for_a_forgotten_endpoint_spares_the_next_owner(
+    make_service: Factory,
+) -> None:
+    """The sweep drops an endpoint whose veth died; the engine's ReleaseAddress for it may
+    still come. Until then its address goes to nobody, so that release cannot free the
+    address of a new endpoint; asked for by name (``--ip``), it is given back at once."""
+    svc = await make_service()
+    pool = await svc.request_pool("PouchLocal", ipaddress.ip_network("10.5.0.0/29"), None, False)
+    await svc.request_address(pool.pool_id, None, gateway=True)  # .1; .2-.6 are left
+    small = IPAMData("PouchLocal", ipaddress.ip_network("10.5.0.0/29"),
+                     ipaddress.ip_interface("10.5.0.1/29"))
+    await svc.create_network(NID, NetworkOptions(), [small], [])
+    dead = await svc.request_address(pool.pool_id, None, gateway=False)
+    await svc.create_endpoint(NID, EID, dead, None, None)  # type: ignore[arg-type]
+    await svc.links.ensure_link_absent(svc.endpoints[EID].host_ifname)
+    await sweep(svc)
+    # Round-robin would hand out .2 again after .6; parked, it is skipped.
+    fresh = [await svc.request_address(pool.pool_id, None, gateway=False) for _ in range(4)]
+    assert dead.ip not in {a.ip for a in fresh}
+    allocated = svc.ipam.pools[pool.pool_id].allocated
+    await svc.release_address(pool.pool_id, dead.ip)  # the engine's late release lands here
+    assert int(dead.ip) not in allocated
+    assert all(allocated[int(a.ip)] == "address" for a in fresh)
+    svc = await restart(svc, make_service)  # and it was durable
+    assert int(dead.ip) not in svc.ipam.pools[pool.pool_id].allocated
+
+
+async def test_a_reclaimed_address_asked_for_by_name_is_given(make_service: Factory) -> None:
+    svc = await make_service()
+    pool = await svc.request_pool("PouchLocal", ipaddress.ip_network("10.5.0.0/24"), None, False)
+    await svc.request_address(pool.pool_id, None, gateway=True)
+    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    dead = await svc.request_address(pool.pool_id, None, gateway=False)
+    await svc.create_endpoint(NID, EID, dead, None, None)  # type: ignore[arg-type]
+    await svc.links.ensure_link_absent(svc.endpoints[EID].host_ifname)
+    await sweep(svc)
+    svc = await restart(svc, make_service)
+    again = await svc.request_address(pool.pool_id, dead.ip, gateway=False)  # docker run --ip
+    assert again == dead
+    assert svc.ipam.pools[pool.pool_id].allocated[int(dead.ip)] == "address"
+    with pytest.raises(Conflict):
+        await svc.request_address(pool.pool_id, dead.ip, gateway=False)
 
 
 async def test_sweep_removes_orphan_links_and_restores_firewall(make_service: Factory) -> None:
