@@ -15,6 +15,9 @@ Where our rules sit, and why:
 * ``<P>-POSTROUTING`` (nat) masquerades our subnets leaving through another interface, and
   hairpins published ports; ``<P>-DNAT`` (nat, from PREROUTING and OUTPUT for local
   destinations) publishes ports.
+
+With no network left, the plan is empty and every chain and jump of ours is removed: deleting
+the last network (which ``docker plugin rm`` requires) leaves the firewall as we found it.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ class IptablesFirewall:
         # Families whose jumps into our chains are known present: their applies skip the
         # iptables-save that checks for them (one exec instead of two per change).
         self._jumps_ok: set[int] = set()
+        # Known to hold nothing of ours (after an empty plan): further empty plans cost no
+        # exec. Unknown at start, so the first empty plan clears what an earlier run left.
+        self._absent = False
         self._has_ip6tables = shutil.which("ip6tables-restore") is not None
 
     # --- process plumbing ---------------------------------------------------------------------
@@ -241,6 +247,11 @@ class IptablesFirewall:
     async def apply(self, plan: FirewallPlan) -> None:
         self._check_plan(plan)
         async with self._lock:
+            if not plan.networks and not plan.forwards:
+                if not self._absent:
+                    await self._remove_all()
+                return
+            self._absent = False
             if any(not net.internal for net in plan.networks):
                 await self._sysctl("net/ipv4/ip_forward", "1")
             # Published ports reach 127.0.0.1 too: the DNAT'd packet leaves through the bridge
@@ -283,6 +294,8 @@ class IptablesFirewall:
 
     async def differences(self, plan: FirewallPlan) -> list[str]:
         """What ``apply(plan)`` would change, one line each; empty when in sync."""
+        if not plan.networks and not plan.forwards:
+            return await self._leftovers()
         out: list[str] = []
         families = [4] + ([6] if self._has_ip6tables and plan.needs_ipv6() else [])
         for version in families:
@@ -306,26 +319,52 @@ class IptablesFirewall:
         return out
 
     async def remove_all(self) -> None:
-        """Remove every jump and chain of ours (used by tests and uninstall)."""
+        """Remove every jump and chain of ours (what an empty plan does)."""
         async with self._lock:
-            for version in (4, 6) if self._has_ip6tables else (4,):
-                save, restore = ("iptables-save", "iptables-restore") if version == 4 else \
-                    ("ip6tables-save", "ip6tables-restore")
-                present = _saved_rules(await self._exec([save]))
-                lines: list[str] = []
-                for table in ("filter", "nat"):
-                    lines.append(f"*{table}")
-                    for rule in present.get(table, []):
-                        if f'--comment "{self.names.comment}"' in rule or \
-                                f"--comment {self.names.comment}" in rule:
-                            lines.append(rule.replace("-A ", "-D ", 1))
-                    ours = [c for c in self.names.all_chains()
-                            if any(r.startswith(f":{c} ") for r in present.get(table, []))]
-                    lines.extend(f":{c} - [0:0]" for c in ours)
-                    lines.extend(f"-X {c}" for c in ours)
-                    lines.append("COMMIT")
-                await self._exec([restore, "--noflush"], "\n".join(lines) + "\n")
-                self._jumps_ok.discard(version)
+            await self._remove_all()
+
+    def _families(self) -> tuple[int, ...]:
+        return (4, 6) if self._has_ip6tables else (4,)
+
+    async def _ours(self, version: int) -> dict[str, tuple[list[str], list[str]]]:
+        """Table -> (our jumps in built-in chains, our chains), as iptables-save lists them."""
+        present = _saved_rules(await self._exec(
+            ["iptables-save" if version == 4 else "ip6tables-save"]))
+        out: dict[str, tuple[list[str], list[str]]] = {}
+        for table in ("filter", "nat"):
+            rules = present.get(table, [])
+            jumps = [r for r in rules if r.startswith("-A ") and (
+                f'--comment "{self.names.comment}"' in r or f"--comment {self.names.comment}" in r)]
+            chains = [c for c in self.names.all_chains() if any(
+                r.startswith(f":{c} ") for r in rules)]
+            out[table] = (jumps, chains)
+        return out
+
+    async def _remove_all(self) -> None:
+        for version in self._families():
+            lines: list[str] = []
+            for table, (jumps, chains) in (await self._ours(version)).items():
+                lines.append(f"*{table}")
+                lines.extend(r.replace("-A ", "-D ", 1) for r in jumps)
+                lines.extend(f":{c} - [0:0]" for c in chains)
+                lines.extend(f"-X {c}" for c in chains)
+                lines.append("COMMIT")
+            restore = "iptables-restore" if version == 4 else "ip6tables-restore"
+            await self._exec([restore, "--noflush"], "\n".join(lines) + "\n")
+            self._jumps_ok.discard(version)
+        self._v6_used = False
+        self._absent = True
+
+    async def _leftovers(self) -> list[str]:
+        out: list[str] = []
+        for version in self._families():
+            for table, (jumps, chains) in (await self._ours(version)).items():
+                out.extend(f"IPv{version} unexpected jump (no networks): {r}" for r in jumps)
+                out.extend(f"IPv{version} unexpected chain {table}/{c} (no networks)"
+                           for c in chains)
+        if out:
+            self._absent = False
+        return out
 
 
 def _docker_user_position(present: dict[str, list[str]]) -> int:

@@ -140,6 +140,7 @@ def test_managed_plugin_networks_and_containers(managed: Managed, e2e: Scope) ->
     e2e.assert_ping(a, ip_b)
     e2e.assert_ping(b, ip_a)
     e2e.assert_ping(a, "10.35.0.1")
+    assert f"-j {PREFIX.upper()}-FORWARD" in eng.iptables_save("filter")
     e2e.exec(b, "httpd", "-p", "80", "-h", "/www")
     assert "pouch-e2e-ok" in e2e.http_get(a, f"http://{ip_b}/").stdout
     # The store lives in the host directory mounted from config.json's "state" mount.
@@ -149,6 +150,10 @@ def test_managed_plugin_networks_and_containers(managed: Managed, e2e: Scope) ->
     e2e.remove_container(b)
     e2e.remove_network(net)
     assert eng.prefixed_links(PREFIX) == []
+    # Its last network gone, the plugin leaves no chain or jump (so `plugin rm` leaves none).
+    for cmd in ("iptables-save", "ip6tables-save"):
+        save = eng.in_engine_ns(cmd).stdout
+        assert f"{PREFIX.upper()}-" not in save and f"{PREFIX}-driver" not in save, save
 
 
 def test_managed_plugin_sets_net_sysctls(managed: Managed, e2e: Scope) -> None:

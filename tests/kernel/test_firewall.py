@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 from pouch_driver.kernel import FirewallPlan, NetworkRules, PortForward
@@ -75,17 +76,42 @@ async def test_foreign_rules_and_chains_are_untouched(
     netns.sh("iptables", "-A", "FORWARD", "-j", "DOCKER-USER")
     netns.sh("iptables", "-P", "FORWARD", "DROP")
     await firewall.apply(PLAN)
-    await firewall.apply(FirewallPlan())
+    await firewall.apply(FirewallPlan(networks=(NET_B,)))
     save = netns.iptables_save()
-    assert "-A DOCKER-USER -s 10.99.0.0/16 -j DROP" in save
-    assert "-A FORWARD -j DOCKER-USER" in save
-    assert ":FORWARD DROP" in save, "we never change a policy"
     # Our jumps come after DOCKER-USER, so the operator's policy applies to our networks too.
     forward = [r for r in rules(save) if r.startswith("-A FORWARD")]
     assert forward.index("-A FORWARD -j DOCKER-USER") < forward.index(
         "-A FORWARD -m comment --comment pk-driver -j PK-FORWARD")
     assert forward.index("-A FORWARD -j DOCKER-USER") < forward.index(
         "-A FORWARD -m comment --comment pk-driver -j PK-ISOLATION")
+    await firewall.apply(FirewallPlan())  # the last network is gone: so is all of ours
+    save = netns.iptables_save()
+    assert "-A DOCKER-USER -s 10.99.0.0/16 -j DROP" in save
+    assert "-A FORWARD -j DOCKER-USER" in save
+    assert ":FORWARD DROP" in save, "we never change a policy"
+    assert "PK-" not in save and "pk-driver" not in save
+
+
+async def test_no_network_left_means_nothing_of_ours_left(
+    firewall: IptablesFirewall, netns: Netns
+) -> None:
+    """Deleting the last network (docker plugin rm needs that) leaves no chain or jump, and a
+    fresh start with no networks clears what an earlier run left behind."""
+    await firewall.apply(PLAN)
+    # A restarted daemon (built off the loop: it looks up ip6tables on PATH).
+    later = await asyncio.to_thread(IptablesFirewall, firewall.names, netns=netns.name)
+    diffs = await later.differences(FirewallPlan())
+    assert any("unexpected jump" in d and "PK-FORWARD" in d for d in diffs), diffs
+    assert any("unexpected chain nat/PK-DNAT" in d for d in diffs), diffs
+    assert any(d.startswith("IPv6 unexpected chain") for d in diffs), diffs
+    await later.apply(FirewallPlan())
+    for v6 in (False, True):
+        save = netns.iptables_save(v6=v6)
+        assert "PK-" not in save and "pk-driver" not in save
+    assert await later.differences(FirewallPlan()) == []
+    await later.apply(FirewallPlan())  # known empty: nothing to do, nothing breaks
+    await later.apply(PLAN)  # and the first network brings everything back
+    assert await later.differences(PLAN) == []
 
 
 async def test_differences_report_drift_and_remove_all_cleans_up(
