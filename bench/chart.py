@@ -39,8 +39,17 @@ def _docker_ops(ax: Any, r: dict[str, Any]) -> None:
     bridge = [cd["connect"]["bridge_ms"]["median"], cd["disconnect"]["bridge_ms"]["median"],
               rr["api"]["bridge_ms"]["median"]]
     x = range(len(labels))
-    _bar_labels(ax, ax.bar([i - 0.2 for i in x], pouch, 0.4, label="pouch", color=POUCH))
-    _bar_labels(ax, ax.bar([i + 0.2 for i in x], bridge, 0.4, label="bridge", color=BRIDGE))
+    if "floor_ms" in cd["connect"]:  # the floor plugin: connect/disconnect only
+        w = 0.27
+        floor = [cd[op]["floor_ms"]["median"] for op in ("connect", "disconnect")]
+        _bar_labels(ax, ax.bar([i + w for i in x][:2], floor, w, label="floor plugin",
+                               color=FLOOR))
+    else:
+        w = 0.4
+    _bar_labels(ax, ax.bar([i - w for i in x] if w < 0.4 else [i - 0.2 for i in x], pouch, w,
+                           label="pouch", color=POUCH))
+    _bar_labels(ax, ax.bar(list(x) if w < 0.4 else [i + 0.2 for i in x], bridge, w,
+                           label="bridge", color=BRIDGE))
     ax.set_xticks(list(x), [f"{lab}\nx{p / b:.2f}" for lab, p, b in zip(labels, pouch, bridge,
                                                                           strict=True)])
     ax.set_ylabel("median ms")
@@ -54,12 +63,14 @@ def _parallel(ax: Any, r: dict[str, Any]) -> None:
     if not par:
         _missing(ax, "containers started in parallel")
         return
-    vals = [par["pouch_wall_s"], par["bridge_wall_s"]]
-    bars = ax.bar(["pouch", "bridge"], vals, color=[POUCH, BRIDGE])
+    drivers = [d for d in ("pouch", "bridge", "floor") if f"{d}_wall_s" in par]
+    bars = ax.bar([d if d != "floor" else "floor plugin" for d in drivers],
+                  [par[f"{d}_wall_s"] for d in drivers],
+                  color=[POUCH, BRIDGE, FLOOR][:len(drivers)])
     _bar_labels(ax, bars, "{:.1f} s")
-    ok = ["ok" if par[f"{d}_all_ok"] else "FAIL" for d in ("pouch", "bridge")]
+    ok = "/".join("ok" if par[f"{d}_all_ok"] else "FAIL" for d in drivers)
     ax.set_title(f"{par['n']} containers started at once: mean wall s (x{par['ratio']:.2f}; "
-                 f"{ok[0]}/{ok[1]})", fontsize=9)
+                 f"{ok})", fontsize=9)
     ax.set_ylabel("seconds")
 
 

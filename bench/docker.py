@@ -4,7 +4,9 @@ Every timed operation goes through the Engine HTTP API over its Unix socket (``h
 no CLI process per operation); ``docker run --rm`` is also timed through the CLI for reference.
 
 * ``connect``/``disconnect``: a running container (on the default bridge) joins and leaves
-  a pouch network and a bridge network, in interleaved pairs (pouch, bridge, pouch, ...).
+  a pouch network, a bridge network and a network of the *floor plugin* (``floor_plugin.py``:
+  the least a remote driver can do, answering from memory), interleaved (pouch, bridge,
+  floor, pouch, ...). The floor shows what the engine itself spends on any remote driver.
 * ``run --rm``: create (AutoRemove) + wait(condition=removed) + start of ``true`` until the
   container is gone, on each network, interleaved.
 * 50 containers started at once (create + start, 50 threads) on one network; all must run
@@ -16,13 +18,26 @@ The plugin runs at log level info (the harness starts it at debug, which logs ev
 from __future__ import annotations
 
 import json
+import secrets
+import string
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
 
-from tests.e2e.harness import SLEEPER, Engine, SessionLock, check_no_overlap, cleanup_leftovers
+from tests.e2e.harness import (
+    PLUGIN_DIR,
+    SLEEPER,
+    Engine,
+    SessionLock,
+    check_no_overlap,
+    cleanup_leftovers,
+    nsenter,
+)
 
 from .common import (
+    ROOT,
     Record,
     UnixConnection,
     loadavg,
@@ -34,9 +49,41 @@ from .common import (
     summary,
 )
 
-SUBNETS = {"pouch": "10.31.0.0/16", "bridge": "10.32.0.0/16"}
+SUBNETS = {"pouch": "10.31.0.0/16", "bridge": "10.32.0.0/16", "floor": "10.33.0.0/16"}
 NETS = {"pouch": "pdb-pouch", "bridge": "pdb-bridge"}
+#: connect/disconnect and the parallel start also measure the floor plugin
+WITH_FLOOR = {**NETS, "floor": "pdb-floor"}
 HOME = "pdb-home"
+
+
+class FloorPlugin:
+    """``bench.floor_plugin`` in the engine's netns, discovered like ours (a v1 socket file
+    named like the harness's plugins, so an interrupted run's socket is cleaned up with
+    theirs)."""
+
+    def __init__(self, eng: Engine) -> None:
+        self.name = "pdt" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(5))
+        self.socket = PLUGIN_DIR / f"{self.name}.sock"
+        self.log_path = eng.base / "floor-plugin.log"
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                nsenter(eng.netns, [sys.executable, "-m", "bench.floor_plugin",
+                                           "--socket", str(self.socket), "--prefix", "pdf"]),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=ROOT,
+                start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"floor plugin did not start: {self.log_path.read_text()}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
 
 
 class DockerAPI:
@@ -72,9 +119,9 @@ class DockerAPI:
 
 def connect_disconnect(api: DockerAPI, pairs: int, warmup: int = 2) -> dict[str, Any]:
     times: dict[str, dict[str, list[float]]] = {
-        d: {"connect": [], "disconnect": []} for d in NETS}
+        d: {"connect": [], "disconnect": []} for d in WITH_FLOOR}
     for i in range(warmup + pairs):
-        for driver, net in NETS.items():  # pouch, bridge, pouch, bridge, ...
+        for driver, net in WITH_FLOOR.items():  # pouch, bridge, floor, pouch, ...
             t0 = time.perf_counter()
             api.ok("POST", f"/networks/{net}/connect", {"Container": HOME})
             t1 = time.perf_counter()
@@ -128,8 +175,8 @@ def run_rm(eng: Engine, api: DockerAPI, pairs: int, cli_pairs: int) -> dict[str,
     return out
 
 
-def parallel_start(api: DockerAPI, eng: Engine, net: str, n: int, tag: str
-                   ) -> dict[str, Any]:
+def parallel_start(api: DockerAPI, eng: Engine, net: str, n: int, tag: str, *,
+                   plugin_pid: int | None) -> dict[str, Any]:
     """n containers created and started at once; wall time until the last start returned."""
     barrier = threading.Barrier(n + 1)
     errors: list[str] = []
@@ -155,7 +202,7 @@ def parallel_start(api: DockerAPI, eng: Engine, net: str, n: int, tag: str
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
-    daemons = {"plugin": eng.plugin.pid, "dockerd": eng.proc.pid if eng.proc else None}
+    daemons = {"plugin": plugin_pid, "dockerd": eng.proc.pid if eng.proc else None}
     cpu0 = {k: schedstat(p)[0] for k, p in daemons.items() if p}
     barrier.wait()
     t0 = time.perf_counter()
@@ -171,7 +218,7 @@ def parallel_start(api: DockerAPI, eng: Engine, net: str, n: int, tag: str
         if info["State"]["Running"] and ip:
             running += 1
             addresses.add(ip)
-    plugin_rss = rss_kib(eng.plugin.pid) if eng.plugin.pid else None
+    plugin_rss = rss_kib(plugin_pid) if plugin_pid else None
 
     def remove(cid: str) -> None:
         api.request("DELETE", f"/containers/{cid}?force=true")
@@ -226,8 +273,13 @@ def run_all(rec: Record, *, pairs: int = 30, run_pairs: int = 15, cli_pairs: int
             rec.meta["docker_engine_timings_s"] = dict(eng.timings)
             rec.meta["dockerd_version"] = eng.server_version
             rec.meta["load_after_engine_start"] = loadavg()
-            _measure(rec, eng, pairs=pairs, run_pairs=run_pairs, cli_pairs=cli_pairs,
-                     parallel=parallel, parallel_rounds=parallel_rounds)
+            floor = FloorPlugin(eng)
+            try:
+                _measure(rec, eng, floor, pairs=pairs, run_pairs=run_pairs,
+                         cli_pairs=cli_pairs, parallel=parallel,
+                         parallel_rounds=parallel_rounds)
+            finally:
+                floor.close()
         finally:
             eng.close()
     finally:
@@ -235,11 +287,11 @@ def run_all(rec: Record, *, pairs: int = 30, run_pairs: int = 15, cli_pairs: int
             lock.release()
 
 
-def _measure(rec: Record, eng: Engine, *, pairs: int, run_pairs: int, cli_pairs: int,
-             parallel: int, parallel_rounds: int) -> None:
-    plugin = eng.plugin.name
-    eng.docker("network", "create", "-d", plugin, "--ipam-driver", plugin,
-               "--subnet", SUBNETS["pouch"], NETS["pouch"])
+def _measure(rec: Record, eng: Engine, floor: FloorPlugin, *, pairs: int, run_pairs: int,
+             cli_pairs: int, parallel: int, parallel_rounds: int) -> None:
+    for driver, plugin in (("pouch", eng.plugin.name), ("floor", floor.name)):
+        eng.docker("network", "create", "-d", plugin, "--ipam-driver", plugin,
+                   "--subnet", SUBNETS[driver], WITH_FLOOR[driver])
     eng.docker("network", "create", "-d", "bridge", "--subnet", SUBNETS["bridge"],
                NETS["bridge"])
     eng.docker("run", "-d", "--name", HOME, eng.image, *SLEEPER, timeout=90)
@@ -259,10 +311,13 @@ def _measure(rec: Record, eng: Engine, *, pairs: int, run_pairs: int, cli_pairs:
     data["plugin_server_ms_per_connect_disconnect"] = sum(
         sum(v) for v in calls.values()) / rounds * 1000
     for op in ("connect", "disconnect"):
-        p, b = summary(cd["pouch"][op]), summary(cd["bridge"][op])
+        p, b, f = (summary(cd[d][op]) for d in ("pouch", "bridge", "floor"))
         data[op] = {"pouch_ms": p, "bridge_ms": b, "ratio": ratio(p["median"], b["median"]),
+                    "floor_ms": f, "floor_ratio": ratio(f["median"], b["median"]),
+                    "pouch_over_floor": ratio(p["median"], f["median"]),
                     "raw_pouch_ms": [x * 1000 for x in cd["pouch"][op]],
-                    "raw_bridge_ms": [x * 1000 for x in cd["bridge"][op]]}
+                    "raw_bridge_ms": [x * 1000 for x in cd["bridge"][op]],
+                    "raw_floor_ms": [x * 1000 for x in cd["floor"][op]]}
     data["pairs"] = pairs
     data["via"] = "Engine API over its Unix socket"
     rec.put("docker_connect_disconnect", data,
@@ -272,7 +327,11 @@ def _measure(rec: Record, eng: Engine, *, pairs: int, run_pairs: int, cli_pairs:
             f"{data['connect']['ratio']:.2f}); disconnect pouch "
             f"{data['disconnect']['pouch_ms']['median']:.0f} ms vs bridge "
             f"{data['disconnect']['bridge_ms']['median']:.0f} ms (ratio "
-            f"{data['disconnect']['ratio']:.2f}); plugin's own time (server side, "
+            f"{data['disconnect']['ratio']:.2f}); floor plugin (a remote driver answering "
+            f"from memory): connect {data['connect']['floor_ms']['median']:.0f} ms (ratio "
+            f"{data['connect']['floor_ratio']:.2f} to bridge), disconnect "
+            f"{data['disconnect']['floor_ms']['median']:.0f} ms (ratio "
+            f"{data['disconnect']['floor_ratio']:.2f}); plugin's own time (server side, "
             f"{sum(c['calls'] for c in data['plugin_calls_per_connect_disconnect'].values()):.0f}"
             f" calls) {data['plugin_server_ms_per_connect_disconnect']:.1f} ms per "
             "connect+disconnect")
@@ -295,27 +354,32 @@ def _measure(rec: Record, eng: Engine, *, pairs: int, run_pairs: int, cli_pairs:
                  f"{run_data['cli']['bridge_ms']['median']:.0f} ms")
     rec.put("docker_run_rm", run_data, line)
 
-    rounds: dict[str, list[dict[str, Any]]] = {d: [] for d in NETS}
+    rounds: dict[str, list[dict[str, Any]]] = {d: [] for d in WITH_FLOOR}
+    pids = {"pouch": eng.plugin.pid, "bridge": None, "floor": floor.proc.pid}
     for r in range(parallel_rounds):
-        # ABBA: pouch, bridge, bridge, pouch, ... so neither driver always goes first.
-        order = list(NETS.items()) if r % 2 == 0 else list(reversed(NETS.items()))
+        # ABCCBA: pouch, bridge, floor, floor, bridge, pouch, ... so no driver always goes first.
+        order = list(WITH_FLOOR.items()) if r % 2 == 0 else list(reversed(WITH_FLOOR.items()))
         for driver, net in order:
-            rounds[driver].append(parallel_start(api, eng, net, parallel, f"{driver[0]}{r}"))
+            rounds[driver].append(parallel_start(api, eng, net, parallel, f"{driver[0]}{r}",
+                                                 plugin_pid=pids[driver]))
     par: dict[str, Any] = {"n": parallel, "rounds": rounds}
-    for driver in NETS:
+    for driver in WITH_FLOOR:
         walls = [x["wall_s"] for x in rounds[driver]]
         par[f"{driver}_wall_s"] = sum(walls) / len(walls)
         par[f"{driver}_wall_s_rounds"] = walls
         par[f"{driver}_all_ok"] = all(
             x["running_with_address"] == parallel and not x["n_errors"] for x in rounds[driver])
     par["ratio"] = ratio(par["pouch_wall_s"], par["bridge_wall_s"])
+    par["floor_ratio"] = ratio(par["floor_wall_s"], par["bridge_wall_s"])
     rec.put("docker_parallel", par,
             f"{parallel} containers started in parallel (API, mean of {parallel_rounds} "
             f"interleaved rounds): pouch {par['pouch_wall_s']:.1f} s "
             f"({'all running with an address' if par['pouch_all_ok'] else 'FAILURES'}) vs bridge "
             f"{par['bridge_wall_s']:.1f} s "
             f"({'all running with an address' if par['bridge_all_ok'] else 'FAILURES'}); "
-            f"ratio {par['ratio']:.2f}; CPU of the plugin during a pouch round "
+            f"ratio {par['ratio']:.2f}; floor plugin {par['floor_wall_s']:.1f} s "
+            f"({'all running with an address' if par['floor_all_ok'] else 'FAILURES'}, ratio "
+            f"{par['floor_ratio']:.2f}); CPU of the plugin during a pouch round "
             f"{_mean(rounds['pouch'], 'plugin_cpu_s'):.2f} s, of dockerd "
             f"{_mean(rounds['pouch'], 'dockerd_cpu_s'):.1f} s (bridge round: dockerd "
             f"{_mean(rounds['bridge'], 'dockerd_cpu_s'):.1f} s)")

@@ -28,6 +28,13 @@ def rows(doc: dict[str, Any]) -> list[str]:  # noqa: PLR0912 - one row per figur
                             f"{p['median']:.1f} ms (p90 {p['p90']:.1f})",
                             f"bridge {b['median']:.1f} ms (p90 {b['p90']:.1f})",
                             f"{cd[op]['ratio']:.2f}"))
+            if "floor_ms" in cd[op]:
+                f = cd[op]["floor_ms"]
+                out.append(_row(f"`docker network {op}`, floor plugin (a remote driver "
+                                "answering from memory)", f"{f['median']:.1f} ms (p90 "
+                                f"{f['p90']:.1f})", f"bridge {b['median']:.1f} ms",
+                                f"{cd[op]['floor_ratio']:.2f}",
+                                f"pouch / floor {cd[op]['pouch_over_floor']:.2f}"))
         if "plugin_server_ms_per_connect_disconnect" in cd:
             out.append(_row("plugin's own server time per connect+disconnect",
                             f"{cd['plugin_server_ms_per_connect_disconnect']:.1f} ms", "", "",
@@ -51,6 +58,13 @@ def rows(doc: dict[str, Any]) -> list[str]:  # noqa: PLR0912 - one row per figur
                         f"bridge {par['bridge_wall_s']:.1f} s "
                         f"({', '.join(f'{x:.1f}' for x in par.get('bridge_wall_s_rounds', []))})",
                         f"{par['ratio']:.2f}", ok))
+        if "floor_wall_s" in par:
+            out.append(_row(f"{par['n']} at once, floor plugin (answering from memory)",
+                            f"{par['floor_wall_s']:.1f} s ("
+                            + ", ".join(f"{x:.1f}" for x in par["floor_wall_s_rounds"]) + ")",
+                            f"bridge {par['bridge_wall_s']:.1f} s", f"{par['floor_ratio']:.2f}",
+                            "all running with an address" if par["floor_all_ok"]
+                            else "FAILURES"))
         pr, br = par["rounds"]["pouch"], par["rounds"]["bridge"]
         if pr and "plugin_cpu_s" in pr[0]:
             def mean(rounds: list[dict[str, Any]], key: str) -> float:
