@@ -13,7 +13,7 @@ from pouch_driver.errors import Conflict, Exhausted, InvalidRequest, KernelError
 from pouch_driver.ipam import RECLAIMED
 from pouch_driver.kernel import LinkInfo
 from pouch_driver.kernel.fake import FakeFirewall, FakeLinks
-from pouch_driver.model import IPAMData, NetworkOptions, PortBinding, Proto
+from pouch_driver.model import IPAMData, IPInterface, NetworkOptions, PortBinding, Proto
 from pouch_driver.reconcile import Reconciler, Report, start_up
 from pouch_driver.service import Service
 from pouch_driver.store import Store
@@ -200,18 +200,14 @@ async def test_port_ranges_and_ephemeral_ports_resolve_to_free_ports(
 
 async def test_state_survives_restart(make_service: Factory) -> None:
     svc = await make_service()
-    pool = await svc.request_pool("PouchLocal", ipaddress.ip_network("10.5.0.0/24"), None, False)
-    await svc.request_address(pool.pool_id, None, gateway=True)
-    await svc.create_network(NID, NetworkOptions(), [V4], [])
-    got = await svc.request_address(pool.pool_id, None, gateway=False)
-    await svc.create_endpoint(NID, EID, got, None, None)  # type: ignore[arg-type]
+    pool_id, got = await network_with_endpoint(svc)
     await svc.join(NID, EID, "/var/run/docker/netns/abc")
     svc = await restart(svc, make_service)
     assert svc.endpoints[EID].sandbox_key == "/var/run/docker/netns/abc"
-    nxt = await svc.request_address(pool.pool_id, None, gateway=False)
+    nxt = await svc.request_address(pool_id, None, gateway=False)
     assert nxt.ip != got.ip and str(nxt.ip) == "10.5.0.3"
     with pytest.raises(Conflict):
-        await svc.request_address(pool.pool_id, got.ip, gateway=False)
+        await svc.request_address(pool_id, got.ip, gateway=False)
 
 
 async def test_start_up_repairs_kernel_and_removes_orphans(make_service: Factory) -> None:
@@ -232,22 +228,28 @@ async def test_start_up_repairs_kernel_and_removes_orphans(make_service: Factory
     assert "eth7" in links.links, "never touch what is not ours"
 
 
-async def test_sweep_forgets_endpoints_whose_veth_vanished(make_service: Factory) -> None:
-    svc = await make_service()
-    pool = await svc.request_pool("PouchLocal", ipaddress.ip_network("10.5.0.0/24"), None, False)
+async def network_with_endpoint(svc: Service, data: IPAMData = V4) -> tuple[str, IPInterface]:
+    """A network whose pool, gateway and one endpoint (EID) come from our IPAM."""
+    pool = await svc.request_pool("PouchLocal", data.pool, None, False)
     await svc.request_address(pool.pool_id, None, gateway=True)
-    await svc.create_network(NID, NetworkOptions(), [V4], [])
+    await svc.create_network(NID, NetworkOptions(), [data], [])
     got = await svc.request_address(pool.pool_id, None, gateway=False)
     await svc.create_endpoint(NID, EID, got, None, None)  # type: ignore[arg-type]
+    return pool.pool_id, got
+
+
+async def test_sweep_forgets_endpoints_whose_veth_vanished(make_service: Factory) -> None:
+    svc = await make_service()
+    pool_id, got = await network_with_endpoint(svc)
     assert (await sweep(svc)).repaired == ()
     await svc.links.ensure_link_absent(svc.endpoints[EID].host_ifname)  # the sandbox died
     (line,) = (await sweep(svc)).repaired
     assert "reclaimed 10.5.0.2" in line
     assert svc.endpoints == {}
-    assert svc.ipam.pools[pool.pool_id].allocated[int(got.ip)] == RECLAIMED
+    assert svc.ipam.pools[pool_id].allocated[int(got.ip)] == RECLAIMED
     svc = await restart(svc, make_service)
     assert svc.endpoints == {}
-    assert svc.ipam.pools[pool.pool_id].allocated[int(got.ip)] == RECLAIMED  # durably parked
+    assert svc.ipam.pools[pool_id].allocated[int(got.ip)] == RECLAIMED  # durably parked
 
 
 async def test_a_late_release_for_a_forgotten_endpoint_spares_the_next_owner(
@@ -257,41 +259,33 @@ async def test_a_late_release_for_a_forgotten_endpoint_spares_the_next_owner(
     still come. Until then its address goes to nobody, so that release cannot free the
     address of a new endpoint; asked for by name (``--ip``), it is given back at once."""
     svc = await make_service()
-    pool = await svc.request_pool("PouchLocal", ipaddress.ip_network("10.5.0.0/29"), None, False)
-    await svc.request_address(pool.pool_id, None, gateway=True)  # .1; .2-.6 are left
     small = IPAMData("PouchLocal", ipaddress.ip_network("10.5.0.0/29"),
                      ipaddress.ip_interface("10.5.0.1/29"))
-    await svc.create_network(NID, NetworkOptions(), [small], [])
-    dead = await svc.request_address(pool.pool_id, None, gateway=False)
-    await svc.create_endpoint(NID, EID, dead, None, None)  # type: ignore[arg-type]
+    pool_id, dead = await network_with_endpoint(svc, small)  # .1 and .2; .3-.6 are left
     await svc.links.ensure_link_absent(svc.endpoints[EID].host_ifname)
     await sweep(svc)
     # Round-robin would hand out .2 again after .6; parked, it is skipped.
-    fresh = [await svc.request_address(pool.pool_id, None, gateway=False) for _ in range(4)]
+    fresh = [await svc.request_address(pool_id, None, gateway=False) for _ in range(4)]
     assert dead.ip not in {a.ip for a in fresh}
-    allocated = svc.ipam.pools[pool.pool_id].allocated
-    await svc.release_address(pool.pool_id, dead.ip)  # the engine's late release lands here
+    allocated = svc.ipam.pools[pool_id].allocated
+    await svc.release_address(pool_id, dead.ip)  # the engine's late release lands here
     assert int(dead.ip) not in allocated
     assert all(allocated[int(a.ip)] == "address" for a in fresh)
     svc = await restart(svc, make_service)  # and it was durable
-    assert int(dead.ip) not in svc.ipam.pools[pool.pool_id].allocated
+    assert int(dead.ip) not in svc.ipam.pools[pool_id].allocated
 
 
 async def test_a_reclaimed_address_asked_for_by_name_is_given(make_service: Factory) -> None:
     svc = await make_service()
-    pool = await svc.request_pool("PouchLocal", ipaddress.ip_network("10.5.0.0/24"), None, False)
-    await svc.request_address(pool.pool_id, None, gateway=True)
-    await svc.create_network(NID, NetworkOptions(), [V4], [])
-    dead = await svc.request_address(pool.pool_id, None, gateway=False)
-    await svc.create_endpoint(NID, EID, dead, None, None)  # type: ignore[arg-type]
+    pool_id, dead = await network_with_endpoint(svc)
     await svc.links.ensure_link_absent(svc.endpoints[EID].host_ifname)
     await sweep(svc)
     svc = await restart(svc, make_service)
-    again = await svc.request_address(pool.pool_id, dead.ip, gateway=False)  # docker run --ip
+    again = await svc.request_address(pool_id, dead.ip, gateway=False)  # docker run --ip
     assert again == dead
-    assert svc.ipam.pools[pool.pool_id].allocated[int(dead.ip)] == "address"
+    assert svc.ipam.pools[pool_id].allocated[int(dead.ip)] == "address"
     with pytest.raises(Conflict):
-        await svc.request_address(pool.pool_id, dead.ip, gateway=False)
+        await svc.request_address(pool_id, dead.ip, gateway=False)
 
 
 async def test_sweep_removes_orphan_links_and_restores_firewall(make_service: Factory) -> None:
