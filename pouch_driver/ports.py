@@ -3,6 +3,9 @@
 Ranges and port 0 become one free port, as Docker does; "free" means no other endpoint of ours
 publishes it and no local socket holds it (our DNAT would shadow a local listener). Domain
 logic with one kind of I/O: a non-blocking bind() probe.
+
+Host IPs: none (``-p 8080:80``) means every host address of both families the container has;
+``0.0.0.0`` or ``::`` every host address of that family; anything else that address.
 """
 
 from __future__ import annotations
@@ -21,26 +24,39 @@ EPHEMERAL_PORTS = (49153, 60999)
 PROBES_PER_YIELD = 256  # `docker run -P` with hundreds of ports must not hold the loop
 
 
+def _overlap(a: IPAddress | None, b: IPAddress | None) -> bool:
+    """Whether two bindings' host addresses share an address."""
+    if a is None or b is None:
+        return True
+    return a.version == b.version and (a == b or a.is_unspecified or b.is_unspecified)
+
+
 def _clash(used: dict[tuple[Proto, int], list[IPAddress | None]], proto: Proto,
            ip: IPAddress | None, port: int) -> bool:
-    return any(i is None or ip is None or i == ip for i in used.get((proto, port), ()))
+    return any(_overlap(i, ip) for i in used.get((proto, port), ()))
 
 
 async def resolve_ports(
     bindings: Sequence[PortBinding],
     taken: Sequence[PortBinding],
     default_host_ip: IPAddress | None,
+    dual_stack: bool = False,
 ) -> tuple[PortBinding, ...]:
-    """Concrete bindings for ``bindings``, avoiding ``taken`` (other endpoints' bindings)."""
+    """Concrete bindings for ``bindings``, avoiding ``taken`` (other endpoints' bindings).
+
+    ``dual_stack``: a binding on all addresses is published on IPv6 too (the container has an
+    IPv6 address), so its port must be free for both families.
+    """
     used: dict[tuple[Proto, int], list[IPAddress | None]] = {}
     for t in taken:
         used.setdefault((t.proto, t.host_port), []).append(t.host_ip)
     out: list[PortBinding] = []
     probes = 0
     for b in bindings:
-        host_ip = b.host_ip if b.host_ip is not None else default_host_ip
-        if host_ip is not None and host_ip.is_unspecified:
-            host_ip = None
+        host_ip = b.host_ip
+        if host_ip is None and default_host_ip is not None \
+                and not default_host_ip.is_unspecified:
+            host_ip = default_host_ip
         if b.host_port == 0:
             candidates: Iterable[int] = range(EPHEMERAL_PORTS[0], EPHEMERAL_PORTS[1] + 1)
         else:
@@ -50,7 +66,8 @@ async def resolve_ports(
             probes += 1
             if probes % PROBES_PER_YIELD == 0:
                 await asyncio.sleep(0)
-            if not _clash(used, b.proto, host_ip, p) and port_free(b.proto, host_ip, p):
+            if not _clash(used, b.proto, host_ip, p) and port_free(
+                    b.proto, host_ip, p, also_v6=dual_stack and host_ip is None):
                 chosen = p
                 break
         if chosen is None:
@@ -67,24 +84,44 @@ async def resolve_ports(
     return tuple(out)
 
 
-def port_free(proto: Proto, host_ip: IPAddress | None, port: int) -> bool:
-    """Whether a local socket could bind the port. bind() never blocks."""
+def port_free(proto: Proto, host_ip: IPAddress | None, port: int, *,
+              also_v6: bool = False) -> bool:
+    """Whether a local socket could bind the port (``also_v6``: on [::] too). bind() never
+    blocks."""
     if proto is Proto.SCTP:
         return True
     kind = socket.SOCK_STREAM if proto is Proto.TCP else socket.SOCK_DGRAM
+    if also_v6 and not _bindable(socket.AF_INET6, kind, "::", port):
+        return False
     family = socket.AF_INET6 if host_ip is not None and host_ip.version == 6 else socket.AF_INET
-    addr = str(host_ip) if host_ip is not None else ("::" if family == socket.AF_INET6 else "")
-    with socket.socket(family, kind) as sock:
+    addr = str(host_ip) if host_ip is not None and not host_ip.is_unspecified else (
+        "::" if family == socket.AF_INET6 else "")
+    try:
+        return _bindable(family, kind, addr, port)
+    except OSError as exc:
+        if isinstance(exc, socket.gaierror) or exc.errno in (errno.EADDRNOTAVAIL, errno.EINVAL):
+            raise InvalidRequest(
+                f"host IP {host_ip} for a published port is not a usable address of this host"
+            ) from None
+        raise
+
+
+def _bindable(family: socket.AddressFamily, kind: socket.SocketKind, addr: str,
+              port: int) -> bool:
+    """False if the port is taken; other errors raise, except a host without IPv6."""
+    try:
+        sock = socket.socket(family, kind)
+    except OSError as exc:
+        if exc.errno == errno.EAFNOSUPPORT:
+            return True  # no IPv6 on this host: nothing can hold the port there
+        raise
+    with sock:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             sock.bind((addr, port))
         except OSError as exc:
             if exc.errno in (errno.EADDRINUSE, errno.EACCES):
                 return False
-            if isinstance(exc, socket.gaierror) or exc.errno in (errno.EADDRNOTAVAIL,
-                                                                 errno.EINVAL):
-                raise InvalidRequest(
-                    f"host IP {host_ip} for a published port is not a usable address of this "
-                    "host"
-                ) from None
             raise
     return True

@@ -220,13 +220,19 @@ class Service:
         forwards: list[PortForward] = []
         for ep in sorted(self.endpoints.values(), key=lambda e: e.endpoint_id):
             net = self.networks.get(ep.network_id)
-            if net is None or ep.address is None:
+            if net is None:
                 continue
+            # A binding on all host addresses is published on both families the container
+            # has, as Docker's bridge does; one on a host address, in that address's family.
             for b in ep.port_bindings:
-                forwards.append(PortForward(
-                    bridge=net.bridge, proto=b.proto.name.lower(), host_ip=b.host_ip,
-                    host_port=b.host_port, container_ip=ep.address.ip, container_port=b.port,
-                ))
+                forwards.extend(
+                    PortForward(
+                        bridge=net.bridge, proto=b.proto.name.lower(), host_ip=b.host_ip,
+                        host_port=b.host_port, container_ip=a.ip, container_port=b.port,
+                    )
+                    for a in (ep.address, ep.address_v6)
+                    if a is not None and (b.host_ip is None or b.host_ip.version == a.version)
+                )
         return FirewallPlan(networks=networks, forwards=tuple(forwards))
 
     async def sync_firewall(self) -> None:
@@ -551,6 +557,7 @@ class Service:
                 raise NotFound(f"endpoint {short(endpoint_id)} is unknown to pouch-driver")
             if net.options.internal or ep.address is None:
                 return
+            self._check_host_ips(bindings, ep)
             # One endpoint at a time picks host ports: resolving yields to the loop, and two
             # endpoints must not both take the same free port.
             async with self._ports_lock:
@@ -558,7 +565,8 @@ class Service:
                     b for other in self.endpoints.values() if other.endpoint_id != endpoint_id
                     for b in other.port_bindings
                 ]
-                resolved = await resolve_ports(bindings, taken, net.options.host_binding_ipv4)
+                resolved = await resolve_ports(bindings, taken, net.options.host_binding_ipv4,
+                                               dual_stack=ep.address_v6 is not None)
                 if resolved == ep.port_bindings:
                     return  # nothing to publish (the usual case), or a repeated call
                 await self._put_endpoint(replace(ep, port_bindings=resolved))
@@ -573,6 +581,21 @@ class Service:
                     for b in resolved
                 ) or "nothing", short(endpoint_id),
             )
+
+    @staticmethod
+    def _check_host_ips(bindings: Sequence[PortBinding], ep: Endpoint) -> None:
+        for b in bindings:
+            if b.host_ip is None or b.host_ip.version == 4:
+                continue
+            where = f"published port [{b.host_ip}]:{b.host_port}->{b.port}"
+            if b.host_ip.is_loopback:
+                raise InvalidRequest(
+                    f"{where}: the IPv6 loopback cannot be forwarded to a container (Linux "
+                    "has no route_localnet for IPv6); use 127.0.0.1 or a host IPv6 address")
+            if ep.address_v6 is None:
+                raise InvalidRequest(
+                    f"{where}: the container has no IPv6 address on this network (create the "
+                    "network with --ipv6 and an IPv6 subnet)")
 
     async def revoke_external_connectivity(self, network_id: str, endpoint_id: str) -> None:
         async with self._locks.shared(_net(network_id)), self._locks.exclusive(_ep(endpoint_id)):

@@ -1,6 +1,7 @@
 """Published ports (issue 3, item 7): ``docker run -p`` on a pouch network, reached from the
 remote host over TCP and UDP, ranges, host addresses (``host_binding_ipv4``, ``-p IP:..``,
-loopback), hairpin from the same network, and the rules' life with the container's.
+loopback), IPv6 host addresses on dual-stack networks, hairpin from the same network, and the
+rules' life with the container's.
 
 The engine runs no docker-proxy for remote drivers, so every one of these is the plugin's
 DNAT at work. The DNAT rules are read with ``iptables -S`` (the oracle); traffic decides.
@@ -8,11 +9,21 @@ DNAT at work. The DNAT rules are read with ``iptables -S`` (the oracle); traffic
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 import pytest
 
-from .harness import ENGINE_ADDR, REMOTE_ADDR, Scope
+from .harness import (
+    ENGINE_ADDR,
+    ENGINE_UPLINK,
+    REMOTE_ADDR,
+    REMOTE_UPLINK,
+    SLEEPER,
+    Engine,
+    Scope,
+)
 from .netcheck import (
     assert_remote_cannot_get,
     assert_remote_gets,
@@ -151,3 +162,49 @@ def test_loopback_published_port(e2e: Scope) -> None:
         f"127.0.0.1:{port} on the engine host does not reach the container (rc "
         f"{r.returncode}): {r.stderr}"
     )
+
+
+#: Documentation prefix (RFC 3849) on the test uplink; never fd00::/64, the machine's own.
+V6_ENGINE, V6_REMOTE = "2001:db8:74::1", "2001:db8:74::2"
+
+
+@contextlib.contextmanager
+def ipv6_uplink(eng: Engine) -> Iterator[None]:
+    """IPv6 on the link between the engine host and the remote host, for the duration."""
+    eng.in_engine_ns("ip", "-6", "addr", "add", f"{V6_ENGINE}/64", "dev", ENGINE_UPLINK,
+                     "nodad")
+    eng.in_remote("ip", "-6", "addr", "add", f"{V6_REMOTE}/64", "dev", REMOTE_UPLINK, "nodad")
+    try:
+        yield
+    finally:
+        eng.in_remote("ip", "-6", "addr", "del", f"{V6_REMOTE}/64", "dev", REMOTE_UPLINK,
+                      check=False)
+        eng.in_engine_ns("ip", "-6", "addr", "del", f"{V6_ENGINE}/64", "dev", ENGINE_UPLINK,
+                         check=False)
+
+
+def test_published_ports_on_ipv6(e2e: Scope) -> None:
+    """Dual stack: ``-p 8093:80`` is reached on the host's IPv6 address as well as its IPv4
+    one (as with Docker's bridge); ``-p [v6]:8094:80`` on that address only. On a network
+    without IPv6, an IPv6 host address is refused with an error that says why."""
+    eng = e2e.engine
+    with ipv6_uplink(eng):
+        net = e2e.create_network("p6", subnet="10.74.6.0/24",
+                                 extra=["--ipv6", "--subnet", "fd71:74:6::/64"])
+        a = e2e.run_container(net, "a", publish=["8093:80", f"[{V6_ENGINE}]:8094:80"])
+        text = serve_http(e2e, a)
+        assert_remote_gets(eng, V6_ENGINE, 8093, text)
+        assert_remote_gets(eng, ENGINE_ADDR, 8093, text)
+        assert_remote_gets(eng, V6_ENGINE, 8094, text)
+        assert_remote_cannot_get(eng, ENGINE_ADDR, 8094)
+        e2e.remove_container(a)
+        assert_remote_cannot_get(eng, V6_ENGINE, 8093)  # revoked with the container
+
+        v4only = e2e.create_network("p4", subnet="10.74.7.0/24")
+        name = e2e.name("b")
+        e2e.containers.append(name)
+        r = e2e.docker("run", "-d", "--name", name, "--network", v4only,
+                       "-p", f"[{V6_ENGINE}]:8095:80", eng.image, *SLEEPER, check=False,
+                       timeout=90)
+        assert r.returncode != 0, r.stdout
+        assert "has no IPv6 address on this network" in r.stderr, r.stderr

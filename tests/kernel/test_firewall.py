@@ -57,6 +57,29 @@ async def test_rules_say_what_the_policy_says(firewall: IptablesFirewall, netns:
     assert netns.sh("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
 
 
+async def test_ipv6_published_ports_go_to_ip6tables(
+    firewall: IptablesFirewall, netns: Netns
+) -> None:
+    v6 = ipaddress.ip_address("fd70:61::2")
+    plan = FirewallPlan(networks=(NET_A,), forwards=(
+        PortForward(bridge=NET_A.bridge, proto="tcp", host_ip=None, host_port=8080,
+                    container_ip=v6, container_port=80),
+        PortForward(bridge=NET_A.bridge, proto="udp", host_ip=ipaddress.ip_address("2001:db8::5"),
+                    host_port=5353, container_ip=v6, container_port=53),
+    ))
+    await firewall.apply(plan)
+    got6 = rules(netns.iptables_save(v6=True))
+    assert "-A PK-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd70:61::2]:80" in got6
+    assert ("-A PK-DNAT -d 2001:db8::5/128 -p udp -m udp --dport 5353 -j DNAT "
+            "--to-destination [fd70:61::2]:53") in got6
+    assert (f"-A PK-FORWARD -d fd70:61::2/128 ! -i {NET_A.bridge} -o {NET_A.bridge} -p tcp -m tcp "
+            "--dport 80 -j ACCEPT") in got6
+    # The host's own ::1 is never DNAT'd (the kernel would drop a loopback source anyway).
+    assert any(r.startswith("-A OUTPUT ! -d ::1/128") and "PK-DNAT" in r for r in got6), got6
+    assert not any("DNAT" in r and "fd70" in r for r in rules(netns.iptables_save()))
+    assert await firewall.differences(plan) == []
+
+
 async def test_removing_a_network_removes_exactly_its_rules(
     firewall: IptablesFirewall, netns: Netns
 ) -> None:

@@ -198,6 +198,72 @@ async def test_port_ranges_and_ephemeral_ports_resolve_to_free_ports(
     assert len(svc.firewall.plan.forwards) == 1  # type: ignore[attr-defined]
 
 
+V6 = IPAMData("PouchLocal", ipaddress.ip_network("fd70:5::/64"),
+              ipaddress.ip_interface("fd70:5::1/64"))
+ADDR6 = ipaddress.IPv6Interface("fd70:5::2/64")
+ip = ipaddress.ip_address
+
+
+@pytest.mark.parametrize(("host_ip", "families"), [
+    (None, {4, 6}),  # -p 18100:80: every host address the container can be reached on
+    (ip("0.0.0.0"), {4}),
+    (ip("::"), {6}),
+    (ip("2001:db8::1"), {6}),
+])
+async def test_published_ports_follow_the_host_ips_family(
+    make_service: Factory, host_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    families: set[int],
+) -> None:
+    svc = await make_service()
+    await svc.create_network(NID, NetworkOptions(), [V4], [V6])
+    await svc.create_endpoint(NID, EID, ADDR, ADDR6, None)
+    with pytest.MonkeyPatch.context() as mp:  # 2001:db8::1 is no address of this machine
+        mp.setattr("pouch_driver.ports.port_free", lambda *_a, **_k: True)
+        await svc.program_external_connectivity(
+            NID, EID, [PortBinding(Proto.TCP, 80, 18100, 18100, host_ip)])
+    forwards = svc.firewall.plan.forwards  # type: ignore[attr-defined]
+    assert {f.container_ip for f in forwards} == {
+        a.ip for a in (ADDR, ADDR6) if a.version in families}
+    assert all(f.host_ip == host_ip and f.host_port == 18100 for f in forwards)
+
+
+@pytest.mark.parametrize(("host_ip", "v6", "error"), [
+    ("2001:db8::1", False, "has no IPv6 address on this network"),
+    ("::", False, "has no IPv6 address on this network"),
+    ("::1", True, "IPv6 loopback cannot be forwarded"),
+])
+async def test_unusable_ipv6_host_ips_are_refused(
+    make_service: Factory, host_ip: str, v6: bool, error: str,
+) -> None:
+    svc = await make_service()
+    await svc.create_network(NID, NetworkOptions(), [V4], [V6] if v6 else [])
+    await svc.create_endpoint(NID, EID, ADDR, ADDR6 if v6 else None, None)
+    with pytest.raises(InvalidRequest, match=error) as err:
+        await svc.program_external_connectivity(
+            NID, EID, [PortBinding(Proto.TCP, 80, 18101, 18101, ip(host_ip))])
+    assert f"[{host_ip}]:18101->80" in str(err.value)
+    assert svc.endpoints[EID].port_bindings == ()
+    assert svc.firewall.plan.forwards == ()  # type: ignore[attr-defined]
+
+
+async def test_host_port_clashes_count_each_family_apart(make_service: Factory) -> None:
+    svc = await make_service()
+    await svc.create_network(NID, NetworkOptions(), [V4], [V6])
+    await svc.create_endpoint(NID, EID, ADDR, ADDR6, None)
+    other = "f" * 64
+    await svc.create_endpoint(NID, other, ipaddress.IPv4Interface("10.5.0.3/24"),
+                              ipaddress.IPv6Interface("fd70:5::3/64"), None)
+    await svc.program_external_connectivity(
+        NID, EID, [PortBinding(Proto.TCP, 80, 18102, 18102, ip("0.0.0.0"))])
+    for taken in (None, ip("0.0.0.0"), ip("127.0.0.1")):  # they all share an IPv4 address
+        with pytest.raises(Conflict, match="18102/tcp"):
+            await svc.program_external_connectivity(
+                NID, other, [PortBinding(Proto.TCP, 80, 18102, 18102, taken)])
+    await svc.program_external_connectivity(  # IPv6 only: free
+        NID, other, [PortBinding(Proto.TCP, 80, 18102, 18102, ip("::"))])
+    assert len(svc.firewall.plan.forwards) == 2  # type: ignore[attr-defined]
+
+
 async def test_state_survives_restart(make_service: Factory) -> None:
     svc = await make_service()
     pool_id, got = await network_with_endpoint(svc)
