@@ -7,11 +7,18 @@ are never touched. Only the jumps into our chains live in built-in chains; they 
 comment that marks them ours. Never imports ``service`` or ``http``.
 
 Where our rules sit, and why:
-* ``<P>-ISOLATION`` is the first rule of FORWARD. It only ever drops (traffic between two of
-  our networks, or leaving/entering an internal one), so putting it first weakens nothing.
+* ``<P>-ISOLATION`` is the first rule of the **mangle** table's FORWARD, which runs before any
+  filter rule. Docker inserts each new network's ACCEPT rules at the *top* of filter FORWARD,
+  above anything we could place there, so only there do our drops keep their precedence. It
+  only ever drops (traffic between two of our networks, from Docker's default bridges,
+  leaving/entering an internal network, and *new* connections into a masqueraded network
+  that are not published ports, i.e. not DNAT'd: so a Docker network of any bridge name, made
+  before or after ours, gets no way in), so putting it first weakens nothing.
 * ``<P>-FORWARD`` is appended to FORWARD, after Docker's DOCKER-USER, so an operator's
   DOCKER-USER policy applies to our networks as it does to Docker's. It accepts our bridges'
-  traffic, which a Docker host's FORWARD policy (DROP) would otherwise drop.
+  traffic, which a Docker host's FORWARD policy (DROP) would otherwise drop; traffic leaving
+  for another network first goes through Docker's own ``DOCKER-ISOLATION-STAGE-2`` when that
+  chain exists (it drops towards every Docker bridge, whatever its name).
 * ``<P>-POSTROUTING`` (nat) masquerades our subnets leaving through another interface, and
   hairpins published ports; ``<P>-DNAT`` (nat, from PREROUTING and OUTPUT for local
   destinations) publishes ports.
@@ -38,6 +45,9 @@ SYSCTL = Path("/proc/sys")
 # Bridges Docker names for its own networks (docker0, br-<id>); a Docker network given a custom
 # bridge name is not recognised.
 DOCKER_BRIDGES = ("docker0", "br-+")
+_MANGLE, _FILTER, _NAT = "mangle", "filter", "nat"
+#: Docker (20.10-27) keeps here one "-o <bridge> -j DROP" per bridge network it manages.
+DOCKER_ISOLATION = "DOCKER-ISOLATION-STAGE-2"
 
 
 class IptablesFirewall:
@@ -60,6 +70,8 @@ class IptablesFirewall:
         # Known to hold nothing of ours (after an empty plan): further empty plans cost no
         # exec. Unknown at start, so the first empty plan clears what an earlier run left.
         self._absent = False
+        # Families where Docker's isolation chain existed at the last iptables-save.
+        self._docker_isolation: set[int] = set()
         self._has_ip6tables = shutil.which("ip6tables-restore") is not None
 
     # --- process plumbing ---------------------------------------------------------------------
@@ -108,7 +120,7 @@ class IptablesFirewall:
         n = self.names
         c = f'-m comment --comment "{n.comment}"'
         return [
-            ("filter", "FORWARD", "-I FORWARD 1", f"{c} -j {n.chain_isolation}"),
+            ("mangle", "FORWARD", "-I FORWARD 1", f"{c} -j {n.chain_isolation}"),
             ("filter", "FORWARD", "-A FORWARD", f"{c} -j {n.chain_forward}"),
             ("nat", "POSTROUTING", "-A POSTROUTING", f"{c} -j {n.chain_postrouting}"),
             ("nat", "PREROUTING", "-A PREROUTING",
@@ -117,6 +129,22 @@ class IptablesFirewall:
             ("nat", "OUTPUT", "-A OUTPUT",
              f"{{not_loopback}}-m addrtype --dst-type LOCAL {c} -j {n.chain_dnat}"),
         ]
+
+    def _isolate(self, net: NetworkRules, iso: list[str], iso2: list[str]) -> None:
+        n, b = self.names, net.bridge
+        if net.internal:
+            iso.append(f"-A {n.chain_isolation} -i {b} ! -o {b} -j DROP")
+            iso.append(f"-A {n.chain_isolation} ! -i {b} -o {b} -j DROP")
+            return
+        iso.append(f"-A {n.chain_isolation} -i {b} ! -o {b} -j {n.chain_isolation2}")
+        iso2.append(f"-A {n.chain_isolation2} -o {b} -j DROP")
+        if net.masquerade:
+            # A routed (non-masqueraded) network is meant to be reached; a NATed one only
+            # through its published ports.
+            iso.append(f"-A {n.chain_isolation} ! -i {b} -o {b} -m conntrack "
+                       "! --ctstate RELATED,ESTABLISHED,DNAT -j DROP")
+        # Docker's own bridges (default names) are other networks too: keep them out.
+        iso.extend(f"-A {n.chain_isolation} -i {d} -o {b} -j DROP" for d in DOCKER_BRIDGES)
 
     def render(self, plan: FirewallPlan, version: int) -> dict[str, list[str]]:
         """The rules of each of our chains, in ``iptables-save`` syntax, for one family."""
@@ -135,15 +163,7 @@ class IptablesFirewall:
                    for net in plan.networks)
         for net in plan.networks:
             b = net.bridge
-            if net.internal:
-                iso.append(f"-A {n.chain_isolation} -i {b} ! -o {b} -j DROP")
-                iso.append(f"-A {n.chain_isolation} ! -i {b} -o {b} -j DROP")
-            else:
-                iso.append(f"-A {n.chain_isolation} -i {b} ! -o {b} -j {n.chain_isolation2}")
-                iso2.append(f"-A {n.chain_isolation2} -o {b} -j DROP")
-                # Docker's own bridges (default names) are other networks too: keep them out.
-                iso.extend(f"-A {n.chain_isolation} -i {d} -o {b} -j DROP"
-                           for d in DOCKER_BRIDGES)
+            self._isolate(net, iso, iso2)
             verdict = "ACCEPT" if net.icc else "DROP"
             fwd.append(f"-A {n.chain_forward} -i {b} -o {b} -j {verdict}")
             fwd.append(
@@ -151,6 +171,8 @@ class IptablesFirewall:
                 "-j ACCEPT"
             )
             if not net.internal:
+                if version in self._docker_isolation:
+                    fwd.append(f"-A {n.chain_forward} -i {b} ! -o {b} -j {DOCKER_ISOLATION}")
                 fwd.append(f"-A {n.chain_forward} -i {b} ! -o {b} -j ACCEPT")
                 if net.masquerade:
                     for subnet in family(net):
@@ -217,13 +239,9 @@ class IptablesFirewall:
                 raise KernelError(f"refusing to put {value!r} into a firewall rule")
 
     def _render_input(self, plan: FirewallPlan, version: int, saved: str | None) -> str:
-        n = self.names
         chains = self.render(plan, version)
         not_loopback = "" if version == 4 else "! -d ::1/128 "
-        tables = {
-            "filter": [n.chain_isolation, n.chain_isolation2, n.chain_forward],
-            "nat": [n.chain_postrouting, n.chain_dnat],
-        }
+        tables = self._tables()
         present = _saved_rules(saved) if saved is not None else None
         out: list[str] = []
         for table, ours in tables.items():
@@ -236,12 +254,29 @@ class IptablesFirewall:
                 if present is None or t != table:
                     continue
                 if not _has_rule(present, table, chain, rule_match):
-                    where = position
-                    if position == "-I FORWARD 1":  # first, but after Docker's DOCKER-USER
-                        where = f"-I FORWARD {_docker_user_position(present) + 1}"
-                    out.append(f"{where} {rule_match}")
+                    out.append(f"{position} {rule_match}")
+            if present is not None:
+                out.extend(self._old_layout(present, table))
             out.append("COMMIT")
         return "\n".join(out) + "\n"
+
+    def _tables(self) -> dict[str, list[str]]:
+        n = self.names
+        return {
+            _MANGLE: [n.chain_isolation, n.chain_isolation2],
+            _FILTER: [n.chain_forward],
+            _NAT: [n.chain_postrouting, n.chain_dnat],
+        }
+
+    def _old_layout(self, present: dict[str, list[str]], table: str) -> list[str]:
+        """Lines removing our chains from a table they no longer live in (the isolation
+        chains were in filter before they moved to mangle), with the jumps into them."""
+        stale = [c for c in self.names.all_chains() if c not in self._tables()[table]
+                 and any(r.startswith(f":{c} ") for r in present.get(table, []))]
+        jumps = [r.replace("-A ", "-D ", 1) for r in present.get(table, [])
+                 if r.startswith("-A ") and any(r.endswith(f"-j {c}") for c in stale)
+                 and not any(r.startswith(f"-A {c} ") for c in stale)]
+        return [*jumps, *(f"-F {c}" for c in stale), *(f"-X {c}" for c in stale)]
 
     # --- verbs ------------------------------------------------------------------------------------
     async def apply(self, plan: FirewallPlan) -> None:
@@ -272,15 +307,27 @@ class IptablesFirewall:
                 self._v6_used = plan.needs_ipv6()
 
     async def _apply_family(self, plan: FirewallPlan, version: int) -> None:
-        save, restore = ("iptables-save", "iptables-restore") if version == 4 else \
-            ("ip6tables-save", "ip6tables-restore")
-        saved = None if version in self._jumps_ok else await self._exec([save])
+        restore = "iptables-restore" if version == 4 else "ip6tables-restore"
+        saved = None if version in self._jumps_ok else await self._read(version)
         try:
             await self._exec([restore, "--noflush"], self._restore_input(plan, version, saved))
         except KernelError:
-            self._jumps_ok.discard(version)  # e.g. someone flushed FORWARD: look again
-            raise
+            self._jumps_ok.discard(version)
+            if saved is not None:
+                raise
+            # What we knew may be stale (FORWARD flushed, Docker's chain gone): look again.
+            saved = await self._read(version)
+            await self._exec([restore, "--noflush"], self._restore_input(plan, version, saved))
         self._jumps_ok.add(version)
+
+    async def _read(self, version: int) -> str:
+        """iptables-save of one family; notes whether Docker's isolation chain is there."""
+        saved = await self._exec(["iptables-save" if version == 4 else "ip6tables-save"])
+        if any(line.startswith(f":{DOCKER_ISOLATION} ") for line in saved.splitlines()):
+            self._docker_isolation.add(version)
+        else:
+            self._docker_isolation.discard(version)
+        return saved
 
     async def _ensure_bridge_netfilter(self) -> None:
         """icc=false needs bridged traffic to pass iptables (as Docker's bridge does)."""
@@ -299,14 +346,13 @@ class IptablesFirewall:
         out: list[str] = []
         families = [4] + ([6] if self._has_ip6tables and plan.needs_ipv6() else [])
         for version in families:
-            save = "iptables-save" if version == 4 else "ip6tables-save"
-            present = _saved_rules(await self._exec([save]))
+            present = _saved_rules(await self._read(version))
             chains = self.render(plan, version)
             not_loopback = "" if version == 4 else "! -d ::1/128 "
             tag = f"IPv{version}"
+            table_of = {c: t for t, cs in self._tables().items() for c in cs}
             for chain, want in chains.items():
-                table = "nat" if chain in (self.names.chain_postrouting, self.names.chain_dnat) \
-                    else "filter"
+                table = table_of[chain]
                 have = [r for r in present.get(table, []) if r.startswith(f"-A {chain} ")]
                 want_norm = [_normalize(r) for r in want]
                 have_norm = [_normalize(r) for r in have]
@@ -315,6 +361,11 @@ class IptablesFirewall:
             for table, chain, _, match in self._jumps():
                 if not _has_rule(present, table, chain, match.format(not_loopback=not_loopback)):
                     out.append(f"{tag} missing jump in {table}/{chain} to our chain")
+                    self._jumps_ok.discard(version)
+            for table in self._tables():
+                if stale := self._old_layout(present, table):
+                    out.append(f"{tag} our chains in the wrong table ({table}): "
+                               + "; ".join(stale))
                     self._jumps_ok.discard(version)
         return out
 
@@ -331,7 +382,7 @@ class IptablesFirewall:
         present = _saved_rules(await self._exec(
             ["iptables-save" if version == 4 else "ip6tables-save"]))
         out: dict[str, tuple[list[str], list[str]]] = {}
-        for table in ("filter", "nat"):
+        for table in self._tables():
             rules = present.get(table, [])
             jumps = [r for r in rules if r.startswith("-A ") and (
                 f'--comment "{self.names.comment}"' in r or f"--comment {self.names.comment}" in r)]
@@ -365,14 +416,6 @@ class IptablesFirewall:
         if out:
             self._absent = False
         return out
-
-
-def _docker_user_position(present: dict[str, list[str]]) -> int:
-    """1-based position of FORWARD's jump to DOCKER-USER, 0 if there is none."""
-    forward = [r for r in present.get("filter", []) if r.startswith("-A FORWARD ")]
-    return next(
-        (i for i, r in enumerate(forward, 1) if _normalize(r) == "-A FORWARD -j DOCKER-USER"), 0
-    )
 
 
 def _saved_rules(saved: str) -> dict[str, list[str]]:

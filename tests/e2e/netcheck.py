@@ -360,17 +360,19 @@ def our_rules(engine: Engine, table: str = "filter", *, v6: bool = False) -> lis
 
 
 def docker_rules(engine: Engine) -> dict[str, list[str]]:
-    """Everything in filter and nat that is not the plugin's: policies, Docker's chains and
-    rules, in order. Comparing two snapshots shows whether the plugin changed any of it."""
+    """Everything in filter, nat and mangle that is not the plugin's: policies, Docker's
+    chains and rules, in order. Comparing two snapshots shows whether the plugin changed any
+    of it."""
     ours = _ours_re(engine)
-    return {t: [r for r in rules(engine, t) if not ours.search(r)] for t in ("filter", "nat")}
+    return {t: [r for r in rules(engine, t) if not ours.search(r)]
+            for t in ("filter", "nat", "mangle")}
 
 
 def mentions(engine: Engine, needle: str) -> list[str]:
-    """Every line of iptables-save and ip6tables-save (filter, nat) containing ``needle``."""
+    """Every line of iptables-save and ip6tables-save (filter, nat, mangle) with ``needle``."""
     hits = []
     for tool in ("iptables-save", "ip6tables-save"):
-        for table in ("filter", "nat"):
+        for table in ("filter", "nat", "mangle"):
             out = engine.in_engine_ns(tool, "-t", table).stdout
             hits += [f"{tool} {table}: {line}" for line in out.splitlines() if needle in line]
     return hits

@@ -128,7 +128,7 @@ def test_rules_coexist_with_dockers_and_go_with_the_network(e2e: Scope) -> None:
 def _flush_our_chains(e2e: Scope) -> None:
     eng = e2e.engine
     p = eng.plugin.prefix.upper()
-    for table in ("filter", "nat"):
+    for table in ("filter", "nat", "mangle"):
         for r in rules(eng, table):
             if r.startswith(f"-N {p}-"):
                 eng.in_engine_ns("iptables", "-t", table, "-F", r.split()[1])
@@ -145,7 +145,7 @@ def test_rules_reapplied_when_plugin_restarts(e2e: Scope) -> None:
         expect_reach(e2e, b, {ip_a: True})
         assert_remote_gets(eng, ENGINE_ADDR, 8086, text)
         assert seen_source(e2e, b, url) == ENGINE_ADDR
-        wanted = {t: sorted(our_rules(eng, t)) for t in ("filter", "nat")}
+        wanted = {t: sorted(our_rules(eng, t)) for t in ("filter", "nat", "mangle")}
         docker_before = docker_rules(eng)
 
         eng.plugin.stop()
@@ -157,7 +157,7 @@ def test_rules_reapplied_when_plugin_restarts(e2e: Scope) -> None:
         assert_remote_cannot_get(eng, ENGINE_ADDR, 8086)
 
         eng.plugin.start()
-        got = {t: sorted(our_rules(eng, t)) for t in ("filter", "nat")}
+        got = {t: sorted(our_rules(eng, t)) for t in ("filter", "nat", "mangle")}
         assert got == wanted, "start-up did not restore the rules exactly"
         expect_reach(e2e, b, {ip_a: True}, what="after restart")
         assert_remote_gets(eng, ENGINE_ADDR, 8086, text)
@@ -179,7 +179,7 @@ def test_docker_user_stays_first_when_plugin_restores_its_jumps(e2e: Scope) -> N
     comment = f"{eng.plugin.prefix}-driver"
 
     eng.plugin.stop()
-    jumps = [(t, r) for t in ("filter", "nat") for r in rules(eng, t)
+    jumps = [(t, r) for t in ("filter", "nat", "mangle") for r in rules(eng, t)
              if r.startswith("-A ") and comment in r]
     assert len(jumps) >= 3, jumps
     for table, r in jumps:

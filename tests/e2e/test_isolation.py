@@ -64,3 +64,31 @@ def test_isolated_from_dockers_own_bridge_network(e2e: Scope) -> None:
                  what="pouch -> docker0")
     expect_reach(e2e, q, {ip_p: False}, kind=BOTH, ping_only={gw_q: True},
                  what="docker0 -> pouch")
+
+
+def test_isolated_from_docker_networks_made_later_whatever_their_bridge_name(
+    e2e: Scope,
+) -> None:
+    """Docker bridge networks created after the pouch network, one with a bridge the user
+    named (not ``br-<id>``): no new connection either way. Docker puts each new network's
+    ACCEPT rules at the top of filter FORWARD, above anything of ours there, so pouch drops
+    in mangle (nothing new into a masqueraded network but published ports) and, outbound,
+    goes through Docker's own DOCKER-ISOLATION-STAGE-2, which lists every Docker bridge."""
+    net = e2e.create_network("isoc", subnet="10.67.4.0/24")
+    p = e2e.run_container(net, "p")
+    ip_p = e2e.container_ip(p, net)
+    serve_http(e2e, p)
+    for base, subnet, options in (
+        ("dockc", "10.67.5.0/24", {"com.docker.network.bridge.name": "dkrcustom0"}),
+        ("dockd", "10.67.6.0/24", {}),
+    ):
+        docker_net = e2e.create_network(base, subnet=subnet, driver="bridge", ipam=False,
+                                        options=options)
+        q = e2e.run_container(docker_net, f"q{base}")
+        ip_q = e2e.container_ip(q, docker_net)
+        serve_http(e2e, q)
+        gw_q = subnet.replace(".0/24", ".1")
+        expect_reach(e2e, p, {ip_q: False}, kind=BOTH, ping_only={"10.67.4.1": True},
+                     what=f"pouch -> Docker network {base}")
+        expect_reach(e2e, q, {ip_p: False}, kind=BOTH, ping_only={gw_q: True},
+                     what=f"Docker network {base} -> pouch")

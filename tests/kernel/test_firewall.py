@@ -21,8 +21,15 @@ FWD = PortForward(bridge=NET_A.bridge, proto="tcp", host_ip=None, host_port=8080
 PLAN = FirewallPlan(networks=(NET_A, NET_B), forwards=(FWD,))
 
 
-def rules(save: str) -> list[str]:
-    return [line for line in save.splitlines() if line.startswith("-A ")]
+def rules(save: str, table: str | None = None) -> list[str]:
+    """The "-A" lines of an iptables-save, of one table or all."""
+    out, current = [], None
+    for line in save.splitlines():
+        if line.startswith("*"):
+            current = line[1:]
+        elif line.startswith("-A ") and table in (None, current):
+            out.append(line)
+    return out
 
 
 async def test_apply_twice_gives_the_same_rules(firewall: IptablesFirewall, netns: Netns) -> None:
@@ -34,6 +41,8 @@ async def test_apply_twice_gives_the_same_rules(firewall: IptablesFirewall, netn
     # One jump of each kind, never duplicated by re-applying.
     assert sum("-j PK-FORWARD" in r for r in first) == 1
     assert sum("-j PK-ISOLATION" in r and r.startswith("-A FORWARD") for r in first) == 1
+    assert rules(netns.iptables_save(), "mangle")[0] == (
+        "-A FORWARD -m comment --comment pk-driver -j PK-ISOLATION")
 
 
 async def test_rules_say_what_the_policy_says(firewall: IptablesFirewall, netns: Netns) -> None:
@@ -80,6 +89,52 @@ async def test_ipv6_published_ports_go_to_ip6tables(
     assert await firewall.differences(plan) == []
 
 
+async def test_isolation_consults_dockers_chain_once_it_exists(
+    firewall: IptablesFirewall, netns: Netns
+) -> None:
+    """Docker lists every bridge network it manages in DOCKER-ISOLATION-STAGE-2, whatever the
+    bridge's name; traffic leaving our networks goes through it. dockerd may start after us:
+    the chain appearing later is drift that ``differences`` reports and ``apply`` repairs."""
+    a = NET_A.bridge
+    jump = f"-A PK-FORWARD -i {a} ! -o {a} -j DOCKER-ISOLATION-STAGE-2"
+    await firewall.apply(PLAN)
+    assert jump not in rules(netns.iptables_save())  # no Docker here (yet)
+    netns.sh("iptables", "-N", "DOCKER-ISOLATION-STAGE-2")
+    netns.sh("iptables", "-A", "DOCKER-ISOLATION-STAGE-2", "-o", "mycustombr", "-j", "DROP")
+    diffs = await firewall.differences(PLAN)
+    assert diffs == [f"IPv4 missing rule: {jump}"], diffs
+    await firewall.apply(PLAN)
+    got = rules(netns.iptables_save())
+    fwd = rules(netns.iptables_save(), "filter")
+    # Just before the rule that lets the network's traffic out: Docker's chain drops what
+    # heads for a Docker bridge and returns the rest.
+    assert fwd.index(jump) + 1 == fwd.index(f"-A PK-FORWARD -i {a} ! -o {a} -j ACCEPT")
+    assert await firewall.differences(PLAN) == []
+    # A masqueraded network takes no new connection from outside but published ports.
+    assert (f"-A PK-ISOLATION ! -i {NET_A.bridge} -o {NET_A.bridge} -m conntrack ! --ctstate "
+            "RELATED,ESTABLISHED,DNAT -j DROP") in got
+
+
+async def test_isolation_chains_move_out_of_filter(
+    firewall: IptablesFirewall, netns: Netns
+) -> None:
+    """An earlier version kept the isolation chains in filter, where Docker's later networks
+    insert their ACCEPTs above them. Found there, they are reported and moved."""
+    netns.sh("iptables", "-N", "PK-ISOLATION")
+    netns.sh("iptables", "-N", "PK-ISOLATION-2")
+    netns.sh("iptables", "-A", "PK-ISOLATION", "-i", NET_A.bridge, "-j", "PK-ISOLATION-2")
+    netns.sh("iptables", "-I", "FORWARD", "1", "-m", "comment", "--comment", "pk-driver", "-j",
+             "PK-ISOLATION")
+    diffs = await firewall.differences(PLAN)
+    assert any("our chains in the wrong table (filter)" in d for d in diffs), diffs
+    await firewall.apply(PLAN)
+    save = netns.iptables_save()
+    assert not any("PK-ISOLATION" in r for r in rules(save, "filter"))
+    assert ":PK-ISOLATION " not in "\n".join(
+        line for line in save.split("*filter")[1].split("COMMIT")[0].splitlines())
+    assert await firewall.differences(PLAN) == []
+
+
 async def test_removing_a_network_removes_exactly_its_rules(
     firewall: IptablesFirewall, netns: Netns
 ) -> None:
@@ -101,12 +156,13 @@ async def test_foreign_rules_and_chains_are_untouched(
     await firewall.apply(PLAN)
     await firewall.apply(FirewallPlan(networks=(NET_B,)))
     save = netns.iptables_save()
-    # Our jumps come after DOCKER-USER, so the operator's policy applies to our networks too.
-    forward = [r for r in rules(save) if r.startswith("-A FORWARD")]
+    # Our accepts come after DOCKER-USER, so the operator's policy applies to our networks
+    # too; our drops are in mangle, ahead of any filter rule (they only ever drop).
+    forward = [r for r in rules(save, "filter") if r.startswith("-A FORWARD")]
     assert forward.index("-A FORWARD -j DOCKER-USER") < forward.index(
         "-A FORWARD -m comment --comment pk-driver -j PK-FORWARD")
-    assert forward.index("-A FORWARD -j DOCKER-USER") < forward.index(
-        "-A FORWARD -m comment --comment pk-driver -j PK-ISOLATION")
+    assert not any("PK-ISOLATION" in r for r in rules(save, "filter"))
+    assert rules(save, "mangle")[0] == "-A FORWARD -m comment --comment pk-driver -j PK-ISOLATION"
     await firewall.apply(FirewallPlan())  # the last network is gone: so is all of ours
     save = netns.iptables_save()
     assert "-A DOCKER-USER -s 10.99.0.0/16 -j DROP" in save
