@@ -22,7 +22,16 @@ from . import store as st
 from .config import Settings
 from .errors import Conflict, DriverError, Exhausted, InvalidRequest, NotFound
 from .ipam import ADDRESS, RECLAIMED, AddressGrant, Ipam
-from .kernel import BridgeSpec, Firewall, FirewallPlan, Links, NetworkRules, PortForward, VethSpec
+from .kernel import (
+    BRIDGE_MAX_PORTS,
+    BridgeSpec,
+    Firewall,
+    FirewallPlan,
+    Links,
+    NetworkRules,
+    PortForward,
+    VethSpec,
+)
 from .locks import Coalescer, KeyedLocks
 from .model import (
     GLOBAL_ADDRESS_SPACE,
@@ -42,7 +51,6 @@ from .ports import resolve_ports
 
 log = logging.getLogger(__name__)
 
-MAX_BRIDGE_PORTS = 1024  # BR_MAX_PORTS in the kernel
 
 
 @dataclass
@@ -404,13 +412,13 @@ class Service:
                 await self.links.ensure_veth(self.veth_spec(existing, net))
                 return None if mac else chosen
             # Veths still waiting for their deferred delete hold bridge ports too.
-            if len(self.endpoints_of(network_id)) + len(self._doomed) >= MAX_BRIDGE_PORTS - 1:
+            if len(self.endpoints_of(network_id)) + len(self._doomed) >= BRIDGE_MAX_PORTS - 1:
                 await self.drain()
             on_net = self.endpoints_of(network_id)  # after the await: others may have come
-            if len(on_net) >= MAX_BRIDGE_PORTS - 1:
+            if len(on_net) >= BRIDGE_MAX_PORTS - 1:
                 raise Exhausted(
                     f"network {short(network_id)} has {len(on_net)} endpoints: bridge {net.bridge} "
-                    f"reached the kernel's limit of {MAX_BRIDGE_PORTS} ports"
+                    f"reached the kernel's limit of {BRIDGE_MAX_PORTS} ports"
                 )
             for other in on_net:
                 for mine, theirs in ((address, other.address), (address_v6, other.address_v6)):

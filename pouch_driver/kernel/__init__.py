@@ -12,6 +12,8 @@ from typing import Protocol
 
 from ..model import IPAddress, IPInterface, IPNetwork
 
+BRIDGE_MAX_PORTS = 1024  # BR_MAX_PORTS in the kernel
+
 
 @dataclass(frozen=True)
 class BridgeSpec:

@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..errors import KernelError
+from ..errors import Exhausted, KernelError
 from ..model import IPInterface, IPNetwork
-from . import BridgeSpec, LinkInfo, VethSpec
+from . import BRIDGE_MAX_PORTS, BridgeSpec, LinkInfo, VethSpec
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +313,17 @@ class NetlinkLinks:
 
     async def ensure_veth(self, spec: VethSpec) -> None:
         def ensure(ipr: Any) -> None:
+            try:
+                attach(ipr)
+            except NetlinkError as exc:
+                if exc.code == errno.EXFULL:  # the kernel's word for a bridge out of ports
+                    raise Exhausted(
+                        f"bridge {spec.bridge} is full: Linux allows {BRIDGE_MAX_PORTS} ports "
+                        "per bridge, counting interfaces pouch-driver did not add"
+                    ) from exc
+                raise
+
+        def attach(ipr: Any) -> None:
             master = self._bridge_index.get(spec.bridge)
             if master is not None:
                 try:  # the usual case: a new pair on a known bridge

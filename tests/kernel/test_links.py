@@ -6,10 +6,11 @@ import asyncio
 import ipaddress
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
-from pouch_driver.errors import KernelError
+from pouch_driver.errors import Exhausted, KernelError
 from pouch_driver.kernel import BridgeSpec, VethSpec
 from pouch_driver.kernel.links import NetlinkLinks
 
@@ -189,3 +190,20 @@ async def test_bridge_ports_are_in_hairpin_mode(links: NetlinkLinks, netns: Netn
     netns.sh("ip", "link", "set", VETH.host, "type", "bridge_slave", "hairpin", "off")
     await links.ensure_veth(VETH)
     assert await hairpin()
+
+
+async def test_a_full_bridge_is_a_clear_error(
+    links: NetlinkLinks, netns: Netns, tmp_path: Path,
+) -> None:
+    """A bridge takes 1,023 ports (port 0 is reserved) and the kernel says "Exchange full"
+    past that. The service counts its own endpoints, but a user's bridge may hold ports of
+    others: the kernel's refusal must still read as what it is, and leave no veth behind."""
+    await links.ensure_bridge(BRIDGE)
+    batch = tmp_path / "ports.batch"
+    batch.write_text("".join(f"link add pkd{i} type veth peer name pke{i}\n"
+                             f"link set pkd{i} master {BRIDGE.name}\n" for i in range(1023)))
+    netns.sh("ip", "-batch", str(batch))  # the ports of others (veths: no dummy module here)
+    assert len([n for n in netns.names() if n.startswith("pkd")]) == 1023
+    with pytest.raises(Exhausted, match=rf"bridge {BRIDGE.name} is full: Linux allows 1024"):
+        await links.ensure_veth(VETH)
+    assert VETH.host not in netns.names() and VETH.peer not in netns.names()
