@@ -412,13 +412,13 @@ class Service:
                 await self.links.ensure_veth(self.veth_spec(existing, net))
                 return None if mac else chosen
             # Veths still waiting for their deferred delete hold bridge ports too.
-            if len(self.endpoints_of(network_id)) + len(self._doomed) >= BRIDGE_MAX_PORTS - 1:
+            if len(self.endpoints_of(network_id)) + len(self._doomed) >= BRIDGE_MAX_PORTS:
                 await self.drain()
             on_net = self.endpoints_of(network_id)  # after the await: others may have come
-            if len(on_net) >= BRIDGE_MAX_PORTS - 1:
+            if len(on_net) >= BRIDGE_MAX_PORTS:
                 raise Exhausted(
                     f"network {short(network_id)} has {len(on_net)} endpoints: bridge {net.bridge} "
-                    f"reached the kernel's limit of {BRIDGE_MAX_PORTS} ports"
+                    f"reached the kernel's limit of {BRIDGE_MAX_PORTS} ports per bridge"
                 )
             for other in on_net:
                 for mine, theirs in ((address, other.address), (address_v6, other.address_v6)):

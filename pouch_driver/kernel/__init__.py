@@ -12,7 +12,7 @@ from typing import Protocol
 
 from ..model import IPAddress, IPInterface, IPNetwork
 
-BRIDGE_MAX_PORTS = 1024  # BR_MAX_PORTS in the kernel
+BRIDGE_MAX_PORTS = 1023  # BR_MAX_PORTS (1024) in the kernel, less port 0, which is reserved
 
 
 @dataclass(frozen=True)

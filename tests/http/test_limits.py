@@ -143,7 +143,7 @@ async def test_bridge_port_limit_is_answered_before_the_kernel(plugin: Plugin) -
     before, calls = h.snapshot(plugin), list(plugin.links.calls)
     doc = await plugin.call("NetworkDriver.CreateEndpoint",
                             {"NetworkID": NID, "EndpointID": eid(5000)}, status=507)
-    assert "has 1023 endpoints" in doc["Err"] and "limit of 1024 ports" in doc["Err"]
+    assert "has 1023 endpoints" in doc["Err"] and "limit of 1023 ports per bridge" in doc["Err"]
     assert plugin.links.calls == calls, "the kernel must not be asked"
     assert not h.diff(before, h.snapshot(plugin))
     # One leaves, one more fits.

@@ -204,6 +204,6 @@ async def test_a_full_bridge_is_a_clear_error(
                              f"link set pkd{i} master {BRIDGE.name}\n" for i in range(1023)))
     netns.sh("ip", "-batch", str(batch))  # the ports of others (veths: no dummy module here)
     assert len([n for n in netns.names() if n.startswith("pkd")]) == 1023
-    with pytest.raises(Exhausted, match=rf"bridge {BRIDGE.name} is full: Linux allows 1024"):
+    with pytest.raises(Exhausted, match=rf"bridge {BRIDGE.name} is full: Linux allows 1023"):
         await links.ensure_veth(VETH)
     assert VETH.host not in netns.names() and VETH.peer not in netns.names()

@@ -203,7 +203,7 @@ def test_bridge_port_limit_on_the_real_kernel(netns: Netns, short_tmp: Path) -> 
     print(f"\n1023 real veth pairs on one bridge in {r['fill']:.1f}s; 1024th: {r['refused']}")
     assert r["refused"] is not None
     status, err = r["refused"]
-    assert status == 507 and "limit of 1024 ports" in err
+    assert status == 507 and "limit of 1023 ports per bridge" in err
     assert "pkh" + eid(5000)[:12] not in netns.names(), "the kernel was asked anyway"
     ports = list(netns.ip_json("link", "show", "master", r["bridge"]))
     assert len(ports) == 1023

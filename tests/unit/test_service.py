@@ -171,7 +171,7 @@ async def test_bridge_port_limit_is_a_clear_error(make_service: Factory) -> None
     for i in range(1023):
         eid = f"{i:012x}" + "0" * 52
         await svc.create_endpoint(NID, eid, None, None, None)
-    with pytest.raises(Exhausted, match="limit of 1024 ports"):
+    with pytest.raises(Exhausted, match="limit of 1023 ports per bridge"):
         await svc.create_endpoint(NID, "f" * 64, None, None, None)
 
 
