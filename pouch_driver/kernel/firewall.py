@@ -42,8 +42,9 @@ from . import FirewallPlan, NetworkRules
 log = logging.getLogger(__name__)
 
 SYSCTL = Path("/proc/sys")
-# Bridges Docker names for its own networks (docker0, br-<id>); a Docker network given a custom
-# bridge name is not recognised.
+# Bridges Docker names for its own networks (docker0, br-<id>): kept out even where Docker runs
+# without its iptables chains. Custom bridge names are covered by the conntrack rule (inbound)
+# and DOCKER-ISOLATION-STAGE-2 (outbound).
 DOCKER_BRIDGES = ("docker0", "br-+")
 _MANGLE, _FILTER, _NAT = "mangle", "filter", "nat"
 #: Docker (20.10-27) keeps here one "-o <bridge> -j DROP" per bridge network it manages.
