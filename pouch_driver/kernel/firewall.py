@@ -73,6 +73,13 @@ class IptablesFirewall:
         self._absent = False
         # Families where Docker's isolation chain existed at the last iptables-save.
         self._docker_isolation: set[int] = set()
+        # The table each of our chains lives in.
+        self._tables: dict[str, list[str]] = {
+            _MANGLE: [names.chain_isolation, names.chain_isolation2],
+            _FILTER: [names.chain_forward],
+            _NAT: [names.chain_postrouting, names.chain_dnat],
+        }
+        self._table_of = {c: t for t, chains in self._tables.items() for c in chains}
         self._has_ip6tables = shutil.which("ip6tables-restore") is not None
 
     # --- process plumbing ---------------------------------------------------------------------
@@ -220,8 +227,10 @@ class IptablesFirewall:
             )
         return chains
 
-    def _restore_input(self, plan: FirewallPlan, version: int, saved: str | None) -> str:
-        text = self._render_input(plan, version, saved)
+    def _restore_input(self, plan: FirewallPlan, version: int,
+                       present: dict[str, list[str]] | None) -> str:
+        """``present``: the parsed iptables-save, when the jumps must be checked."""
+        text = self._render_input(plan, version, present)
         for line in text.splitlines():
             # Defence in depth: every value we render is validated upstream, but a rule line
             # must never smuggle a newline, NUL or a second table into iptables-restore.
@@ -239,13 +248,12 @@ class IptablesFirewall:
             if not value or any(c.isspace() or c in "%\"'!#;" for c in value):
                 raise KernelError(f"refusing to put {value!r} into a firewall rule")
 
-    def _render_input(self, plan: FirewallPlan, version: int, saved: str | None) -> str:
+    def _render_input(self, plan: FirewallPlan, version: int,
+                      present: dict[str, list[str]] | None) -> str:
         chains = self.render(plan, version)
         not_loopback = "" if version == 4 else "! -d ::1/128 "
-        tables = self._tables()
-        present = _saved_rules(saved) if saved is not None else None
         out: list[str] = []
-        for table, ours in tables.items():
+        for table, ours in self._tables.items():
             out.append(f"*{table}")
             out.extend(f":{c} - [0:0]" for c in ours)  # declaring empties it (--noflush)
             for c in ours:
@@ -261,18 +269,10 @@ class IptablesFirewall:
             out.append("COMMIT")
         return "\n".join(out) + "\n"
 
-    def _tables(self) -> dict[str, list[str]]:
-        n = self.names
-        return {
-            _MANGLE: [n.chain_isolation, n.chain_isolation2],
-            _FILTER: [n.chain_forward],
-            _NAT: [n.chain_postrouting, n.chain_dnat],
-        }
-
     def _old_layout(self, present: dict[str, list[str]], table: str) -> list[str]:
         """Lines removing our chains from a table they no longer live in (the isolation
         chains were in filter before they moved to mangle), with the jumps into them."""
-        stale = [c for c in self.names.all_chains() if c not in self._tables()[table]
+        stale = [c for c in self.names.all_chains() if self._table_of[c] != table
                  and any(r.startswith(f":{c} ") for r in present.get(table, []))]
         jumps = [r.replace("-A ", "-D ", 1) for r in present.get(table, [])
                  if r.startswith("-A ") and any(r.endswith(f"-j {c}") for c in stale)
@@ -309,26 +309,28 @@ class IptablesFirewall:
 
     async def _apply_family(self, plan: FirewallPlan, version: int) -> None:
         restore = "iptables-restore" if version == 4 else "ip6tables-restore"
-        saved = None if version in self._jumps_ok else await self._read(version)
+        present = None if version in self._jumps_ok else await self._read(version)
         try:
-            await self._exec([restore, "--noflush"], self._restore_input(plan, version, saved))
+            await self._exec([restore, "--noflush"], self._restore_input(plan, version, present))
         except KernelError:
             self._jumps_ok.discard(version)
-            if saved is not None:
+            if present is not None:
                 raise
             # What we knew may be stale (FORWARD flushed, Docker's chain gone): look again.
-            saved = await self._read(version)
-            await self._exec([restore, "--noflush"], self._restore_input(plan, version, saved))
+            present = await self._read(version)
+            await self._exec([restore, "--noflush"], self._restore_input(plan, version, present))
         self._jumps_ok.add(version)
 
-    async def _read(self, version: int) -> str:
-        """iptables-save of one family; notes whether Docker's isolation chain is there."""
-        saved = await self._exec(["iptables-save" if version == 4 else "ip6tables-save"])
-        if any(line.startswith(f":{DOCKER_ISOLATION} ") for line in saved.splitlines()):
+    async def _read(self, version: int) -> dict[str, list[str]]:
+        """One family's iptables-save, parsed; notes whether Docker's isolation chain is
+        there (every look at the firewall keeps that knowledge current)."""
+        present = _saved_rules(
+            await self._exec(["iptables-save" if version == 4 else "ip6tables-save"]))
+        if any(r.startswith(f":{DOCKER_ISOLATION} ") for r in present.get(_FILTER, [])):
             self._docker_isolation.add(version)
         else:
             self._docker_isolation.discard(version)
-        return saved
+        return present
 
     async def _ensure_bridge_netfilter(self) -> None:
         """icc=false needs bridged traffic to pass iptables (as Docker's bridge does)."""
@@ -347,13 +349,12 @@ class IptablesFirewall:
         out: list[str] = []
         families = [4] + ([6] if self._has_ip6tables and plan.needs_ipv6() else [])
         for version in families:
-            present = _saved_rules(await self._read(version))
+            present = await self._read(version)
             chains = self.render(plan, version)
             not_loopback = "" if version == 4 else "! -d ::1/128 "
             tag = f"IPv{version}"
-            table_of = {c: t for t, cs in self._tables().items() for c in cs}
             for chain, want in chains.items():
-                table = table_of[chain]
+                table = self._table_of[chain]
                 have = [r for r in present.get(table, []) if r.startswith(f"-A {chain} ")]
                 want_norm = [_normalize(r) for r in want]
                 have_norm = [_normalize(r) for r in have]
@@ -363,7 +364,7 @@ class IptablesFirewall:
                 if not _has_rule(present, table, chain, match.format(not_loopback=not_loopback)):
                     out.append(f"{tag} missing jump in {table}/{chain} to our chain")
                     self._jumps_ok.discard(version)
-            for table in self._tables():
+            for table in self._tables:
                 if stale := self._old_layout(present, table):
                     out.append(f"{tag} our chains in the wrong table ({table}): "
                                + "; ".join(stale))
@@ -380,10 +381,9 @@ class IptablesFirewall:
 
     async def _ours(self, version: int) -> dict[str, tuple[list[str], list[str]]]:
         """Table -> (our jumps in built-in chains, our chains), as iptables-save lists them."""
-        present = _saved_rules(await self._exec(
-            ["iptables-save" if version == 4 else "ip6tables-save"]))
+        present = await self._read(version)
         out: dict[str, tuple[list[str], list[str]]] = {}
-        for table in self._tables():
+        for table in self._tables:
             rules = present.get(table, [])
             jumps = [r for r in rules if r.startswith("-A ") and (
                 f'--comment "{self.names.comment}"' in r or f"--comment {self.names.comment}" in r)]
