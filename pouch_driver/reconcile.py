@@ -153,7 +153,7 @@ class Reconciler:
                 async with svc.guard_endpoint(ep.network_id, ep.endpoint_id):
                     if svc.endpoints.get(ep.endpoint_id) == ep:
                         self.repaired.extend(await svc.forget_endpoints(
-                            [ep], release=False, reason="a create the engine rolled back"))
+                            [ep], reclaim=False, reason="a create the engine rolled back"))
         for pool in svc.leftover_pools():
             self.problems.append(f"pool {pool.pool_id} is used by nothing (a lost answer)")
             if self.repair:

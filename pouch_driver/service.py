@@ -52,7 +52,6 @@ from .ports import resolve_ports
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class FromBefore:
     """What the store held when this process started.
@@ -464,7 +463,7 @@ class Service:
             if not (dead or leftover):
                 return False
             why = "its veth is gone" if dead else "a create the engine rolled back"
-            await self.forget_endpoints([current], release=False, reason=why,
+            await self.forget_endpoints([current], reclaim=False, reason=why,
                                         linkless={current.endpoint_id} if dead else ())
             log.warning("endpoint %s held %s but was stale (%s): dropped",
                         short(current.endpoint_id), ip, why)
@@ -741,16 +740,16 @@ class Service:
         dead: Sequence[Endpoint],
         linkless: Collection[str] = (),
         *,
-        release: bool = True,
+        reclaim: bool = True,
         reason: str = "veth gone",
     ) -> list[str]:
-        """Drop endpoints the engine will never delete, and (``release``) park their addresses
+        """Drop endpoints the engine will never delete, and (``reclaim``) park their addresses
         as ``RECLAIMED``: free for reuse, but last, as the engine may still release them.
 
         ``linkless``: endpoint IDs whose veth is known gone (no delete to schedule).
         """
         ops: list[st.Op] = []
-        released: list[tuple[str, IPAddress]] = []
+        parked: list[tuple[str, IPAddress]] = []
         gone = {ep.endpoint_id for ep in dead}
         held = {
             a.ip for e in self.endpoints.values() if e.endpoint_id not in gone
@@ -759,17 +758,17 @@ class Service:
         for ep in dead:
             ops.append(st.DeleteEndpoint(ep.endpoint_id))
             for addr in (ep.address, ep.address_v6):
-                if addr is None or not release or addr.ip in held:
+                if addr is None or not reclaim or addr.ip in held:
                     continue  # never free an address another endpoint holds now
                 state = self.ipam.pool_of(addr.ip)
                 if state is not None and state.allocated.get(int(addr.ip)) == ADDRESS:
                     ops.append(st.PutAddress(state.pool.pool_id, int(addr.ip), addr.version,
                                              RECLAIMED, state.cursor))
-                    released.append((state.pool.pool_id, addr.ip))
+                    parked.append((state.pool.pool_id, addr.ip))
         def forget() -> None:
             for ep in dead:
                 self.endpoints.pop(ep.endpoint_id, None)
-            for pool_id, ip in released:
+            for pool_id, ip in parked:
                 self.ipam.reclaim(pool_id, ip)
                 self.before.addresses.discard((pool_id, int(ip)))
 
@@ -779,14 +778,13 @@ class Service:
                 self.delete_link_later(ep.host_ifname)
         if any(ep.port_bindings for ep in dead):
             await self.sync_firewall()
-        freed = {ip for _, ip in released}
-        return [
-            f"forgot endpoint {short(ep.endpoint_id)} ({reason})"
-            + (" and reclaimed " + ", ".join(str(a.ip) for a in (ep.address, ep.address_v6)
-                                            if a and a.ip in freed)
-               if any(a and a.ip in freed for a in (ep.address, ep.address_v6)) else "")
-            for ep in dead
-        ]
+        done = {ip for _, ip in parked}
+        lines = []
+        for ep in dead:
+            mine = [str(a.ip) for a in (ep.address, ep.address_v6) if a and a.ip in done]
+            lines.append(f"forgot endpoint {short(ep.endpoint_id)} ({reason})"
+                         + (f" and reclaimed {', '.join(mine)}" if mine else ""))
+        return lines
 
     def guard_network(self, network_id: str) -> AbstractAsyncContextManager[None]:
         """Hold off network create/delete while looking at (or repairing) this network."""
