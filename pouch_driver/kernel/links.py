@@ -18,7 +18,7 @@ import queue
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
@@ -60,6 +60,7 @@ def _link_info(msg: Any, addresses: tuple[IPInterface, ...] = ()) -> LinkInfo:
 
 _NLMSG_ERROR, _NLMSG_DONE, _RTM_NEWLINK, _RTM_GETLINK = 2, 3, 16, 18
 _IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MTU, _IFLA_MASTER, _IFLA_LINKINFO = 1, 3, 4, 10, 18
+_IFLA_INFO_KIND = 1
 _NLMSG = struct.Struct("=LHHLL")
 _IFINFO = struct.Struct("=BxHiII")
 _RTA = struct.Struct("=HH")
@@ -88,33 +89,31 @@ def _dump_links() -> list[LinkInfo]:
                 off += (length + 3) & ~3
 
 
+def _attrs(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(type, payload start, payload end) of each rtattr in ``data[start:end]``."""
+    while start + 4 <= end:
+        alen, atype = _RTA.unpack_from(data, start)
+        if alen < 4:
+            return
+        yield atype & 0x3FFF, start + 4, start + alen
+        start += (alen + 3) & ~3
+
+
 def _decode_link(data: bytes, off: int, end: int) -> LinkInfo:
     _family, _type, index, flags, _change = _IFINFO.unpack_from(data, off + 16)
     name, master, kind, mtu, mac = "", None, None, 0, ""
-    a = off + 32
-    while a + 4 <= end:
-        alen, atype = _RTA.unpack_from(data, a)
-        if alen < 4:
-            break
-        atype &= 0x3FFF
+    for atype, a, b in _attrs(data, off + 32, end):
         if atype == _IFLA_IFNAME:
-            name = data[a + 4:a + alen].rstrip(b"\0").decode()
+            name = data[a:b].rstrip(b"\0").decode()
         elif atype == _IFLA_MASTER:
-            (master,) = _U32.unpack_from(data, a + 4)
+            (master,) = _U32.unpack_from(data, a)
         elif atype == _IFLA_MTU:
-            (mtu,) = _U32.unpack_from(data, a + 4)
+            (mtu,) = _U32.unpack_from(data, a)
         elif atype == _IFLA_ADDRESS:
-            mac = data[a + 4:a + alen].hex(":")
+            mac = data[a:b].hex(":")
         elif atype == _IFLA_LINKINFO:
-            b = a + 4
-            while b + 4 <= a + alen:
-                blen, btype = _RTA.unpack_from(data, b)
-                if blen < 4:
-                    break
-                if btype & 0x3FFF == 1:  # IFLA_INFO_KIND
-                    kind = data[b + 4:b + blen].rstrip(b"\0").decode()
-                b += (blen + 3) & ~3
-        a += (alen + 3) & ~3
+            kind = next((data[x:y].rstrip(b"\0").decode()
+                         for t, x, y in _attrs(data, a, b) if t == _IFLA_INFO_KIND), kind)
     return LinkInfo(name=name, index=index, kind=kind, master=master, up=bool(flags & IFF_UP),
                     mtu=mtu, mac=mac)
 
