@@ -41,7 +41,7 @@ def _pool_use(state: PoolState) -> PoolUse:
         sub_pool=str(state.pool.sub_pool) if state.pool.sub_pool else None,
         used=len(state.allocated) - (parked := state.reclaimed),
         reclaimed=parked,
-        size=state.hi - state.lo + 1 - len(state.reserved),
+        size=state.size,
     )
 
 

@@ -97,6 +97,11 @@ class PoolState:
     def reclaimed(self) -> int:
         return sum(1 for kind in self.allocated.values() if kind == RECLAIMED)
 
+    @property
+    def size(self) -> int:
+        """Addresses this pool can hand out."""
+        return self.hi - self.lo + 1 - len(self.reserved)
+
     def oldest_reclaimed(self) -> int | None:
         """Allocations keep their insertion order, so the first is the longest parked."""
         return next((a for a, kind in self.allocated.items()

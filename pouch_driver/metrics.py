@@ -106,8 +106,7 @@ class Metrics:
             out.append(f"pouch_driver_pool_addresses_used{{{label}}} "
                        f"{len(state.allocated) - parked}")
             reclaimed.append(f"pouch_driver_pool_addresses_reclaimed{{{label}}} {parked}")
-            size = state.hi - state.lo + 1 - len(state.reserved)
-            sizes.append(f"pouch_driver_pool_addresses{{{label}}} {size}")
+            sizes.append(f"pouch_driver_pool_addresses{{{label}}} {state.size}")
         out += sizes + reclaimed
         out += [
             "# HELP pouch_driver_pending_deletes Veths waiting for their deferred delete.",
