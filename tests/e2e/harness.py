@@ -1131,14 +1131,17 @@ class Scope:
                                  f"{nets[network]}")
         return ip
 
-    def container_addrs(self, container: str) -> dict[str, list[str]]:
-        """Interface name -> IPv4 ``addr/len`` list, as seen inside the container (``ip``)."""
-        out = self.exec(container, "ip", "-o", "-4", "addr", "show").stdout
+    def container_addrs(self, container: str, *, v6: bool = False) -> dict[str, list[str]]:
+        """Interface name -> IPv4 (``v6``: global IPv6) ``addr/len`` list, as seen inside the
+        container (``ip``)."""
+        args = ("-6", "addr", "show", "scope", "global") if v6 else ("-4", "addr", "show")
+        out = self.exec(container, "ip", "-o", *args).stdout
+        family = "inet6" if v6 else "inet"
         result: dict[str, list[str]] = {}
         for line in out.splitlines():
             parts = line.split()
             # "2: eth0    inet 10.31.0.2/24 brd ... scope global eth0"
-            if len(parts) >= 4 and parts[2] == "inet":
+            if len(parts) >= 4 and parts[2] == family:
                 result.setdefault(parts[1].split("@")[0], []).append(parts[3])
         return result
 

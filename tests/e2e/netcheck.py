@@ -92,17 +92,6 @@ def container_routes(e2e: Scope, container: str, *, v6: bool = False) -> list[st
             if line.strip()]
 
 
-def container_addrs6(e2e: Scope, container: str) -> dict[str, list[str]]:
-    """Interface -> global IPv6 ``addr/len`` list inside the container."""
-    out = e2e.exec(container, "ip", "-o", "-6", "addr", "show", "scope", "global").stdout
-    result: dict[str, list[str]] = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 4 and parts[2] == "inet6":
-            result.setdefault(parts[1].split("@")[0], []).append(parts[3])
-    return result
-
-
 def container_pid(e2e: Scope, container: str) -> int:
     pid = int(e2e.container_inspect(container)["State"]["Pid"])
     assert pid > 0, f"{container} is not running"

@@ -202,6 +202,16 @@ class Problem:
 CRASH_INVARIANTS = frozenset({"link-leaked", "link-missing", "address-unallocated", "shared"})
 
 
+def problems_after_settling(engine: Engine, timeout: float, interval: float) -> list[str]:
+    """The consistency problems left once the plugin's own start-up and sweep have had up to
+    ``timeout`` seconds to settle them (empty as soon as there are none)."""
+    deadline = time.monotonic() + timeout
+    while (problems := [str(p) for p in consistency_problems(engine)]) and \
+            time.monotonic() < deadline:
+        time.sleep(interval)
+    return problems
+
+
 def consistency_problems(engine: Engine) -> list[Problem]:
     """Every disagreement between engine, plugin store/status and kernel (empty = consistent).
 

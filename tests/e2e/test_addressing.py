@@ -14,7 +14,6 @@ import pytest
 from .harness import ENGINE_ADDR, Scope, addresses, check_no_overlap
 from .netcheck import (
     BOTH,
-    container_addrs6,
     container_routes,
     expect_reach,
     mentions,
@@ -91,7 +90,7 @@ def test_dual_stack_ipv6(e2e: Scope) -> None:
         info = e2e.container_inspect(x)["NetworkSettings"]["Networks"][net]
         six[x] = str(info["GlobalIPv6Address"])
         assert six[x], f"{x} has no IPv6 address: {info}"
-        assert container_addrs6(e2e, x).get("eth0") == [f"{six[x]}/64"]
+        assert e2e.container_addrs(x, v6=True).get("eth0") == [f"{six[x]}/64"]
         assert e2e.container_addrs(x).get("eth0") == [f"{info['IPAddress']}/24"]
     assert six[b] == "fd70:e2e::99"
     assert ipaddress.ip_address(six[a]) in ipaddress.ip_network(v6a)

@@ -38,6 +38,7 @@ from .oracle import (
     consistency_problems,
     engine_networks,
     gc,
+    problems_after_settling,
     read_http_message,
     release_orphan_pools,
     requests_in_log,
@@ -256,10 +257,7 @@ def test_kill_9_at_random_points_of_a_churn(
     assert_always_true(e2e)
     # Engine vs plugin, before any operator action: the plugin's own start-up and sweep (2 s
     # here, and leftovers of lost answers are taken once 5 s passed since the last start).
-    deadline = time.monotonic() + 20
-    while (problems := [str(p) for p in consistency_problems(eng)]) and \
-            time.monotonic() < deadline:
-        time.sleep(1)
+    problems = problems_after_settling(eng, timeout=20, interval=1)
     # The engine's next operations succeed, whatever was left.
     engine_works(e2e, "x")
     if problems:
@@ -514,10 +512,7 @@ def test_crash_between_commit_and_answer(contain_leaks: None, e2e: Scope,
     assert_always_true(e2e)
     # The plugin's sweep (every 2 s) takes leftovers of the lost answer once its grace period
     # (5 s here, the engine's retry window in production) has passed since the restart.
-    deadline = time.monotonic() + 12
-    while (problems := [str(p) for p in consistency_problems(eng)]) and \
-            time.monotonic() < deadline:
-        time.sleep(0.5)
+    problems = problems_after_settling(eng, timeout=12, interval=0.5)
     retry_error = ""
     try:
         sc.again(e2e, ctx)
