@@ -28,38 +28,64 @@ from . import plugin, startup
 from .common import Daemon, PluginClient, Record, log, netns, task_cpu, workdir
 
 #: Frames that never decide a sample's layer (the caller does).
-TRANSPARENT = ("asyncio/", "threading.py", "concurrent/futures", "contextlib.py",
-               "functools.py", "typing.py", "abc.py", "ipaddress.py", "dataclasses.py",
-               "enum.py", "re/", "hashlib", "secrets.py", "<frozen", "copy.py", "weakref.py",
-               "collections/")
+TRANSPARENT = (
+    "asyncio/",
+    "threading.py",
+    "concurrent/futures",
+    "contextlib.py",
+    "functools.py",
+    "typing.py",
+    "abc.py",
+    "ipaddress.py",
+    "dataclasses.py",
+    "enum.py",
+    "re/",
+    "hashlib",
+    "secrets.py",
+    "<frozen",
+    "copy.py",
+    "weakref.py",
+    "collections/",
+)
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("idle (epoll wait)", ("EpollSelector.select (selectors.py)",)),
     ("marshmallow schemas", ("marshmallow/", "pouch_driver/http/schemas.py")),
     ("logging", ("logging/", "pouch_driver/logs.py")),
     ("store (loop side)", ("pouch_driver/store.py", "sqlite3")),
     ("netlink (loop side)", ("pouch_driver/kernel/links.py", "pyroute2/")),
-    ("firewall", ("pouch_driver/kernel/firewall.py", "subprocess.py")),
+    (
+        "firewall",
+        ("pouch_driver/kernel/iptables.py", "pouch_driver/kernel/rules.py", "subprocess.py"),
+    ),
     ("ipam", ("pouch_driver/ipam.py",)),
-    ("reconcile", ("pouch_driver/reconcile.py",)),
-    ("service", ("pouch_driver/service.py", "pouch_driver/locks.py", "pouch_driver/naming.py",
-                 "pouch_driver/options.py", "pouch_driver/model.py")),
+    ("reconcile", ("pouch_driver/service/reconcile.py",)),
+    (
+        "service",
+        (
+            "pouch_driver/service/",
+            "pouch_driver/locks.py",
+            "pouch_driver/naming.py",
+            "pouch_driver/options.py",
+            "pouch_driver/model.py",
+        ),
+    ),
     ("JSON", ("json/",)),
     ("our HTTP layer (dispatch, middleware, handlers)", ("pouch_driver/http/",)),
     ("aiohttp (HTTP parse/write, transport)", ("aiohttp/", "multidict", "yarl", "propcache")),
 )
 INCLUSIVE: tuple[tuple[str, str], ...] = (
     ("aiohttp request handling", "RequestHandler._handle_request (aiohttp/web_protocol.py)"),
-    ("error_middleware", "error_middleware (pouch_driver/http/app.py)"),
+    ("middleware", "(pouch_driver/http/middleware.py)"),
     ("dispatch", "dispatch (pouch_driver/http/app.py)"),
     ("marshmallow Schema() construction", "Schema.__init__ (marshmallow/schema.py)"),
     ("marshmallow load", "Schema.load (marshmallow/schema.py)"),
     ("marshmallow dump", "Schema.dump (marshmallow/schema.py)"),
     ("web.json_response", "json_response (aiohttp/web_response.py)"),
-    ("service methods", "(pouch_driver/service.py)"),
+    ("service methods", "(pouch_driver/service/"),
     ("Store.commit (loop side)", "Store.commit (pouch_driver/store.py)"),
     ("NetlinkLinks._run (loop side)", "NetlinkLinks._run (pouch_driver/kernel/links.py)"),
     ("logging", "(logging/__init__.py)"),
-    ("reconcile", "(pouch_driver/reconcile.py)"),
+    ("reconcile", "(pouch_driver/service/reconcile.py)"),
     ("list_links parse (netlink threads)", "NetlinkLinks.list_links"),
 )
 
@@ -89,8 +115,11 @@ def _idle_leaf(group: str, frames: list[str]) -> bool:
     if group == "event loop":
         return "EpollSelector.select" in leaf
     # Worker threads waiting for a job: the innermost Python frame is the loop itself.
-    return leaf.startswith(("_worker (concurrent", "NetlinkLinks._work ")) or \
-        "Condition.wait" in leaf or "Event.wait" in leaf
+    return (
+        leaf.startswith(("_worker (concurrent", "NetlinkLinks._work "))
+        or "Condition.wait" in leaf
+        or "Event.wait" in leaf
+    )
 
 
 def summarize(raw: Path, cpu_ns: dict[int, int] | None = None, n: int = 0) -> dict[str, Any]:
@@ -138,16 +167,21 @@ def summarize(raw: Path, cpu_ns: dict[int, int] | None = None, n: int = 0) -> di
     threads = {}
     for group, total in per_group.items():
         k = len(threads_in_group[group])
-        threads[group] = {"threads": k, "busy_percent_of_one_thread":
-                          round(100 * busy_group[group] / (total / k), 1)}
+        threads[group] = {
+            "threads": k,
+            "busy_percent_of_one_thread": round(100 * busy_group[group] / (total / k), 1),
+        }
     cpu: dict[str, float] = {}
     if cpu_ns and n:
         for group, ids in tids.items():
             cpu[group] = round(sum(cpu_ns.get(t, 0) for t in ids) / n / 1e6, 3)
         if "event loop" in cpu and loop_busy:
             # Samples say where the loop's CPU goes; schedstat says how much there is.
-            est = {k: round(cpu["event loop"] * v / loop_busy, 3) for k, v in layers.items()
-                   if not k.startswith("idle")}
+            est = {
+                k: round(cpu["event loop"] * v / loop_busy, 3)
+                for k, v in layers.items()
+                if not k.startswith("idle")
+            }
             cpu = {**cpu, **{f"event loop: {k}": v for k, v in est.items()}}
     return {
         "cpu_ms": cpu,
@@ -162,9 +196,25 @@ def summarize(raw: Path, cpu_ns: dict[int, int] | None = None, n: int = 0) -> di
 def _spy(pid: int, out: Path, rate: int, extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     return subprocess.Popen(
-        [spy, "record", "-p", str(pid), "-r", str(rate), "-f", "raw", "-o", str(out),
-         "--threads", "--idle", "--nolineno", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            spy,
+            "record",
+            "-p",
+            str(pid),
+            "-r",
+            str(rate),
+            "-f",
+            "raw",
+            "-o",
+            str(out),
+            "--threads",
+            "--idle",
+            "--nolineno",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _stop_spy(spy: subprocess.Popen[bytes]) -> None:
@@ -172,8 +222,9 @@ def _stop_spy(spy: subprocess.Popen[bytes]) -> None:
     spy.wait(30)
 
 
-def endpoint_profile(out_dir: Path, src: Path | None, lifecycles: int, rate: int
-                     ) -> tuple[Path, dict[int, int]]:
+def endpoint_profile(
+    out_dir: Path, src: Path | None, lifecycles: int, rate: int
+) -> tuple[Path, dict[int, int]]:
     raw = out_dir / "profile-endpoint.txt"
     with netns() as ns, workdir() as base:
         d = Daemon(ns, base, src=src)
@@ -196,13 +247,16 @@ def endpoint_profile(out_dir: Path, src: Path | None, lifecycles: int, rate: int
             c.close()
         finally:
             d.stop()
-    log(f"profiled {lifecycles} lifecycles in {elapsed:.1f} s "
-        f"({elapsed / lifecycles * 1000:.2f} ms each under py-spy)")
+    log(
+        f"profiled {lifecycles} lifecycles in {elapsed:.1f} s "
+        f"({elapsed / lifecycles * 1000:.2f} ms each under py-spy)"
+    )
     return raw, {t: after[t] - before.get(t, 0) for t in after}
 
 
-def startup_profile(out_dir: Path, src: Path | None, rate: int, n_endpoints: int
-                    ) -> tuple[Path, dict[int, int]]:
+def startup_profile(
+    out_dir: Path, src: Path | None, rate: int, n_endpoints: int
+) -> tuple[Path, dict[int, int]]:
     raw = out_dir / "profile-startup.txt"
     nets, eps, ops = startup.build_state(n_endpoints)
     with netns() as ns, netns() as sandbox, workdir() as base:
@@ -224,14 +278,29 @@ def startup_profile(out_dir: Path, src: Path | None, rate: int, n_endpoints: int
     return raw, cpu
 
 
-def run_all(rec: Record, out_dir: Path, *, src: Path | None = None, lifecycles: int = 1000,
-            rate: int = 250, n_endpoints: int = 2000) -> None:
+def run_all(
+    rec: Record,
+    out_dir: Path,
+    *,
+    src: Path | None = None,
+    lifecycles: int = 1000,
+    rate: int = 250,
+    n_endpoints: int = 2000,
+) -> None:
     ep_raw, cpu = endpoint_profile(out_dir, src, lifecycles, rate)
     ep = summarize(ep_raw, cpu, lifecycles)
-    rec.put("profile_endpoint", ep, "profile (sequential lifecycles), CPU ms per lifecycle: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in ep["cpu_ms"].items() if v))
+    rec.put(
+        "profile_endpoint",
+        ep,
+        "profile (sequential lifecycles), CPU ms per lifecycle: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in ep["cpu_ms"].items() if v),
+    )
     su_raw, su_cpu = startup_profile(out_dir, src, rate, n_endpoints)
     su = summarize(su_raw, su_cpu, 1)
-    rec.put("profile_startup", su, f"profile (start-up with {n_endpoints} endpoints), CPU ms "
-            "until the first answer: " + ", ".join(
-                f"{k} {v:.0f}" for k, v in su["cpu_ms"].items() if v))
+    rec.put(
+        "profile_startup",
+        su,
+        f"profile (start-up with {n_endpoints} endpoints), CPU ms "
+        "until the first answer: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in su["cpu_ms"].items() if v),
+    )

@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="pouch-driver",
         description="Docker/PouchContainer network + IPAM driver (libnetwork remote protocol).",
         epilog="Every flag can also be set as POUCH_DRIVER_<NAME> in the environment "
-               "(e.g. POUCH_DRIVER_SOCKET); flags win.",
+        "(e.g. POUCH_DRIVER_SOCKET); flags win.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -42,10 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="networks, endpoints and pool use")
     common(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    engine_help = ("also ask the engine (e.g. unix:///var/run/docker.sock) which networks and "
-                   "endpoints it still knows")
+    engine_help = (
+        "also ask the engine (e.g. unix:///var/run/docker.sock) which networks and "
+        "endpoints it still knows"
+    )
     check = sub.add_parser(
-        "check", help="compare store, kernel and firewall; exit 1 on any difference")
+        "check", help="compare store, kernel and firewall; exit 1 on any difference"
+    )
     common(check)
     check.add_argument("--engine", help=engine_help)
     gc = sub.add_parser("gc", help="repair what check finds")
@@ -58,8 +61,16 @@ def _parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
         key: getattr(args, key, None)
-        for key in ("socket", "state_dir", "log_level", "log_format", "prefix", "socket_group",
-                    "request_timeout", "metrics")
+        for key in (
+            "socket",
+            "state_dir",
+            "log_level",
+            "log_format",
+            "prefix",
+            "socket_group",
+            "request_timeout",
+            "metrics",
+        )
     }
     from pathlib import Path  # noqa: PLC0415
 
@@ -92,14 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("cannot start: %s", exc)
             return 1
         return 0
-    from . import tools  # noqa: PLC0415
+    from . import commands  # noqa: PLC0415
     from .errors import DriverError  # noqa: PLC0415
 
     try:
         if args.command == "status":
-            return asyncio.run(tools.status(settings, args.json))
+            return asyncio.run(commands.status(settings, args.json))
         mode = "plan" if args.command == "gc" and args.dry_run else args.command
-        return asyncio.run(tools.reconcile(settings, mode, engine_url=args.engine))
+        return asyncio.run(commands.check(settings, mode, engine_url=args.engine))
     except (DriverError, RuntimeError) as exc:
         print(f"pouch-driver {args.command}: {exc}", file=sys.stderr)
         return 2

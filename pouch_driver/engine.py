@@ -1,8 +1,8 @@
 """The engine's own view (Docker Engine API), for the operator tools only.
 
 Never used on the request path: calling the engine while it calls us can deadlock its
-start-up (PROTOCOL.md 8.2). ``check``/``gc`` use it to find networks and endpoints the engine
-has forgotten (an unclean engine exit skips DeleteEndpoint, PROTOCOL.md 5.8).
+start-up (docs/protocol.md §5.6). ``check``/``gc`` use it to find networks and endpoints the engine
+has forgotten (an unclean engine exit skips DeleteEndpoint, docs/protocol.md §5.6).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ def _session(url: str) -> tuple[aiohttp.ClientSession, str]:
     timeout = aiohttp.ClientTimeout(total=20)
     if parsed.scheme == "unix":
         return (
-            aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=parsed.path),
-                                  timeout=timeout),
+            aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=parsed.path), timeout=timeout
+            ),
             "http://docker",
         )
     if parsed.scheme in ("tcp", "http"):

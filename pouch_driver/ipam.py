@@ -104,8 +104,14 @@ class PoolState:
 
     def oldest_reclaimed(self) -> int | None:
         """Allocations keep their insertion order, so the first is the longest parked."""
-        return next((a for a, kind in self.allocated.items()
-                     if kind == RECLAIMED and self.lo <= a <= self.hi), None)
+        return next(
+            (
+                a
+                for a, kind in self.allocated.items()
+                if kind == RECLAIMED and self.lo <= a <= self.hi
+            ),
+            None,
+        )
 
     def next_free(self) -> int:
         """Round-robin from the cursor, so a released address is not reused at once.
@@ -272,7 +278,7 @@ class Ipam:
         return None
 
     def release_address(self, pool_id: str, address: IPAddress) -> bool:
-        """Tolerant: the engine releases gateways it never requested (PROTOCOL.md 4.6)."""
+        """Tolerant: the engine releases gateways it never requested (docs/protocol.md §4.6)."""
         state = self.pools.get(pool_id)
         if state is None:
             return False

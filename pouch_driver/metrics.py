@@ -10,7 +10,7 @@ import bisect
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from .service import Service
+from .service.status import Status
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -39,7 +39,7 @@ class Metrics:
         self.latency[call].observe(seconds)
         self.requests[(call, status)] += 1
 
-    def render(self, svc: Service | None) -> str:
+    def render(self, status: Status | None) -> str:
         out: list[str] = [
             "# HELP pouch_driver_request_seconds Time to answer a protocol call.",
             "# TYPE pouch_driver_request_seconds histogram",
@@ -49,44 +49,42 @@ class Metrics:
             for bound, count in zip((*BUCKETS, float("inf")), h.counts, strict=True):
                 running += count
                 le = "+Inf" if bound == float("inf") else repr(bound)
-                out.append(f'pouch_driver_request_seconds_bucket{{call="{call}",le="{le}"}} '
-                           f"{running}")
+                out.append(
+                    f'pouch_driver_request_seconds_bucket{{call="{call}",le="{le}"}} {running}'
+                )
             out.append(f'pouch_driver_request_seconds_sum{{call="{call}"}} {h.total:.6f}')
             out.append(f'pouch_driver_request_seconds_count{{call="{call}"}} {h.n}')
         out += [
             "# HELP pouch_driver_requests_total Protocol calls answered, by status.",
             "# TYPE pouch_driver_requests_total counter",
         ]
-        for (call, status), n in sorted(self.requests.items()):
-            out.append(f'pouch_driver_requests_total{{call="{call}",status="{status}"}} {n}')
+        for (call, code), n in sorted(self.requests.items()):
+            out.append(f'pouch_driver_requests_total{{call="{call}",status="{code}"}} {n}')
         out += [
             "# HELP pouch_driver_errors_total Protocol calls answered with an error.",
             "# TYPE pouch_driver_errors_total counter",
         ]
         errors: dict[str, int] = defaultdict(int)
-        for (call, status), n in self.requests.items():
-            if status >= 400:
+        for (call, code), n in self.requests.items():
+            if code >= 400:
                 errors[call] += n
         for call, n in sorted(errors.items()):
             out.append(f'pouch_driver_errors_total{{call="{call}"}} {n}')
-        if svc is not None:
-            out += self._state(svc)
+        if status is not None:
+            out += self._state(status)
         return "\n".join(out) + "\n"
 
     @staticmethod
-    def _state(svc: Service) -> list[str]:
+    def _state(status: Status) -> list[str]:
         out = [
             "# HELP pouch_driver_networks Networks served.",
             "# TYPE pouch_driver_networks gauge",
-            f"pouch_driver_networks {len(svc.networks)}",
+            f"pouch_driver_networks {len(status.networks)}",
             "# HELP pouch_driver_endpoints Endpoints, by network.",
             "# TYPE pouch_driver_endpoints gauge",
         ]
-        per_net: dict[str, int] = defaultdict(int)
-        for ep in svc.endpoints.values():
-            per_net[ep.network_id] += 1
-        for nid in sorted(svc.networks):
-            out.append(f'pouch_driver_endpoints{{network="{nid[:12]}"}} {per_net[nid]}')
+        for net in status.networks:
+            out.append(f'pouch_driver_endpoints{{network="{net.network_id[:12]}"}} {net.endpoints}')
         out += [
             "# HELP pouch_driver_pool_addresses_used Addresses handed out, by pool.",
             "# TYPE pouch_driver_pool_addresses_used gauge",
@@ -100,17 +98,15 @@ class Metrics:
             " the engine's word, reused only when nothing else is free.",
             "# TYPE pouch_driver_pool_addresses_reclaimed gauge",
         ]
-        for _, state in sorted(svc.ipam.pools.items()):
-            label = f'pool="{state.pool.network}",space="{state.pool.address_space}"'
-            parked = state.reclaimed
-            out.append(f"pouch_driver_pool_addresses_used{{{label}}} "
-                       f"{len(state.allocated) - parked}")
-            reclaimed.append(f"pouch_driver_pool_addresses_reclaimed{{{label}}} {parked}")
-            sizes.append(f"pouch_driver_pool_addresses{{{label}}} {state.size}")
+        for pool in status.pools:
+            label = f'pool="{pool.network}",space="{pool.address_space}"'
+            out.append(f"pouch_driver_pool_addresses_used{{{label}}} {pool.used}")
+            reclaimed.append(f"pouch_driver_pool_addresses_reclaimed{{{label}}} {pool.reclaimed}")
+            sizes.append(f"pouch_driver_pool_addresses{{{label}}} {pool.size}")
         out += sizes + reclaimed
         out += [
             "# HELP pouch_driver_pending_deletes Veths waiting for their deferred delete.",
             "# TYPE pouch_driver_pending_deletes gauge",
-            f"pouch_driver_pending_deletes {len(svc.pending_deletes())}",
+            f"pouch_driver_pending_deletes {status.pending_deletes}",
         ]
         return out

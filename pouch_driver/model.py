@@ -27,9 +27,7 @@ OPT_ENABLE_MASQ = "com.docker.network.bridge.enable_ip_masquerade"
 OPT_HOST_BINDING_IPV4 = "com.docker.network.bridge.host_binding_ipv4"
 
 # --- Endpoint and sandbox option keys ----------------------------------------------------------
-OPT_EXPOSED_PORTS = "com.docker.network.endpoint.exposedports"
 OPT_PORTMAP = "com.docker.network.portmap"
-OPT_MAC = "com.docker.network.endpoint.macaddress"
 
 # --- IPAM ---------------------------------------------------------------------------------------
 REQUEST_ADDRESS_TYPE = "RequestAddressType"
@@ -143,19 +141,11 @@ class Pool:
 
 
 @dataclass(frozen=True)
-class StaticRoute:
-    destination: IPNetwork
-    route_type: int  # 0 = next hop, 1 = connected
-    next_hop: IPAddress | None = None
-
-
-@dataclass(frozen=True)
 class JoinInfo:
-    """What Join answers: the interface to move and the routes to set in the sandbox."""
+    """What Join answers: the interface the engine moves, and the default routes it sets."""
 
     src_name: str
     dst_prefix: str
     gateway: ipaddress.IPv4Address | None
     gateway_v6: ipaddress.IPv6Address | None
-    static_routes: tuple[StaticRoute, ...] = ()
     disable_gateway_service: bool = False

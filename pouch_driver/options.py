@@ -27,8 +27,13 @@ _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _FALSE = {"0", "f", "F", "FALSE", "false", "False"}
 
 NETWORK_OPTIONS = (
-    OPT_BRIDGE_NAME, OPT_MTU, OPT_ENABLE_ICC, OPT_ENABLE_MASQ, OPT_HOST_BINDING_IPV4,
-    OPT_ENABLE_IPV6, OPT_ENABLE_IPV4,
+    OPT_BRIDGE_NAME,
+    OPT_MTU,
+    OPT_ENABLE_ICC,
+    OPT_ENABLE_MASQ,
+    OPT_HOST_BINDING_IPV4,
+    OPT_ENABLE_IPV6,
+    OPT_ENABLE_IPV4,
 )
 
 
@@ -68,7 +73,7 @@ def parse_network_options(
             raise InvalidOption(
                 f"option {OPT_HOST_BINDING_IPV4}: {raw_ip!r} is not an IPv4 address"
             ) from None
-    # Engines 27+ may leave enable_ipv6 inside the generic map too (PROTOCOL.md 3.3).
+    # Engines 27+ may leave enable_ipv6 inside the generic map too (docs/protocol.md §3.2).
     if OPT_ENABLE_IPV6 in generic:
         enable_ipv6 = parse_bool(OPT_ENABLE_IPV6, generic[OPT_ENABLE_IPV6]) or enable_ipv6
     if OPT_ENABLE_IPV4 in generic and not parse_bool(OPT_ENABLE_IPV4, generic[OPT_ENABLE_IPV4]):

@@ -20,9 +20,10 @@ from pathlib import Path
 from aiohttp import web
 
 from .config import Settings, parse_listen
+from .daemon import build_app
 from .errors import DriverError
-from .http import make_app
-from .http.app import OBSERVERS, SERVICE
+from .http import DRIVER
+from .http.middleware import OBSERVERS
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,9 @@ def bind_socket(settings: Settings) -> socket.socket:
             gid = grp.getgrnam(settings.socket_group).gr_gid
         except KeyError:
             if not settings.socket_group.isdigit():
-                raise StartupError(f"socket group {settings.socket_group!r} does not exist") \
-                    from None
+                raise StartupError(
+                    f"socket group {settings.socket_group!r} does not exist"
+                ) from None
             gid = int(settings.socket_group)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o117)  # bind creates the file 0660: no window where it is wider
@@ -119,9 +121,13 @@ async def _start_metrics(app: web.Application, settings: Settings) -> web.AppRun
     app[OBSERVERS].append(metrics.observe)
 
     async def scrape(_request: web.Request) -> web.Response:
-        svc = app.get(SERVICE)
-        return web.Response(text=metrics.render(svc), content_type="text/plain",
-                            headers={"X-Content-Type-Options": "nosniff"})
+        driver = app.get(DRIVER)
+        status = driver.status() if driver is not None else None
+        return web.Response(
+            text=metrics.render(status),
+            content_type="text/plain",
+            headers={"X-Content-Type-Options": "nosniff"},
+        )
 
     mapp = web.Application()
     mapp.router.add_get("/metrics", scrape)
@@ -150,7 +156,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     if sock is None:
         sock = bind_socket(settings)
     ino = os.stat(settings.socket).st_ino if owned else -1
-    app = make_app(settings)
+    app = build_app(settings)
     metrics_runner = await _start_metrics(app, settings) if settings.metrics else None
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
     stop = asyncio.Event()
@@ -168,8 +174,12 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         gc.freeze()
         # aiohttp would listen() again with a backlog of 128; the engine connects in bursts.
         await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
-        log.info("pouch-driver %s serving on %s%s", settings.driver_name, settings.socket,
-                 "" if owned else " (socket from systemd)")
+        log.info(
+            "pouch-driver %s serving on %s%s",
+            settings.driver_name,
+            settings.socket,
+            "" if owned else " (socket from systemd)",
+        )
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -186,4 +196,3 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("stopped")
-

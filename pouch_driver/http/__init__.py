@@ -1,5 +1,9 @@
-"""The HTTP/protocol layer: app factory, handlers and schemas. Talks only to ``service``."""
+"""The HTTP/protocol layer: app factory, middleware, handlers, messages and schemas.
 
-from .app import make_app
+Talks only to the service layer's ``Driver``; never to the kernel, the store or
+reconciliation directly.
+"""
 
-__all__ = ["make_app"]
+from .app import DRIVER, make_app
+
+__all__ = ["DRIVER", "make_app"]

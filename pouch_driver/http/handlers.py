@@ -1,7 +1,7 @@
-"""One handler per protocol call: validated request in, response dict out.
+"""One handler per protocol call: a typed request in, a typed answer out.
 
-Handlers translate between wire shapes and the service's typed calls; they hold no state and
-touch neither the kernel nor the store. Section numbers cite ``PROTOCOL.md``.
+Handlers translate between the protocol's messages and the driver's calls; they hold no state
+and touch neither the kernel nor the store. Sections cite docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -12,244 +12,218 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError
 
-from .. import admin
 from .. import options as opts
 from ..errors import InvalidRequest
 from ..model import GATEWAY_ADDRESS_TYPE, OPT_PORTMAP, REQUEST_ADDRESS_TYPE
-from ..service import Service
+from ..service.audit import audit
+from ..service.driver import Driver
+from ..service.status import Status
+from . import messages as m
 from . import schemas as s
 
-Body = dict[str, Any]
-Handler = Callable[[Service, Body], Awaitable[Body]]
+EMPTY = m.Empty()
 
 
 @dataclass(frozen=True)
 class Call:
     request: type[Schema] | None  # None: the engine sends an empty body
-    handler: Handler
+    handler: Callable[[Driver, Any], Awaitable[Any]]
     response: type[Schema]
 
 
-# --- handshake (2) ------------------------------------------------------------------------------
-async def activate(svc: Service, body: Body) -> Body:
-    return {"implements": ["NetworkDriver", "IpamDriver"]}
+# --- handshake (§2) -----------------------------------------------------------------------------
+async def activate(driver: Driver, _: None) -> m.ActivateResponse:
+    return m.ActivateResponse(("NetworkDriver", "IpamDriver"))
 
 
-# --- NetworkDriver (3) --------------------------------------------------------------------------
-async def network_capabilities(svc: Service, body: Body) -> Body:
-    """3.1: local scope; "global" would make a standalone engine roll creates back (8.17)."""
-    return {"scope": "local", "connectivity_scope": "local"}
+# --- NetworkDriver (§3) -------------------------------------------------------------------------
+async def network_capabilities(driver: Driver, _: None) -> m.CapabilitiesResponse:
+    """§3.1: local scope; "global" would make a standalone engine roll creates back."""
+    return m.CapabilitiesResponse(scope="local", connectivity_scope="local")
 
 
-async def create_network(svc: Service, body: Body) -> Body:
-    """3.3: options from ``-o`` arrive under com.docker.network.generic."""
+async def create_network(driver: Driver, req: m.CreateNetworkRequest) -> m.Empty:
+    """§3.2: options from ``-o`` arrive under com.docker.network.generic."""
     options = opts.parse_network_options(
-        body["generic"], enable_ipv6=body["enable_ipv6"], internal=body["internal"]
+        req.generic, enable_ipv6=req.enable_ipv6, internal=req.internal
     )
-    await svc.create_network(body["network_id"], options, body["ipv4_data"], body["ipv6_data"])
-    return {}
+    await driver.networks.create_network(req.network_id, options, req.ipv4_data, req.ipv6_data)
+    return EMPTY
 
 
-async def delete_network(svc: Service, body: Body) -> Body:
-    await svc.delete_network(body["network_id"])
-    return {}
+async def delete_network(driver: Driver, req: m.NetworkRequest) -> m.Empty:
+    await driver.networks.delete_network(req.network_id)
+    return EMPTY
 
 
-async def allocate_network(svc: Service, body: Body) -> Body:
-    """3.5: swarm-only and only for global scope; we are local, so there is nothing to keep."""
-    return {"options": {}}
+async def allocate_network(
+    driver: Driver, req: m.AllocateNetworkRequest
+) -> m.AllocateNetworkResponse:
+    """§3.10: Swarm only, for global scope; we are local, so there is nothing to keep."""
+    return m.AllocateNetworkResponse()
 
 
-async def free_network(svc: Service, body: Body) -> Body:
-    return {}
+async def free_network(driver: Driver, req: m.NetworkRequest) -> m.Empty:
+    return EMPTY
 
 
-async def create_endpoint(svc: Service, body: Body) -> Body:
-    """3.6: never return a field the engine set, not even the same value."""
-    options = body.get("options") or {}
-    opts.check_endpoint_options(options)
-    iface = body.get("interface") or {}
-    mac = await svc.create_endpoint(
-        body["network_id"], body["endpoint_id"], iface.get("address"), iface.get("address_v6"),
-        iface.get("mac"),
+async def create_endpoint(driver: Driver, req: m.CreateEndpointRequest) -> m.CreateEndpointResponse:
+    """§3.4: never return a field the engine set, not even the same value."""
+    opts.check_endpoint_options(req.options)
+    iface = req.interface
+    mac = await driver.endpoints.create_endpoint(
+        req.network_id, req.endpoint_id, iface.address, iface.address_v6, iface.mac
     )
-    return {"interface": {"mac": mac}} if mac else {}
+    return m.CreateEndpointResponse(m.InterfaceResponse(mac) if mac else None)
 
 
-async def endpoint_oper_info(svc: Service, body: Body) -> Body:
-    """3.7: the engine ignores the content, but a 404 or error here breaks ``docker run``."""
-    return {"value": svc.endpoint_info(body["network_id"], body["endpoint_id"])}
+async def endpoint_oper_info(driver: Driver, req: m.EndpointRequest) -> m.EndpointInfoResponse:
+    """§3.5: the engine ignores the content, but an error here breaks ``docker run``."""
+    return m.EndpointInfoResponse(driver.endpoints.endpoint_info(req.network_id, req.endpoint_id))
 
 
-async def delete_endpoint(svc: Service, body: Body) -> Body:
-    await svc.delete_endpoint(body["network_id"], body["endpoint_id"])
-    return {}
+async def delete_endpoint(driver: Driver, req: m.EndpointRequest) -> m.Empty:
+    await driver.endpoints.delete_endpoint(req.network_id, req.endpoint_id)
+    return EMPTY
 
 
-async def join(svc: Service, body: Body) -> Body:
-    """3.9: the sandbox may not exist yet; we only name the interface the engine will move."""
-    info = await svc.join(body["network_id"], body["endpoint_id"], body["sandbox_key"])
-    out: Body = {
-        "interface_name": {"src_name": info.src_name, "dst_prefix": info.dst_prefix},
-        "disable_gateway_service": info.disable_gateway_service,
-    }
-    if info.gateway is not None:
-        out["gateway"] = str(info.gateway)
-    if info.gateway_v6 is not None:
-        out["gateway_v6"] = str(info.gateway_v6)
-    if info.static_routes:
-        out["static_routes"] = [
-            {"destination": str(r.destination), "route_type": r.route_type,
-             **({"next_hop": str(r.next_hop)} if r.next_hop else {})}
-            for r in info.static_routes
-        ]
-    return out
+async def join(driver: Driver, req: m.JoinRequest) -> m.JoinResponse:
+    """§3.6: the sandbox may not exist yet; we only name the interface the engine will move."""
+    info = await driver.endpoints.join(req.network_id, req.endpoint_id, req.sandbox_key)
+    return m.JoinResponse(
+        interface_name=m.InterfaceName(info.src_name, info.dst_prefix),
+        disable_gateway_service=info.disable_gateway_service,
+        gateway=str(info.gateway) if info.gateway is not None else None,
+        gateway_v6=str(info.gateway_v6) if info.gateway_v6 is not None else None,
+    )
 
 
-async def leave(svc: Service, body: Body) -> Body:
-    """3.10: the interface is still in the sandbox; it is deleted by DeleteEndpoint."""
-    await svc.leave(body["network_id"], body["endpoint_id"])
-    return {}
+async def leave(driver: Driver, req: m.EndpointRequest) -> m.Empty:
+    """§3.7: the interface is still in the sandbox; it is deleted by DeleteEndpoint."""
+    await driver.endpoints.leave(req.network_id, req.endpoint_id)
+    return EMPTY
 
 
-async def program_external_connectivity(svc: Service, body: Body) -> Body:
-    """3.11: publish the sandbox's port map (its Options carry ``-p``)."""
-    raw = (body.get("options") or {}).get(OPT_PORTMAP) or []
+async def program_external_connectivity(
+    driver: Driver, req: m.ProgramExternalConnectivityRequest
+) -> m.Empty:
+    """§3.9: publish the sandbox's port map (its Options carry ``-p``)."""
+    raw = req.options.get(OPT_PORTMAP) or []
     try:
         bindings = s.PortBindingSchema(many=True).load(raw)
     except ValidationError as exc:
-        raise InvalidRequest("; ".join(
-            s.flatten_errors(exc.messages, f"Options.{OPT_PORTMAP}")
-        )) from None
-    await svc.program_external_connectivity(body["network_id"], body["endpoint_id"], bindings)
-    return {}
+        raise InvalidRequest(
+            "; ".join(s.flatten_errors(exc.messages, f"Options.{OPT_PORTMAP}"))
+        ) from None
+    await driver.ports.program_external_connectivity(req.network_id, req.endpoint_id, bindings)
+    return EMPTY
 
 
-async def revoke_external_connectivity(svc: Service, body: Body) -> Body:
-    await svc.revoke_external_connectivity(body["network_id"], body["endpoint_id"])
-    return {}
+async def revoke_external_connectivity(driver: Driver, req: m.EndpointRequest) -> m.Empty:
+    await driver.ports.revoke_external_connectivity(req.network_id, req.endpoint_id)
+    return EMPTY
 
 
-async def discover(svc: Service, body: Body) -> Body:
-    """3.12: swarm node discovery; a single-host driver has nothing to do with it."""
-    return {}
+async def discover(driver: Driver, req: m.DiscoveryNotification) -> m.Empty:
+    """§3.10: Swarm node discovery; nothing to do with it."""
+    return EMPTY
 
 
-# --- IpamDriver (4) -----------------------------------------------------------------------------
-async def ipam_capabilities(svc: Service, body: Body) -> Body:
-    """4.1: our state is durable, so replay after an engine restart is not needed.
+# --- IpamDriver (§4) ----------------------------------------------------------------------------
+async def ipam_capabilities(driver: Driver, _: None) -> m.IpamCapabilitiesResponse:
+    """§4.1: our state is durable, so replay after an engine restart is not needed.
 
-    A replay would re-request pools and addresses we already hold, which must then be
-    accepted as duplicates; without it our store stays the single source of truth.
+    A replay would re-request pools and addresses we already hold, which must then be accepted
+    as duplicates; without it our store stays the single source of truth.
     """
-    return {"requires_mac": False, "requires_replay": False}
+    return m.IpamCapabilitiesResponse(requires_mac=False, requires_replay=False)
 
 
-async def address_spaces(svc: Service, body: Body) -> Body:
-    local, global_ = svc.address_spaces()
-    return {"local": local, "global_": global_}
+async def address_spaces(driver: Driver, _: None) -> m.AddressSpacesResponse:
+    local, global_ = driver.addresses.address_spaces()
+    return m.AddressSpacesResponse(local=local, global_=global_)
 
 
-async def request_pool(svc: Service, body: Body) -> Body:
-    """4.3: an empty Pool asked again must get a different pool, or the engine spins."""
-    opts.parse_ipam_options(body.get("options") or {})
-    pool = await svc.request_pool(
-        body["address_space"], body.get("pool"), body.get("sub_pool"), bool(body["v6"])
-    )
-    return {"pool_id": pool.pool_id, "pool": str(pool.network), "data": {}}
+async def request_pool(driver: Driver, req: m.RequestPoolRequest) -> m.RequestPoolResponse:
+    """§4.3: an empty Pool asked again must get a different pool, or the engine spins."""
+    opts.parse_ipam_options(req.options)
+    pool = await driver.addresses.request_pool(req.address_space, req.pool, req.sub_pool, req.v6)
+    return m.RequestPoolResponse(pool_id=pool.pool_id, pool=str(pool.network))
 
 
-async def release_pool(svc: Service, body: Body) -> Body:
-    await svc.release_pool(body["pool_id"])
-    return {}
+async def release_pool(driver: Driver, req: m.ReleasePoolRequest) -> m.Empty:
+    await driver.addresses.release_pool(req.pool_id)
+    return EMPTY
 
 
-async def request_address(svc: Service, body: Body) -> Body:
-    """4.5: answers in CIDR form; the gateway request is marked by RequestAddressType."""
-    options = body.get("options") or {}
-    kind = options.get(REQUEST_ADDRESS_TYPE)
+async def request_address(driver: Driver, req: m.RequestAddressRequest) -> m.RequestAddressResponse:
+    """§4.5: answers in CIDR form; the gateway request is marked by RequestAddressType."""
+    kind = req.options.get(REQUEST_ADDRESS_TYPE)
     if kind not in (None, "", GATEWAY_ADDRESS_TYPE):
         raise InvalidRequest(f"Options.{REQUEST_ADDRESS_TYPE}: {kind!r} is not supported")
-    address = await svc.request_address(
-        body["pool_id"], body.get("address"), gateway=kind == GATEWAY_ADDRESS_TYPE
+    address = await driver.addresses.request_address(
+        req.pool_id, req.address, gateway=kind == GATEWAY_ADDRESS_TYPE
     )
-    return {"address": str(address), "data": {}}
+    return m.RequestAddressResponse(address=str(address))
 
 
-async def release_address(svc: Service, body: Body) -> Body:
-    """4.6: tolerant, the engine releases gateways it never requested."""
-    await svc.release_address(body["pool_id"], body["address"])
-    return {}
+async def release_address(driver: Driver, req: m.ReleaseAddressRequest) -> m.Empty:
+    """§4.6: tolerant, the engine releases gateways it never requested."""
+    await driver.addresses.release_address(req.pool_id, req.address)
+    return EMPTY
 
 
-# --- our admin calls -------------------------------------------------------------------------
-def status_body(st: admin.Status) -> Body:
-    """The status as the admin schema names it (shared with the offline CLI)."""
-    counts: dict[str, int] = {}
-    for e in st.endpoints:
-        counts[e.network_id] = counts.get(e.network_id, 0) + 1
-    return {
-        "networks": [{
-            "network_id": n.network_id, "bridge": n.bridge, "bridge_owned": n.bridge_owned,
-            "subnets": [str(s) for s in n.subnets], "gateways": [str(g) for g in n.gateways],
-            "mtu": n.options.mtu, "icc": n.options.enable_icc,
-            "masquerade": n.options.enable_masquerade, "internal": n.options.internal,
-            "endpoints": counts.get(n.network_id, 0),
-        } for n in st.networks],
-        "endpoints": [{
-            "endpoint_id": e.endpoint_id, "network_id": e.network_id, "veth": e.host_ifname,
-            "src_name": e.container_ifname, "mac": e.mac,
-            "address": str(e.address) if e.address else None,
-            "address_v6": str(e.address_v6) if e.address_v6 else None,
-            "sandbox_key": e.sandbox_key,
-            "ports": [f"{b.host_ip or '*'}:{b.host_port}->{b.port}/{b.proto.name.lower()}"
-                      for b in e.port_bindings],
-        } for e in st.endpoints],
-        "pools": [p.__dict__ for p in st.pools],
-        "pending_deletes": st.pending_deletes,
-    }
+# --- our own calls ------------------------------------------------------------------------------
+async def pouch_status(driver: Driver, _: None) -> Status:
+    return driver.status()
 
 
-async def pouch_status(svc: Service, body: Body) -> Body:
-    return status_body(admin.status(svc))
-
-
-async def pouch_reconcile(svc: Service, body: Body) -> Body:
-    report = await admin.reconcile(
-        svc, repair=not body["dry_run"], forget_networks=body["forget_networks"],
-        forget_endpoints=body["forget_endpoints"], engine=body["engine"],
+async def pouch_reconcile(driver: Driver, req: m.ReconcileRequest) -> m.ReportResponse:
+    report = await audit(
+        driver,
+        repair=not req.dry_run,
+        forget_networks=req.forget_networks,
+        forget_endpoints=req.forget_endpoints,
+        engine=req.engine,
     )
-    return {"problems": list(report.problems), "repaired": list(report.repaired)}
+    return m.ReportResponse(report.problems, report.repaired)
 
 
 CALLS: dict[str, Call] = {
     "/Plugin.Activate": Call(None, activate, s.ActivateResponse),
-    "/NetworkDriver.GetCapabilities": Call(None, network_capabilities,
-                                           s.NetworkCapabilitiesResponse),
+    "/NetworkDriver.GetCapabilities": Call(
+        None, network_capabilities, s.NetworkCapabilitiesResponse
+    ),
     "/NetworkDriver.CreateNetwork": Call(s.CreateNetworkRequest, create_network, s.EmptyResponse),
     "/NetworkDriver.DeleteNetwork": Call(s.NetworkIDRequest, delete_network, s.EmptyResponse),
-    "/NetworkDriver.AllocateNetwork": Call(s.AllocateNetworkRequest, allocate_network,
-                                           s.AllocateNetworkResponse),
+    "/NetworkDriver.AllocateNetwork": Call(
+        s.AllocateNetworkRequest, allocate_network, s.AllocateNetworkResponse
+    ),
     "/NetworkDriver.FreeNetwork": Call(s.NetworkIDRequest, free_network, s.EmptyResponse),
-    "/NetworkDriver.CreateEndpoint": Call(s.CreateEndpointRequest, create_endpoint,
-                                          s.CreateEndpointResponse),
-    "/NetworkDriver.EndpointOperInfo": Call(s.EndpointRequest, endpoint_oper_info,
-                                            s.EndpointInfoResponse),
+    "/NetworkDriver.CreateEndpoint": Call(
+        s.CreateEndpointRequest, create_endpoint, s.CreateEndpointResponse
+    ),
+    "/NetworkDriver.EndpointOperInfo": Call(
+        s.EndpointRequest, endpoint_oper_info, s.EndpointInfoResponse
+    ),
     "/NetworkDriver.DeleteEndpoint": Call(s.EndpointRequest, delete_endpoint, s.EmptyResponse),
     "/NetworkDriver.Join": Call(s.JoinRequest, join, s.JoinResponse),
     "/NetworkDriver.Leave": Call(s.EndpointRequest, leave, s.EmptyResponse),
     "/NetworkDriver.ProgramExternalConnectivity": Call(
-        s.ProgramExternalConnectivityRequest, program_external_connectivity, s.EmptyResponse),
+        s.ProgramExternalConnectivityRequest, program_external_connectivity, s.EmptyResponse
+    ),
     "/NetworkDriver.RevokeExternalConnectivity": Call(
-        s.EndpointRequest, revoke_external_connectivity, s.EmptyResponse),
+        s.EndpointRequest, revoke_external_connectivity, s.EmptyResponse
+    ),
     "/NetworkDriver.DiscoverNew": Call(s.DiscoveryRequest, discover, s.EmptyResponse),
     "/NetworkDriver.DiscoverDelete": Call(s.DiscoveryRequest, discover, s.EmptyResponse),
     "/IpamDriver.GetCapabilities": Call(None, ipam_capabilities, s.IpamCapabilitiesResponse),
     "/IpamDriver.GetDefaultAddressSpaces": Call(None, address_spaces, s.AddressSpacesResponse),
     "/IpamDriver.RequestPool": Call(s.RequestPoolRequest, request_pool, s.RequestPoolResponse),
     "/IpamDriver.ReleasePool": Call(s.ReleasePoolRequest, release_pool, s.EmptyResponse),
-    "/IpamDriver.RequestAddress": Call(s.RequestAddressRequest, request_address,
-                                       s.RequestAddressResponse),
+    "/IpamDriver.RequestAddress": Call(
+        s.RequestAddressRequest, request_address, s.RequestAddressResponse
+    ),
     "/IpamDriver.ReleaseAddress": Call(s.ReleaseAddressRequest, release_address, s.EmptyResponse),
     "/Pouch.Status": Call(None, pouch_status, s.StatusResponse),
     "/Pouch.Reconcile": Call(s.ReconcileRequest, pouch_reconcile, s.ReportResponse),

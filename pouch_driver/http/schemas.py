@@ -11,7 +11,15 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validates_schema
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    post_dump,
+    post_load,
+    validates_schema,
+)
 
 from ..errors import DriverError
 from ..model import (
@@ -23,6 +31,8 @@ from ..model import (
     Proto,
 )
 from ..naming import normalize_mac, validate_id
+from ..service.status import EndpointView, NetworkView, PoolUse, Status
+from . import messages as m
 
 
 class _Field(fields.Field):  # type: ignore[type-arg]
@@ -100,8 +110,13 @@ class MAC(_Field):
 
 def _nullable_map(data_key: str) -> fields.Dict:
     # Go serialises a nil map as null: accept it as empty.
-    return fields.Dict(keys=fields.String(), values=fields.Raw(allow_none=True),
-                       data_key=data_key, allow_none=True, load_default=dict)
+    return fields.Dict(
+        keys=fields.String(),
+        values=fields.Raw(allow_none=True),
+        data_key=data_key,
+        allow_none=True,
+        load_default=dict,
+    )
 
 
 class Request(Schema):
@@ -115,7 +130,10 @@ class IPAMDataSchema(Request):
     pool = CIDR(data_key="Pool", required=True)
     gateway = OptionalInterface(data_key="Gateway", load_default=None, allow_none=True)
     aux_addresses = fields.Dict(
-        keys=fields.String(), values=Interface(), data_key="AuxAddresses", load_default=dict,
+        keys=fields.String(),
+        values=Interface(),
+        data_key="AuxAddresses",
+        load_default=dict,
         allow_none=True,
     )
 
@@ -138,13 +156,15 @@ class IPAMDataSchema(Request):
 class CreateNetworkRequest(Request):
     network_id = ID(data_key="NetworkID", required=True)
     options = _nullable_map("Options")
-    ipv4_data = fields.List(fields.Nested(IPAMDataSchema), data_key="IPv4Data",
-                            load_default=list, allow_none=True)
-    ipv6_data = fields.List(fields.Nested(IPAMDataSchema), data_key="IPv6Data",
-                            load_default=list, allow_none=True)
+    ipv4_data = fields.List(
+        fields.Nested(IPAMDataSchema), data_key="IPv4Data", load_default=list, allow_none=True
+    )
+    ipv6_data = fields.List(
+        fields.Nested(IPAMDataSchema), data_key="IPv6Data", load_default=list, allow_none=True
+    )
 
     @post_load
-    def _engine_options(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    def _engine_options(self, data: dict[str, Any], **kwargs: Any) -> m.CreateNetworkRequest:
         options: Mapping[str, Any] = data.get("options") or {}
         generic = options.get(OPT_GENERIC) or {}
         if not isinstance(generic, dict) or not all(
@@ -157,32 +177,51 @@ class CreateNetworkRequest(Request):
             value = options.get(key, False)
             if not isinstance(value, bool):
                 raise ValidationError("must be a boolean", f"Options.{key}")
-        data["generic"] = generic
-        data["enable_ipv6"] = options.get(OPT_ENABLE_IPV6, False)
-        data["internal"] = options.get(OPT_INTERNAL, False)
-        data["ipv4_data"] = data.get("ipv4_data") or []
-        data["ipv6_data"] = data.get("ipv6_data") or []
-        for i, d in enumerate(data["ipv4_data"]):
+        ipv4 = tuple(data.get("ipv4_data") or ())
+        ipv6 = tuple(data.get("ipv6_data") or ())
+        for i, d in enumerate(ipv4):
             if d.pool.version != 4:
                 raise ValidationError(f"pool {d.pool} is not IPv4", f"IPv4Data.{i}.Pool")
-        for i, d in enumerate(data["ipv6_data"]):
+        for i, d in enumerate(ipv6):
             if d.pool.version != 6:
                 raise ValidationError(f"pool {d.pool} is not IPv6", f"IPv6Data.{i}.Pool")
-        return data
+        return m.CreateNetworkRequest(
+            network_id=data["network_id"],
+            generic=generic,
+            enable_ipv6=options.get(OPT_ENABLE_IPV6, False),
+            internal=options.get(OPT_INTERNAL, False),
+            ipv4_data=ipv4,
+            ipv6_data=ipv6,
+        )
 
 
 class NetworkIDRequest(Request):
     network_id = ID(data_key="NetworkID", required=True)
 
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> m.NetworkRequest:
+        return m.NetworkRequest(data["network_id"])
+
 
 class AllocateNetworkRequest(Request):
     network_id = ID(data_key="NetworkID", required=True)
-    options = fields.Dict(keys=fields.String(), values=fields.String(), data_key="Options",
-                          load_default=dict, allow_none=True)
-    ipv4_data = fields.List(fields.Nested(IPAMDataSchema), data_key="IPv4Data",
-                            load_default=list, allow_none=True)
-    ipv6_data = fields.List(fields.Nested(IPAMDataSchema), data_key="IPv6Data",
-                            load_default=list, allow_none=True)
+    options = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        data_key="Options",
+        load_default=dict,
+        allow_none=True,
+    )
+    ipv4_data = fields.List(
+        fields.Nested(IPAMDataSchema), data_key="IPv4Data", load_default=list, allow_none=True
+    )
+    ipv6_data = fields.List(
+        fields.Nested(IPAMDataSchema), data_key="IPv6Data", load_default=list, allow_none=True
+    )
+
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> m.AllocateNetworkRequest:
+        return m.AllocateNetworkRequest(data["network_id"], data.get("options") or {})
 
 
 class EndpointInterfaceSchema(Request):
@@ -197,21 +236,47 @@ class EndpointInterfaceSchema(Request):
         if data.get("address_v6") is not None and data["address_v6"].version != 6:
             raise ValidationError("must be an IPv6 address", "AddressIPv6")
 
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> m.EndpointInterface:
+        return m.EndpointInterface(data.get("address"), data.get("address_v6"), data.get("mac"))
 
-class EndpointRequest(Request):
+
+class _EndpointIDs(Request):
     network_id = ID(data_key="NetworkID", required=True)
     endpoint_id = ID(data_key="EndpointID", required=True)
 
 
-class CreateEndpointRequest(EndpointRequest):
-    interface = fields.Nested(EndpointInterfaceSchema, data_key="Interface", allow_none=True,
-                              load_default=None)
+class EndpointRequest(_EndpointIDs):
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> m.EndpointRequest:
+        return m.EndpointRequest(data["network_id"], data["endpoint_id"])
+
+
+class CreateEndpointRequest(_EndpointIDs):
+    interface = fields.Nested(
+        EndpointInterfaceSchema, data_key="Interface", allow_none=True, load_default=None
+    )
     options = _nullable_map("Options")
 
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> m.CreateEndpointRequest:
+        return m.CreateEndpointRequest(
+            data["network_id"],
+            data["endpoint_id"],
+            data.get("interface") or m.EndpointInterface(),
+            data.get("options") or {},
+        )
 
-class JoinRequest(EndpointRequest):
+
+class JoinRequest(_EndpointIDs):
     sandbox_key = fields.String(data_key="SandboxKey", required=True)
     options = _nullable_map("Options")
+
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> m.JoinRequest:
+        return m.JoinRequest(
+            data["network_id"], data["endpoint_id"], data["sandbox_key"], data.get("options") or {}
+        )
 
     @validates_schema
     def _key(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -244,20 +309,33 @@ class PortBindingSchema(Request):
                 raise ValidationError("is not an IP address", "HostIP") from None
         try:
             return PortBinding(
-                proto=proto, port=data["port"], host_port=data["host_port"],
-                host_port_end=data["host_port_end"], host_ip=host_ip,
+                proto=proto,
+                port=data["port"],
+                host_port=data["host_port"],
+                host_port_end=data["host_port_end"],
+                host_ip=host_ip,
             )
         except ValueError as exc:
             raise ValidationError(str(exc), "Port") from None
 
 
-class ProgramExternalConnectivityRequest(EndpointRequest):
+class ProgramExternalConnectivityRequest(_EndpointIDs):
     options = _nullable_map("Options")
+
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> m.ProgramExternalConnectivityRequest:
+        return m.ProgramExternalConnectivityRequest(
+            data["network_id"], data["endpoint_id"], data.get("options") or {}
+        )
 
 
 class DiscoveryRequest(Request):
     discovery_type = fields.Integer(data_key="DiscoveryType", required=True, strict=True)
     discovery_data = fields.Raw(data_key="DiscoveryData", load_default=None, allow_none=True)
+
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> m.DiscoveryNotification:
+        return m.DiscoveryNotification(data["discovery_type"], data.get("discovery_data"))
 
 
 # --- IpamDriver -------------------------------------------------------------------------------
@@ -265,30 +343,73 @@ class RequestPoolRequest(Request):
     address_space = fields.String(data_key="AddressSpace", load_default="")
     pool = OptionalCIDR(data_key="Pool", load_default=None, allow_none=True)
     sub_pool = OptionalCIDR(data_key="SubPool", load_default=None, allow_none=True)
-    options = fields.Dict(keys=fields.String(), values=fields.String(), data_key="Options",
-                          load_default=dict, allow_none=True)
+    options = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        data_key="Options",
+        load_default=dict,
+        allow_none=True,
+    )
     v6 = fields.Boolean(data_key="V6", load_default=False, truthy={True}, falsy={False})
+
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> m.RequestPoolRequest:
+        return m.RequestPoolRequest(
+            data["address_space"],
+            data.get("pool"),
+            data.get("sub_pool"),
+            data.get("options") or {},
+            bool(data["v6"]),
+        )
 
 
 class ReleasePoolRequest(Request):
     pool_id = fields.String(data_key="PoolID", required=True)
 
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> m.ReleasePoolRequest:
+        return m.ReleasePoolRequest(data["pool_id"])
+
 
 class RequestAddressRequest(Request):
     pool_id = fields.String(data_key="PoolID", required=True)
     address = OptionalIP(data_key="Address", load_default=None, allow_none=True)
-    options = fields.Dict(keys=fields.String(), values=fields.String(), data_key="Options",
-                          load_default=dict, allow_none=True)
+    options = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        data_key="Options",
+        load_default=dict,
+        allow_none=True,
+    )
+
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> m.RequestAddressRequest:
+        return m.RequestAddressRequest(
+            data["pool_id"], data.get("address"), data.get("options") or {}
+        )
 
 
 class ReleaseAddressRequest(Request):
     pool_id = fields.String(data_key="PoolID", required=True)
     address = IP(data_key="Address", required=True)
 
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> m.ReleaseAddressRequest:
+        return m.ReleaseAddressRequest(data["pool_id"], data["address"])
+
 
 # --- responses --------------------------------------------------------------------------------
 class Response(Schema):
     pass
+
+
+class OmitNone(Response):
+    """Optional answer fields are left out rather than sent as null, as the engine's own
+    drivers do."""
+
+    @post_dump
+    def _omit_none(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return {k: v for k, v in data.items() if v is not None}
 
 
 class ActivateResponse(Response):
@@ -312,7 +433,7 @@ class EndpointInterfaceResponse(Response):
     mac = fields.String(data_key="MacAddress")
 
 
-class CreateEndpointResponse(Response):
+class CreateEndpointResponse(OmitNone):
     interface = fields.Nested(EndpointInterfaceResponse, data_key="Interface")
 
 
@@ -325,17 +446,10 @@ class InterfaceNameResponse(Response):
     dst_prefix = fields.String(data_key="DstPrefix")
 
 
-class StaticRouteResponse(Response):
-    destination = fields.String(data_key="Destination")
-    route_type = fields.Integer(data_key="RouteType")
-    next_hop = fields.String(data_key="NextHop")
-
-
-class JoinResponse(Response):
+class JoinResponse(OmitNone):
     interface_name = fields.Nested(InterfaceNameResponse, data_key="InterfaceName")
     gateway = fields.String(data_key="Gateway")
     gateway_v6 = fields.String(data_key="GatewayIPv6")
-    static_routes = fields.List(fields.Nested(StaticRouteResponse), data_key="StaticRoutes")
     disable_gateway_service = fields.Boolean(data_key="DisableGatewayService")
 
 
@@ -380,20 +494,34 @@ def flatten_errors(messages: Any, prefix: str = "") -> list[str]:
     return [f"{prefix}: {messages}"]
 
 
-# --- our own admin calls (pouch-driver status/check/gc); the engine never sends these ---------
+# --- our own calls (pouch-driver status/check/gc); the engine never sends these --------------
+# The status schemas both dump (the daemon) and load (the CLI) the status model.
 class ReconcileRequest(Request):
     dry_run = fields.Boolean(data_key="DryRun", load_default=True, truthy={True}, falsy={False})
     forget_networks = fields.List(ID(), data_key="ForgetNetworks", load_default=list)
     forget_endpoints = fields.List(ID(), data_key="ForgetEndpoints", load_default=list)
     engine = fields.Boolean(data_key="Engine", load_default=False, truthy={True}, falsy={False})
 
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> m.ReconcileRequest:
+        return m.ReconcileRequest(
+            data["dry_run"],
+            tuple(data["forget_networks"]),
+            tuple(data["forget_endpoints"]),
+            data["engine"],
+        )
+
 
 class ReportResponse(Response):
     problems = fields.List(fields.String(), data_key="Problems")
     repaired = fields.List(fields.String(), data_key="Repaired")
 
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> m.ReportResponse:
+        return m.ReportResponse(tuple(data["problems"]), tuple(data["repaired"]))
 
-class NetworkStatus(Response):
+
+class NetworkStatus(Request):
     network_id = fields.String(data_key="NetworkID")
     bridge = fields.String(data_key="Bridge")
     bridge_owned = fields.Boolean(data_key="BridgeOwned")
@@ -405,8 +533,14 @@ class NetworkStatus(Response):
     internal = fields.Boolean(data_key="Internal")
     endpoints = fields.Integer(data_key="Endpoints")
 
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> NetworkView:
+        return NetworkView(
+            **{**data, "subnets": tuple(data["subnets"]), "gateways": tuple(data["gateways"])}
+        )
 
-class EndpointStatus(Response):
+
+class EndpointStatus(Request):
     endpoint_id = fields.String(data_key="EndpointID")
     network_id = fields.String(data_key="NetworkID")
     veth = fields.String(data_key="Veth")
@@ -417,18 +551,36 @@ class EndpointStatus(Response):
     sandbox_key = fields.String(data_key="SandboxKey", allow_none=True)
     ports = fields.List(fields.String(), data_key="Ports")
 
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> EndpointView:
+        return EndpointView(**{**data, "ports": tuple(data["ports"])})
 
-class PoolStatus(Response):
+
+class PoolStatus(Request):
     pool_id = fields.String(data_key="PoolID")
     network = fields.String(data_key="Pool")
     sub_pool = fields.String(data_key="SubPool", allow_none=True)
+    address_space = fields.String(data_key="AddressSpace")
     used = fields.Integer(data_key="Used")
     reclaimed = fields.Integer(data_key="Reclaimed")
     size = fields.Integer(data_key="Size")
 
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> PoolUse:
+        return PoolUse(**data)
 
-class StatusResponse(Response):
+
+class StatusResponse(Request):
     networks = fields.List(fields.Nested(NetworkStatus), data_key="Networks")
     endpoints = fields.List(fields.Nested(EndpointStatus), data_key="Endpoints")
     pools = fields.List(fields.Nested(PoolStatus), data_key="Pools")
     pending_deletes = fields.Integer(data_key="PendingDeletes")
+
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> Status:
+        return Status(
+            tuple(data["networks"]),
+            tuple(data["endpoints"]),
+            tuple(data["pools"]),
+            data["pending_deletes"],
+        )

@@ -1,8 +1,10 @@
 """Kernel side effects, as two ports: ``Links`` (netlink) and ``Firewall`` (iptables).
 
-The service talks only to these protocols; ``links``/``firewall`` are the real adapters and
-``fake`` the typed doubles for unit tests. Never imports ``service`` or ``http``. Every verb is
-idempotent: ensuring what is already there, or removing what is gone, succeeds.
+The service talks only to these protocols. ``links`` and ``iptables`` are the real adapters
+(``rules`` renders the firewall as text, ``sysctl`` writes the kernel switches it needs),
+``fake`` the typed doubles for unit tests, kept honest by contract tests that run against both.
+Never imports ``service`` or ``http``. Every verb is idempotent: ensuring what is already
+there, or removing what is gone, succeeds.
 """
 
 from __future__ import annotations
@@ -93,4 +95,3 @@ class Firewall(Protocol):
     async def apply(self, plan: FirewallPlan) -> None: ...
     async def differences(self, plan: FirewallPlan) -> list[str]: ...
     async def remove_all(self) -> None: ...
-

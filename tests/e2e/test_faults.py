@@ -3,8 +3,8 @@
 * ``test_kill_9_at_random_points_of_a_churn``: several docker CLI operations run concurrently
   (network create / rm, run -d, run --rm, connect, disconnect, restart, rm -f) while the plugin
   is killed and restarted at random instants. In-flight operations may fail (the engine
-  retries for ~15 s, and a retry after a lost answer goes out with an empty body, PROTOCOL.md
-  1.5); what must hold afterwards is consistency, and the engine's next operations working.
+  retries for ~15 s, and a retry after a lost answer goes out with an empty body, docs/protocol.md
+  §1.5); what must hold afterwards is consistency, and the engine's next operations working.
 * ``test_crash_between_commit_and_answer``: the one instant a random kill rarely hits, made
   deterministic. A proxy on the plugin's socket forwards requests; for the chosen method it
   lets the plugin commit and answer, then kills the plugin -9 and drops the answer, as a crash
@@ -51,12 +51,13 @@ OP_TIMEOUT = 60.0  # a docker operation blocked on a dead plugin fails after ~15
 
 # --- engine-side state, as the engine reports it ---------------------------------------------
 
+
 def settle_engine(e2e: Scope) -> list[str]:
     """Clear what the engine itself left stale after failed operations; return what was done.
 
     * An endpoint the engine still lists on a network although its container is not running
       (a DeleteEndpoint whose answer was lost: the engine puts the endpoint back in its store,
-      PROTOCOL.md 5.6): ``docker network disconnect -f``, as an operator would.
+      docs/protocol.md §5.4): ``docker network disconnect -f``, as an operator would.
     * Containers left ``created`` by a failed ``docker run``: removed (they hold no network).
     """
     done: list[str] = []
@@ -68,8 +69,10 @@ def settle_engine(e2e: Scope) -> list[str]:
                 continue
             name = info.get("Name") or cid
             r = e2e.docker("network", "disconnect", "-f", net.id, name, check=False)
-            done.append(f"disconnect -f {net.name} {name} ({info.get('IPv4Address')}): "
-                        f"rc {r.returncode} {r.stderr.strip()}")
+            done.append(
+                f"disconnect -f {net.name} {name} ({info.get('IPv4Address')}): "
+                f"rc {r.returncode} {r.stderr.strip()}"
+            )
     created = e2e.docker("ps", "-aq", "--filter", "status=created").stdout.split()
     if created:
         e2e.docker("rm", "-f", *created, check=False)
@@ -113,6 +116,7 @@ def contain_leaks(engine: Engine) -> Iterator[None]:
 
 # --- 1. random kills in a concurrent churn ---------------------------------------------------
 
+
 @dataclass
 class Outcome:
     op: str
@@ -154,10 +158,18 @@ class Churn:
             containers = list(self.containers)
             churn_nets = list(self.nets)
         op = rng.choices(
-            ["net_create", "run", "run_rm", "connect", "disconnect", "restart", "rm",
-             "net_rm"],
-            weights=[2 if len(churn_nets) < 3 else 0, 4 if len(containers) < 8 else 0, 2,
-                     3, 2, 1, 1 if len(containers) > 3 else 0, 1])[0]
+            ["net_create", "run", "run_rm", "connect", "disconnect", "restart", "rm", "net_rm"],
+            weights=[
+                2 if len(churn_nets) < 3 else 0,
+                4 if len(containers) < 8 else 0,
+                2,
+                3,
+                2,
+                1,
+                1 if len(containers) > 3 else 0,
+                1,
+            ],
+        )[0]
         image = self.e2e.engine.image
         if op == "net_create":
             name = self.name("n")
@@ -172,8 +184,9 @@ class Churn:
             with self.lock:
                 self.e2e.containers.append(name)
                 self.containers.append(name)
-            self.docker(op, "run", "-d", "--name", name, "--network", rng.choice(nets), image,
-                        *SLEEPER)
+            self.docker(
+                op, "run", "-d", "--name", name, "--network", rng.choice(nets), image, *SLEEPER
+            )
         elif op == "run_rm":
             self.docker(op, "run", "--rm", "--network", rng.choice(nets), image, "true")
         elif op in ("connect", "disconnect") and containers:
@@ -201,10 +214,13 @@ class Churn:
     def summary(self) -> str:
         by_op: Counter[tuple[str, str]] = Counter(
             (o.op, "ok" if o.rc == 0 else "timeout" if o.rc is None else "failed")
-            for o in self.outcomes)
+            for o in self.outcomes
+        )
         slow = sum(1 for o in self.outcomes if o.seconds > 5)
-        return (", ".join(f"{op} {res} {n}" for (op, res), n in sorted(by_op.items()))
-                + f"; {slow} took > 5 s")
+        return (
+            ", ".join(f"{op} {res} {n}" for (op, res), n in sorted(by_op.items()))
+            + f"; {slow} took > 5 s"
+        )
 
 
 @pytest.mark.timeout(300, func_only=True)
@@ -222,8 +238,12 @@ def test_kill_9_at_random_points_of_a_churn(
     ip_s2 = e2e.container_ip(s2, base)
     churn = Churn(e2e, base)
     offset = eng.plugin.log_offset()
-    workers = [threading.Thread(target=churn.worker, args=(rng.randrange(1 << 30),),
-                                name=f"churn{i}", daemon=True) for i in range(4)]
+    workers = [
+        threading.Thread(
+            target=churn.worker, args=(rng.randrange(1 << 30),), name=f"churn{i}", daemon=True
+        )
+        for i in range(4)
+    ]
     t0 = time.monotonic()
     for w in workers:
         w.start()
@@ -242,12 +262,16 @@ def test_kill_9_at_random_points_of_a_churn(
             w.join(OP_TIMEOUT + 30)
     churn_s = time.monotonic() - t0
     assert not any(w.is_alive() for w in workers), "a docker operation hung"
-    print(f"[churn] {churn_s:.0f}s, {len(churn.outcomes)} operations: {churn.summary()}; "
-          f"plugin down {min(downtime):.1f}-{max(downtime):.1f}s per kill")
+    print(
+        f"[churn] {churn_s:.0f}s, {len(churn.outcomes)} operations: {churn.summary()}; "
+        f"plugin down {min(downtime):.1f}-{max(downtime):.1f}s per kill"
+    )
     reqs = requests_in_log(eng.plugin.log_text(offset))
     empty = [p for p, ids, code in reqs if code == 400 and not ids]
-    print(f"[churn] {len(reqs)} plugin requests, {len(empty)} empty-body retries answered 400: "
-          f"{Counter(empty)}")
+    print(
+        f"[churn] {len(reqs)} plugin requests, {len(empty)} empty-body retries answered 400: "
+        f"{Counter(empty)}"
+    )
 
     # The survivors never noticed.
     e2e.assert_ping(s1, ip_s2)
@@ -268,11 +292,13 @@ def test_kill_9_at_random_points_of_a_churn(
             + "".join(f"  {p}\n" for p in problems)
             + f"  pouch-driver gc --engine: {repaired.strip()}\n"
             + "".join(f"  still after gc: {p}\n" for p in after_gc),
-            pytrace=False)
+            pytrace=False,
+        )
     assert_consistent(eng)
 
 
 # --- 2. a crash between commit and answer, deterministically ---------------------------------
+
 
 class CrashBeforeAnswer:
     """A proxy on the plugin's socket path; the plugin's own socket is renamed aside.
@@ -409,8 +435,18 @@ def _with_net(e2e: Scope, ctx: dict[str, str]) -> None:
 def _run_pinned(e2e: Scope, ctx: dict[str, str]) -> list[str]:
     name = e2e.name("c")
     e2e.containers.append(name)
-    return ["run", "-d", "--name", name, "--network", ctx["net"], "--ip", ctx["pinned"],
-            e2e.engine.image, *SLEEPER]
+    return [
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        ctx["net"],
+        "--ip",
+        ctx["pinned"],
+        e2e.engine.image,
+        *SLEEPER,
+    ]
 
 
 def _run_pinned_again(e2e: Scope, ctx: dict[str, str]) -> None:
@@ -448,21 +484,24 @@ def _net_rm(e2e: Scope, ctx: dict[str, str]) -> list[str]:
 
 
 SCENARIOS = {
-    "RequestPool": Scenario("/IpamDriver.RequestPool", _nothing, _net_create,
-                            _net_create_again),
-    "CreateNetwork": Scenario("/NetworkDriver.CreateNetwork", _nothing, _net_create,
-                              _net_create_again),
-    "RequestAddress": Scenario("/IpamDriver.RequestAddress", _with_net, _run_pinned,
-                               _run_pinned_again),
-    "CreateEndpoint": Scenario("/NetworkDriver.CreateEndpoint", _with_net, _run_pinned,
-                               _run_pinned_again),
+    "RequestPool": Scenario("/IpamDriver.RequestPool", _nothing, _net_create, _net_create_again),
+    "CreateNetwork": Scenario(
+        "/NetworkDriver.CreateNetwork", _nothing, _net_create, _net_create_again
+    ),
+    "RequestAddress": Scenario(
+        "/IpamDriver.RequestAddress", _with_net, _run_pinned, _run_pinned_again
+    ),
+    "CreateEndpoint": Scenario(
+        "/NetworkDriver.CreateEndpoint", _with_net, _run_pinned, _run_pinned_again
+    ),
     "Join": Scenario("/NetworkDriver.Join", _with_net, _run_pinned, _run_pinned_again),
-    "DeleteEndpoint": Scenario("/NetworkDriver.DeleteEndpoint", _with_container, _stop,
-                               _start_again),
-    "ReleaseAddress": Scenario("/IpamDriver.ReleaseAddress", _with_container, _stop,
-                               _start_again),
-    "DeleteNetwork": Scenario("/NetworkDriver.DeleteNetwork", _with_empty_net, _net_rm,
-                              _net_create_again),
+    "DeleteEndpoint": Scenario(
+        "/NetworkDriver.DeleteEndpoint", _with_container, _stop, _start_again
+    ),
+    "ReleaseAddress": Scenario("/IpamDriver.ReleaseAddress", _with_container, _stop, _start_again),
+    "DeleteNetwork": Scenario(
+        "/NetworkDriver.DeleteNetwork", _with_empty_net, _net_rm, _net_create_again
+    ),
 }
 
 
@@ -482,8 +521,9 @@ def sweeping_plugin(engine: Engine) -> Iterator[Plugin]:
 
 @pytest.mark.timeout(180, func_only=True)
 @pytest.mark.parametrize("which", list(SCENARIOS))
-def test_crash_between_commit_and_answer(contain_leaks: None, e2e: Scope,
-                                         sweeping_plugin: Plugin, which: str) -> None:
+def test_crash_between_commit_and_answer(
+    contain_leaks: None, e2e: Scope, sweeping_plugin: Plugin, which: str
+) -> None:
     eng = e2e.engine
     sc = SCENARIOS[which]
     i = list(SCENARIOS).index(which)
@@ -494,8 +534,10 @@ def test_crash_between_commit_and_answer(contain_leaks: None, e2e: Scope,
     offset = eng.plugin.log_offset()
     with CrashBeforeAnswer(eng.plugin, sc.method) as proxy:
         result: list[subprocess.CompletedProcess[str]] = []
-        t = threading.Thread(target=lambda: result.append(
-            e2e.docker(*args, check=False, timeout=OP_TIMEOUT)), daemon=True)
+        t = threading.Thread(
+            target=lambda: result.append(e2e.docker(*args, check=False, timeout=OP_TIMEOUT)),
+            daemon=True,
+        )
         t.start()
         assert proxy.fired.wait(30), f"{sc.method} never came for docker {' '.join(args)}"
         proxy.crash()
@@ -503,10 +545,11 @@ def test_crash_between_commit_and_answer(contain_leaks: None, e2e: Scope,
     assert result, f"docker {' '.join(args)} hung"
     r = result[0]
     reqs = requests_in_log(eng.plugin.log_text(offset))
-    print(f"[{which}] docker {' '.join(args[:2])} -> rc {r.returncode}: "
-          f"{r.stderr.strip()[:300]}")
-    print(f"[{which}] the plugin saw: "
-          f"{[(p, c) for p, _, c in reqs if not p.startswith(('/Plugin.', '/Pouch.'))]}")
+    print(f"[{which}] docker {' '.join(args[:2])} -> rc {r.returncode}: {r.stderr.strip()[:300]}")
+    print(
+        f"[{which}] the plugin saw: "
+        f"{[(p, c) for p, _, c in reqs if not p.startswith(('/Plugin.', '/Pouch.'))]}"
+    )
     for line in settle_engine(e2e):
         print(f"[{which}] engine-side: {line}")
     assert_always_true(e2e)
@@ -528,8 +571,8 @@ def test_crash_between_commit_and_answer(contain_leaks: None, e2e: Scope,
         f"after a crash between committing and answering {sc.method} "
         f"(docker {' '.join(args[:2])} -> rc {r.returncode}: {r.stderr.strip()[:200]}):\n"
         + "".join(f"  engine vs plugin: {p}\n" for p in problems)
-        + (f"  the engine's next operation failed: {retry_error[:700]}\n" if retry_error
-           else "")
+        + (f"  the engine's next operation failed: {retry_error[:700]}\n" if retry_error else "")
         + f"  pouch-driver gc --engine: {repaired.strip()}\n"
         + "".join(f"  still after gc: {p}\n" for p in after_gc),
-        pytrace=False)
+        pytrace=False,
+    )

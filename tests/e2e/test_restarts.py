@@ -5,7 +5,7 @@
   operation after the restart works whatever it is; no address in use is handed out again.
 * dockerd restart without live-restore (containers stopped, ``--restart always`` ones back),
   with ``--live-restore`` (nothing happens to us), and an unclean exit (kill -9) after which
-  the engine may skip DeleteEndpoint (PROTOCOL.md 5.8 step 4): the plugin's sweep or
+  the engine may skip DeleteEndpoint (docs/protocol.md §5.6): the plugin's sweep or
   ``pouch-driver gc --engine`` makes our side match the engine's again; also with the plugin
   not ready while dockerd starts (the engine's ReleaseAddress fails too: the sweep releases).
 
@@ -44,6 +44,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 # --- helpers --------------------------------------------------------------------------------
 
+
 def endpoint_id(e2e: Scope, container: str, network: str) -> str:
     nets = e2e.container_inspect(container)["NetworkSettings"]["Networks"]
     return str(nets[network]["EndpointID"])
@@ -54,8 +55,12 @@ def container_state(e2e: Scope, container: str) -> dict[str, object]:
     return state
 
 
-def start_ping(e2e: Scope, container: str, target: str, seconds: int,
-               ) -> subprocess.Popen[str]:
+def start_ping(
+    e2e: Scope,
+    container: str,
+    target: str,
+    seconds: int,
+) -> subprocess.Popen[str]:
     """``ping -i 0.2 -w seconds target`` from ``container``'s netns, in the background.
 
     The host's busybox in the container's netns (``nsenter``), not ``docker exec``: the
@@ -63,9 +68,21 @@ def start_ping(e2e: Scope, container: str, target: str, seconds: int,
     """
     pid = container_state(e2e, container)["Pid"]
     return subprocess.Popen(
-        ["nsenter", f"--net=/proc/{pid}/ns/net", "--", "busybox", "ping", "-i", "0.2", "-w",
-         str(seconds), target],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            "nsenter",
+            f"--net=/proc/{pid}/ns/net",
+            "--",
+            "busybox",
+            "ping",
+            "-i",
+            "0.2",
+            "-w",
+            str(seconds),
+            target,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -111,8 +128,12 @@ def plugin_env(engine: Engine) -> Iterator[dict[str, str]]:
             engine.plugin.restart()
 
 
-HANDSHAKE = ("/Plugin.Activate", "/NetworkDriver.GetCapabilities", "/IpamDriver.GetCapabilities",
-             "/IpamDriver.GetDefaultAddressSpaces")
+HANDSHAKE = (
+    "/Plugin.Activate",
+    "/NetworkDriver.GetCapabilities",
+    "/IpamDriver.GetCapabilities",
+    "/IpamDriver.GetDefaultAddressSpaces",
+)
 
 
 @pytest.fixture
@@ -126,6 +147,7 @@ def revive(engine: Engine) -> Iterator[None]:
 
 
 # --- 1. plugin restart ----------------------------------------------------------------------
+
 
 @pytest.mark.timeout(240, func_only=True)
 @pytest.mark.parametrize("first_op", ["stop", "connect", "run"])
@@ -193,8 +215,11 @@ def test_plugin_restart_under_running_containers(e2e: Scope, how: str, first_op:
         if reqs[0][0] == "/NetworkDriver.EndpointOperInfo":
             assert before[a][:12] in reqs[0][1], reqs
         paths = [p for p, _, _ in reqs]
-        assert paths.index("/IpamDriver.RequestAddress") < paths.index(
-            "/NetworkDriver.CreateEndpoint") < paths.index("/NetworkDriver.Join"), reqs
+        assert (
+            paths.index("/IpamDriver.RequestAddress")
+            < paths.index("/NetworkDriver.CreateEndpoint")
+            < paths.index("/NetworkDriver.Join")
+        ), reqs
         assert all(code == 200 for _, _, code in reqs), reqs
         ip_a2 = e2e.container_ip(a, net2)
         assert e2e.container_addrs(a).get("eth1") == [f"{ip_a2}/24"]
@@ -214,27 +239,48 @@ def test_plugin_restart_under_running_containers(e2e: Scope, how: str, first_op:
     survivors = {x: e2e.container_ip(x, net) for x in (a, b, c)}
     dup = e2e.name("dup")
     e2e.containers.append(dup)
-    r = e2e.docker("run", "-d", "--name", dup, "--network", net, "--ip", ip_a, eng.image,
-                   *SLEEPER, check=False, timeout=90)
+    r = e2e.docker(
+        "run",
+        "-d",
+        "--name",
+        dup,
+        "--network",
+        net,
+        "--ip",
+        ip_a,
+        eng.image,
+        *SLEEPER,
+        check=False,
+        timeout=90,
+    )
     assert r.returncode != 0, f"a second container got {ip_a}, already a's"
     assert "already" in r.stderr, r.stderr
     e2e.remove_container(dup)
     names = [e2e.name(f"m{i}") for i in range(8)]
     e2e.containers.extend(names)
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda n: e2e.docker("run", "-d", "--name", n, "--network", net,
-                                           eng.image, *SLEEPER, timeout=90), names))
+        list(
+            pool.map(
+                lambda n: e2e.docker(
+                    "run", "-d", "--name", n, "--network", net, eng.image, *SLEEPER, timeout=90
+                ),
+                names,
+            )
+        )
     fresh = {n: e2e.container_ip(n, net) for n in names}
     clash = set(fresh.values()) & set(survivors.values())
     assert not clash, f"addresses handed out twice: {clash} ({survivors}, {fresh})"
     assert len(set(fresh.values())) == len(fresh), f"duplicate addresses: {fresh}"
     e2e.assert_ping(names[0], ip_b)
     assert_consistent(eng)
-    print(f"[{how}/{first_op}] plugin down->answering in {restart_s:.2f}s; "
-          f"ping {got}/{sent}; {len(reqs)} requests in the first op")
+    print(
+        f"[{how}/{first_op}] plugin down->answering in {restart_s:.2f}s; "
+        f"ping {got}/{sent}; {len(reqs)} requests in the first op"
+    )
 
 
 # --- 2. engine restart ----------------------------------------------------------------------
+
 
 @pytest.mark.timeout(240, func_only=True)
 def test_dockerd_restart_without_live_restore(e2e: Scope, revive: None) -> None:
@@ -259,15 +305,19 @@ def test_dockerd_restart_without_live_restore(e2e: Scope, revive: None) -> None:
     eng.restart_dockerd()
     took = time.monotonic() - t0
     for x in (a, b):
-        wait_until(lambda x=x: container_state(e2e, x)["Running"], timeout=30,
-                   message=f"{x} to be restarted")
+        wait_until(
+            lambda x=x: container_state(e2e, x)["Running"],
+            timeout=30,
+            message=f"{x} to be restarted",
+        )
     assert not container_state(e2e, c)["Running"]
 
     reqs = requests_since(eng, offset)
     for (x, n), ep in old.items():
         for call in ("/NetworkDriver.Leave", "/NetworkDriver.DeleteEndpoint"):
             assert (call, 200) in {(p, s) for p, ids, s in reqs if ep[:12] in ids}, (
-                f"no {call} for {x} on {n} at dockerd shutdown: {reqs}")
+                f"no {call} for {x} on {n} at dockerd shutdown: {reqs}"
+            )
     assert not any(s != 200 for _, _, s in reqs), reqs
     held = held_endpoints(eng)
     assert not held & set(old.values()), "endpoints of the stopped containers are still held"
@@ -319,7 +369,8 @@ def test_dockerd_restart_with_live_restore(e2e: Scope, revive: None) -> None:
         # is false).
         reqs = requests_since(eng, offset)
         assert {p for p, _, _ in reqs} <= set(HANDSHAKE), (
-            f"the engine called the plugin across a live-restore: {reqs}")
+            f"the engine called the plugin across a live-restore: {reqs}"
+        )
         e2e.assert_ping(a, before[(b, net)][1])
         assert "pouch-e2e-ok" in published_ok(eng, hport)
         assert_consistent(eng)
@@ -329,7 +380,8 @@ def test_dockerd_restart_with_live_restore(e2e: Scope, revive: None) -> None:
         reqs = requests_since(eng, offset)
         for k in ((a, net), (a, net2)):
             assert ("/NetworkDriver.DeleteEndpoint", 200) in {
-                (p, s) for p, ids, s in reqs if before[k][0][:12] in ids}, reqs
+                (p, s) for p, ids, s in reqs if before[k][0][:12] in ids
+            }, reqs
         e2e.docker("start", a)
         e2e.assert_ping(a, before[(b, net)][1])
         assert_consistent(eng)
@@ -346,14 +398,19 @@ def forget_dead(eng: Engine, dead: set[str], offset: int, *, sweep: bool) -> Non
     """The endpoints the engine forgot go: by the plugin's sweep, or by ``gc --engine``
     (``check --engine`` first reports them)."""
     if sweep:
-        wait_until(lambda: not held_endpoints(eng) & dead, timeout=15, interval=0.5,
-                   message="the sweep to forget the dead endpoints")
+        wait_until(
+            lambda: not held_endpoints(eng) & dead,
+            timeout=15,
+            interval=0.5,
+            message="the sweep to forget the dead endpoints",
+        )
         log = eng.plugin.log_text(offset)
         for ep in dead:
             # The sweep forgets it, unless a restarting container given the same address got
             # there first (CreateEndpoint drops a holder whose veth is gone).
-            assert (f"sweep: forgot endpoint {ep[:12]}" in log
-                    or f"endpoint {ep[:12]} held" in log), log[-3000:]
+            assert (
+                f"sweep: forgot endpoint {ep[:12]}" in log or f"endpoint {ep[:12]} held" in log
+            ), log[-3000:]
         return
     stale = held_endpoints(eng) & dead
     assert stale, "the plugin heard of the dead endpoints after all"
@@ -369,16 +426,17 @@ def forget_dead(eng: Engine, dead: set[str], offset: int, *, sweep: bool) -> Non
 
 @pytest.mark.timeout(240, func_only=True)
 @pytest.mark.parametrize("cleanup", ["engine", "sweep", "gc-cli"])
-def test_dockerd_killed_then_restarted(e2e: Scope, revive: None,
-                                       plugin_env: dict[str, str], cleanup: str) -> None:
+def test_dockerd_killed_then_restarted(
+    e2e: Scope, revive: None, plugin_env: dict[str, str], cleanup: str
+) -> None:
     """kill -9 dockerd under running containers, start it again.
 
     * ``engine``: the network uses our IPAM, so the engine's start-up looks the IPAM driver
       up (activating the v1 plugin) before its stale-endpoint cleanup, which therefore
       reaches us (Leave skipped, DeleteEndpoint + ReleaseAddress sent).
     * ``sweep`` / ``gc-cli``: our driver with the engine's default IPAM. Nothing activates
-      the plugin before the cleanup, so the engine skips DeleteEndpoint (PROTOCOL.md 5.8 step
-      4). The plugin's sweep (``POUCH_DRIVER_GC_INTERVAL=2``), or with the sweep off
+      the plugin before the cleanup, so the engine skips DeleteEndpoint (docs/protocol.md §5.6).
+      The plugin's sweep (``POUCH_DRIVER_GC_INTERVAL=2``), or with the sweep off
       ``pouch-driver gc --engine``, forgets the endpoints the engine forgot.
 
     In the last two the engine's IPAM, having released the dead endpoints' addresses, hands
@@ -410,12 +468,15 @@ def test_dockerd_killed_then_restarted(e2e: Scope, revive: None,
     eng.start_dockerd()
     took = time.monotonic() - t0
     try:
-        wait_until(lambda: container_state(e2e, a)["Running"], timeout=10,
-                   message="a to be restarted")
+        wait_until(
+            lambda: container_state(e2e, a)["Running"], timeout=10, message="a to be restarted"
+        )
         came_back = ""
     except AssertionError:
-        came_back = (f"{a} (--restart always) did not come back after the dockerd restart: "
-                     f"{container_state(e2e, a).get('Error')}")
+        came_back = (
+            f"{a} (--restart always) did not come back after the dockerd restart: "
+            f"{container_state(e2e, a).get('Error')}"
+        )
     for x in (b, c):
         assert not container_state(e2e, x)["Running"], f"{x} survived a non-live-restore start"
     reqs = requests_since(eng, offset)
@@ -425,7 +486,7 @@ def test_dockerd_killed_then_restarted(e2e: Scope, revive: None,
     if ours:
         assert sent_delete == {a, b, c}, f"the engine skipped DeleteEndpoint: {reqs}"
     else:
-        # The cleanup that PROTOCOL.md 5.8 step 4 describes: DeleteEndpoint skipped.
+        # The cleanup that docs/protocol.md §5.6 describes: DeleteEndpoint skipped.
         assert not sent_delete, f"expected the engine to skip DeleteEndpoint: {reqs}"
         forget_dead(eng, set(old.values()), offset, sweep=cleanup == "sweep")
     if came_back:  # the operator starts it (now that the dead endpoints are gone)
@@ -435,21 +496,25 @@ def test_dockerd_killed_then_restarted(e2e: Scope, revive: None,
     d = e2e.run_container(net, "d")
     e2e.assert_ping(d, e2e.container_ip(a, net))
     assert_check_clean(eng)
-    print(f"[kill -9 dockerd, {cleanup}] restart {took:.1f}s; containerd before {containerd}, "
-          f"after {eng.containerd_pids()}; DeleteEndpoint sent for {sorted(sent_delete)}; "
-          f"a came back by itself: {not came_back}")
+    print(
+        f"[kill -9 dockerd, {cleanup}] restart {took:.1f}s; containerd before {containerd}, "
+        f"after {eng.containerd_pids()}; DeleteEndpoint sent for {sorted(sent_delete)}; "
+        f"a came back by itself: {not came_back}"
+    )
     if cleanup == "sweep":
         return  # whether the 2 s sweep ran before the engine restarted a is a race
-    bounced = [line for line in eng.plugin.log_text(offset).splitlines()
-               if "CreateEndpoint failed" in line]
+    bounced = [
+        line for line in eng.plugin.log_text(offset).splitlines() if "CreateEndpoint failed" in line
+    ]
     assert not came_back, (
         f"{came_back}\n(a's address {ip_a} was released by the engine's IPAM and granted again; "
-        f"the plugin refused it for a dead endpoint it still held):\n" + "\n".join(bounced))
+        f"the plugin refused it for a dead endpoint it still held):\n" + "\n".join(bounced)
+    )
 
 
 class NotReady:
     """Answers every request on the plugin's socket with HTTP 500, as a plugin still starting
-    (or failing) would. Activation errors are not retried (PROTOCOL.md 1.4/1.5), so the
+    (or failing) would. Activation errors are not retried (docs/protocol.md §1.4), so the
     engine gives up at once instead of retrying for ~15 s per lookup."""
 
     def __init__(self, socket_path: Path) -> None:
@@ -481,9 +546,10 @@ class NotReady:
 
     def _answer(self, conn: socket.socket) -> None:
         body = b'{"Err":"pouch-driver is not ready"}'
-        answer = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
-                  b"Connection: close\r\nContent-Length: " + str(len(body)).encode()
-                  + b"\r\n\r\n" + body)
+        answer = (
+            b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
         with conn, contextlib.suppress(OSError):
             msg = read_http_message(conn, bytearray())
             if msg is not None:
@@ -492,8 +558,9 @@ class NotReady:
 
 
 @pytest.mark.timeout(240, func_only=True)
-def test_dockerd_killed_while_plugin_not_ready(e2e: Scope, revive: None,
-                                               plugin_env: dict[str, str]) -> None:
+def test_dockerd_killed_while_plugin_not_ready(
+    e2e: Scope, revive: None, plugin_env: dict[str, str]
+) -> None:
     """kill -9 dockerd, and the plugin is not ready while dockerd starts again (it fails every
     call): the engine's stale-endpoint cleanup skips DeleteEndpoint AND its ReleaseAddress
     fails, so the engine forgets endpoints and addresses the plugin still holds. Once the
@@ -522,15 +589,21 @@ def test_dockerd_killed_while_plugin_not_ready(e2e: Scope, revive: None,
     offset = eng.plugin.log_offset()
     eng.plugin.start()
     dead = {ep for ep, _ in old.values()}
-    wait_until(lambda: not held_endpoints(eng) & dead, timeout=15, interval=0.5,
-               message="the sweep to forget the endpoints the engine forgot")
+    wait_until(
+        lambda: not held_endpoints(eng) & dead,
+        timeout=15,
+        interval=0.5,
+        message="the sweep to forget the endpoints the engine forgot",
+    )
     log = eng.plugin.log_text(offset)
     for x, (ep, ip) in old.items():
         assert re.search(rf"forgot endpoint {ep[:12]} .*reclaimed {re.escape(ip)}", log), (
-            f"{x}: {log[-3000:]}")
+            f"{x}: {log[-3000:]}"
+        )
     kinds = {addr: kind for rows in stored_addresses(eng).values() for addr, kind in rows}
     assert all(kinds.get(ip) == "reclaimed" for _, ip in old.values()), (
-        f"dead endpoints' addresses are not parked: {kinds}")
+        f"dead endpoints' addresses are not parked: {kinds}"
+    )
     e2e.docker("start", a)  # the operator restarts what could not come back
     d = e2e.run_container(net, "d", ip=old[b][1])  # b's old address is free again
     e2e.assert_ping(d, e2e.container_ip(a, net))

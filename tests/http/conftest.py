@@ -12,10 +12,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from pouch_driver.config import Settings
-from pouch_driver.http import make_app
-from pouch_driver.http.app import SERVICE
+from pouch_driver.daemon import build_app
+from pouch_driver.http import DRIVER
 from pouch_driver.kernel.fake import FakeFirewall, FakeLinks
-from pouch_driver.service import Service
+from pouch_driver.service.driver import Driver
 
 PAYLOADS = Path(__file__).parent / "payloads"
 
@@ -33,17 +33,23 @@ class Plugin:
     firewall: FakeFirewall
 
     @property
-    def service(self) -> Service:
-        return self.client.app[SERVICE]  # type: ignore[index]
+    def service(self) -> Driver:
+        return self.client.app[DRIVER]  # type: ignore[index]
 
     async def call(
-        self, method: str, body: Any = None, *, raw: bytes | None = None, status: int = 200,
+        self,
+        method: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        status: int = 200,
         headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """POST like the engine: no Content-Type, empty body for argument-less calls."""
         data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
         resp = await self.client.post(
-            f"/{method}", data=data,
+            f"/{method}",
+            data=data,
             headers={"Accept": "application/vnd.docker.plugins.v1.2+json", **(headers or {})},
         )
         text = await resp.text()
@@ -61,14 +67,15 @@ PluginFactory = Callable[..., Awaitable[Plugin]]
 
 @pytest.fixture
 def make_plugin(
-    aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]], settings: Settings,
+    aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+    settings: Settings,
 ) -> PluginFactory:
     async def factory(
         links: FakeLinks | None = None, firewall: FakeFirewall | None = None, **overrides: Any
     ) -> Plugin:
         links = links or FakeLinks()
         firewall = firewall or FakeFirewall()
-        app = make_app(settings.with_overrides(**overrides), links=links, firewall=firewall)
+        app = build_app(settings.with_overrides(**overrides), links=links, firewall=firewall)
         return Plugin(await aiohttp_client(app), links, firewall)
 
     return factory

@@ -69,7 +69,7 @@ async def baseline(plugin: Plugin) -> None:
     await plugin.call("IpamDriver.RequestAddress", P["RequestAddressEndpoint"])
     await plugin.call("NetworkDriver.CreateEndpoint", P["CreateEndpoint"])
     await plugin.call("NetworkDriver.Join", P["Join"])
-    await plugin.service.drain()
+    await plugin.service.deletes.drain()
 
 
 def store_rows(db_path: Path) -> dict[str, list[tuple[Any, ...]]]:
@@ -86,8 +86,8 @@ def store_rows(db_path: Path) -> dict[str, list[tuple[Any, ...]]]:
 def snapshot(plugin: Plugin) -> dict[str, Any]:
     svc = plugin.service
     return {
-        "networks": dict(svc.networks),
-        "endpoints": dict(svc.endpoints),
+        "networks": dict(svc.state.networks),
+        "endpoints": dict(svc.state.endpoints),
         "ipam": {k: dict(v.allocated) for k, v in svc.ipam.pools.items()},
         "links": dict(plugin.links.links),
         "firewall": plugin.firewall.plan,

@@ -26,15 +26,22 @@ EID2 = "ab" * 32
 
 async def timed(plugin: Plugin, method: str, body: Any = None) -> tuple[int, float, dict[str, Any]]:
     t0 = time.perf_counter()
-    resp = await plugin.client.post(f"/{method}", json=body) if body is not None else \
-        await plugin.client.post(f"/{method}")
+    resp = (
+        await plugin.client.post(f"/{method}", json=body)
+        if body is not None
+        else await plugin.client.post(f"/{method}")
+    )
     doc = await resp.json()
     return resp.status, time.perf_counter() - t0, doc
 
 
 def new_endpoint(address: str = "10.1.0.50/24", eid: str = EID2) -> dict[str, Any]:
-    return {"NetworkID": h.NID, "EndpointID": eid, "Options": {},
-            "Interface": {"Address": address, "AddressIPv6": "", "MacAddress": ""}}
+    return {
+        "NetworkID": h.NID,
+        "EndpointID": eid,
+        "Options": {},
+        "Interface": {"Address": address, "AddressIPv6": "", "MacAddress": ""},
+    }
 
 
 async def test_slow_kernel_call_does_not_block_unrelated_requests(
@@ -54,8 +61,7 @@ async def test_slow_kernel_call_does_not_block_unrelated_requests(
     unrelated = [
         ("IpamDriver.RequestAddress", h.D["RequestAddressEndpoint"]),
         ("IpamDriver.RequestPool", {"AddressSpace": "PouchLocal", "Pool": "10.30.0.0/24"}),
-        ("IpamDriver.ReleaseAddress", {"PoolID": "PouchLocal/10.1.0.0/24",
-                                       "Address": "10.1.0.3"}),
+        ("IpamDriver.ReleaseAddress", {"PoolID": "PouchLocal/10.1.0.0/24", "Address": "10.1.0.3"}),
         ("NetworkDriver.Join", {**h.D["Join"], "SandboxKey": "/var/run/docker/netns/z"}),
         ("NetworkDriver.Leave", h.D["Leave"]),
         ("NetworkDriver.EndpointOperInfo", h.D["EndpointOperInfo"]),
@@ -66,18 +72,23 @@ async def test_slow_kernel_call_does_not_block_unrelated_requests(
         ("Plugin.Activate", None),
     ]
     answers = [await timed(plugin, method, body) for method, body in unrelated]
-    slow = [(m, round(t, 3), doc) for (m, _), (status, t, doc) in zip(unrelated, answers,
-                                                                      strict=True)
-            if status != 200 or t > 0.2]
+    slow = [
+        (m, round(t, 3), doc)
+        for (m, _), (status, t, doc) in zip(unrelated, answers, strict=True)
+        if status != 200 or t > 0.2
+    ]
     assert slow == [], f"held up by the slow ensure_veth: {slow}"
     assert not stuck.done(), "the unrelated calls were answered only after the stuck one"
     status, elapsed, doc = await stuck
-    print(f"\nunrelated calls while ensure_veth hung: max "
-          f"{max(t for _, t, _ in answers) * 1000:.1f} ms; stuck call: {status} after "
-          f"{elapsed:.2f}s")
+    print(
+        f"\nunrelated calls while ensure_veth hung: max "
+        f"{max(t for _, t, _ in answers) * 1000:.1f} ms; stuck call: {status} after "
+        f"{elapsed:.2f}s"
+    )
     assert status == 504 and 1.4 < elapsed < 3.0
-    assert doc["Err"] == ("NetworkDriver.CreateEndpoint did not finish within 1.5s; "
-                          "see the plugin log")
+    assert doc["Err"] == (
+        "NetworkDriver.CreateEndpoint did not finish within 1.5s; see the plugin log"
+    )
 
 
 async def test_stuck_create_endpoint_leaves_nothing_half_made(make_plugin: PluginFactory) -> None:
@@ -87,12 +98,13 @@ async def test_stuck_create_endpoint_leaves_nothing_half_made(make_plugin: Plugi
     plugin = await make_plugin(links=links, request_timeout=0.5)
     await h.baseline(plugin)
     addr = (await plugin.call("IpamDriver.RequestAddress", h.D["RequestAddressEndpoint"]))[
-        "Address"]
+        "Address"
+    ]
     before = h.snapshot(plugin)
     links.faults.delay["ensure_veth"] = 5.0
     status, _, doc = await timed(plugin, "NetworkDriver.CreateEndpoint", new_endpoint(addr))
     assert status == 504, doc
-    await plugin.service.drain()
+    await plugin.service.deletes.drain()
     assert not h.diff(before, h.snapshot(plugin)), "a timed-out CreateEndpoint left state"
     assert "puh" + EID2[:12] not in links.links
     del links.faults.delay["ensure_veth"]
@@ -122,17 +134,18 @@ async def test_stuck_delete_network_is_finished_by_the_next_reconcile(
     links = FakeLinks()
     plugin = await make_plugin(links=links, request_timeout=0.5)
     await h.baseline(plugin)
-    bridge = plugin.service.networks[h.P["CreateNetwork"]["NetworkID"]].bridge
-    await plugin.call("NetworkDriver.DeleteEndpoint", {
-        "NetworkID": h.POUCH_NID, "EndpointID": h.POUCH_EID})
-    await plugin.service.drain()
+    bridge = plugin.service.state.networks[h.P["CreateNetwork"]["NetworkID"]].bridge
+    await plugin.call(
+        "NetworkDriver.DeleteEndpoint", {"NetworkID": h.POUCH_NID, "EndpointID": h.POUCH_EID}
+    )
+    await plugin.service.deletes.drain()
     links.faults.delay["ensure_link_absent"] = 5.0
-    status, _, _ = await timed(plugin, "NetworkDriver.DeleteNetwork",
-                               {"NetworkID": h.POUCH_NID})
+    status, _, _ = await timed(plugin, "NetworkDriver.DeleteNetwork", {"NetworkID": h.POUCH_NID})
     assert status == 504
-    assert h.POUCH_NID not in plugin.service.networks
-    assert h.POUCH_NID not in {row[0] for row in h.store_rows(plugin.service.store.path)[
-        "networks"]}
+    assert h.POUCH_NID not in plugin.service.state.networks
+    assert h.POUCH_NID not in {
+        row[0] for row in h.store_rows(plugin.service.store.path)["networks"]
+    }
     assert bridge in links.links
     del links.faults.delay["ensure_link_absent"]
     assert await plugin.call("NetworkDriver.DeleteNetwork", {"NetworkID": h.POUCH_NID}) == {}
@@ -171,13 +184,13 @@ async def test_kernel_work_finishing_after_the_deadline_is_reaped(
     links.delay = 1.0
     status, _, _ = await timed(plugin, "NetworkDriver.CreateEndpoint", new_endpoint())
     assert status == 504
-    assert EID2 not in plugin.service.endpoints
+    assert EID2 not in plugin.service.state.endpoints
     await asyncio.gather(*links.late)
     veth = "puh" + EID2[:12]
     assert veth in links.links, "expected: the late kernel work left an orphan veth"
     report = await plugin.call("Pouch.Reconcile", {"DryRun": False})
     assert any(veth in line for line in report["Repaired"]), report
-    await plugin.service.drain()
+    await plugin.service.deletes.drain()
     assert veth not in links.links
 
 
@@ -205,16 +218,21 @@ async def test_deadline_during_a_store_write_keeps_store_and_memory_equal(
     if call == "CreateEndpoint":
         status, _, _ = await timed(plugin, "NetworkDriver.CreateEndpoint", new_endpoint())
     else:
-        status, _, _ = await timed(plugin, "IpamDriver.RequestAddress",
-                                   {**h.D["RequestAddressEndpoint"], "Address": "10.1.0.77"})
+        status, _, _ = await timed(
+            plugin,
+            "IpamDriver.RequestAddress",
+            {**h.D["RequestAddressEndpoint"], "Address": "10.1.0.77"},
+        )
     assert status == 504
     await asyncio.sleep(1.2)  # the shielded write lands
-    await plugin.service.drain()
+    await plugin.service.deletes.drain()
     rows = h.store_rows(plugin.service.store.path)
     stored_eps = {r[0] for r in rows["endpoints"]}
     stored_addrs = {r[1] for r in rows["addresses"] if r[0] == "PouchLocal/10.1.0.0/24"}
     held = {str(h_) for h_ in plugin.service.ipam.pools["PouchLocal/10.1.0.0/24"].allocated}
-    assert stored_eps == set(plugin.service.endpoints), (
-        f"store has endpoints {stored_eps - set(plugin.service.endpoints)} memory lacks")
+    assert stored_eps == set(plugin.service.state.endpoints), (
+        f"store has endpoints {stored_eps - set(plugin.service.state.endpoints)} memory lacks"
+    )
     assert len(stored_addrs) == len(held), (
-        f"store holds {sorted(stored_addrs)}, memory {len(held)} addresses")
+        f"store holds {sorted(stored_addrs)}, memory {len(held)} addresses"
+    )

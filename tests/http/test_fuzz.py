@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pouch_driver.config import Settings
-from pouch_driver.http import make_app
+from pouch_driver.daemon import build_app
 from pouch_driver.http.handlers import CALLS
 from pouch_driver.kernel.fake import FakeFirewall, FakeLinks
 from pouch_driver.model import OPT_PORTMAP
@@ -46,37 +46,132 @@ SCALE = int(os.environ.get("POUCH_FUZZ_EXAMPLES", "1"))
 
 def fuzz(examples: int) -> settings:
     return settings(
-        max_examples=examples * SCALE, deadline=None, derandomize=SCALE == 1, database=None,
+        max_examples=examples * SCALE,
+        deadline=None,
+        derandomize=SCALE == 1,
+        database=None,
         print_blob=True,
-        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                               HealthCheck.data_too_large],
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+        ],
     )
+
 
 # --- hostile values ------------------------------------------------------------------------------
 HOSTILE_STRINGS = [
-    "", " ", "x;reboot", "$(reboot)", "`reboot`", "../../etc", "/etc/passwd", "a/../../b",
-    "\x00", "abc\x00def", "a" * 12 + "\n", "\n", "\r\n", "é" * 20, "\u202e", "\ud800",
-    "x" * 5000, "0" * 64, "A" * 64, "f" * 65, "fd00::%lo/64", "fe80::1", "::1%lo",
-    "10.1.0.0/33", "10.1.0.1/24", "10.1.0.1", "256.1.1.1", "0.0.0.0/0", "::/0", "1e400",
-    "NaN", "-1", "true", "null", "{}", "[]", "%s%s%n", "${jndi:ldap://x/a}",
-    "'; DROP TABLE endpoints; --", "PouchLocal", "PouchGlobal", "com.docker.network.gateway",
-    "02:42:ac:11:00:02", "01:00:5e:00:00:01", "br0", "eth0", "lo",
+    "",
+    " ",
+    "x;reboot",
+    "$(reboot)",
+    "`reboot`",
+    "../../etc",
+    "/etc/passwd",
+    "a/../../b",
+    "\x00",
+    "abc\x00def",
+    "a" * 12 + "\n",
+    "\n",
+    "\r\n",
+    "é" * 20,
+    "\u202e",
+    "\ud800",
+    "x" * 5000,
+    "0" * 64,
+    "A" * 64,
+    "f" * 65,
+    "fd00::%lo/64",
+    "fe80::1",
+    "::1%lo",
+    "10.1.0.0/33",
+    "10.1.0.1/24",
+    "10.1.0.1",
+    "256.1.1.1",
+    "0.0.0.0/0",
+    "::/0",
+    "1e400",
+    "NaN",
+    "-1",
+    "true",
+    "null",
+    "{}",
+    "[]",
+    "%s%s%n",
+    "${jndi:ldap://x/a}",
+    "'; DROP TABLE endpoints; --",
+    "PouchLocal",
+    "PouchGlobal",
+    "com.docker.network.gateway",
+    "02:42:ac:11:00:02",
+    "01:00:5e:00:00:01",
+    "br0",
+    "eth0",
+    "lo",
 ]
 HOSTILE_NUMBERS: list[Any] = [
-    0, -1, 1, 6, 17, 132, 2**31, 2**63, 2**64, -(2**63) - 1, 10**300, 10**4000,
-    1e308, float("inf"), float("-inf"), float("nan"), 0.5, -0.0, True, False,
+    0,
+    -1,
+    1,
+    6,
+    17,
+    132,
+    2**31,
+    2**63,
+    2**64,
+    -(2**63) - 1,
+    10**300,
+    10**4000,
+    1e308,
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+    0.5,
+    -0.0,
+    True,
+    False,
 ]
 # Every field name any request schema knows, and the option keys the handlers look up.
-KEYS = sorted({
-    "NetworkID", "EndpointID", "Options", "IPv4Data", "IPv6Data", "AddressSpace", "Pool",
-    "Gateway", "AuxAddresses", "Interface", "Address", "AddressIPv6", "MacAddress",
-    "SandboxKey", "DiscoveryType", "DiscoveryData", "SubPool", "V6", "PoolID", "DryRun",
-    "ForgetNetworks", "ForgetEndpoints", "Proto", "IP", "Port", "HostIP", "HostPort",
-    "HostPortEnd", "RequestAddressType", "com.docker.network.generic",
-    "com.docker.network.enable_ipv6", "com.docker.network.internal", OPT_PORTMAP,
-    "com.docker.network.bridge.name", "com.docker.network.driver.mtu",
-    "com.docker.network.endpoint.macaddress",
-})
+KEYS = sorted(
+    {
+        "NetworkID",
+        "EndpointID",
+        "Options",
+        "IPv4Data",
+        "IPv6Data",
+        "AddressSpace",
+        "Pool",
+        "Gateway",
+        "AuxAddresses",
+        "Interface",
+        "Address",
+        "AddressIPv6",
+        "MacAddress",
+        "SandboxKey",
+        "DiscoveryType",
+        "DiscoveryData",
+        "SubPool",
+        "V6",
+        "PoolID",
+        "DryRun",
+        "ForgetNetworks",
+        "ForgetEndpoints",
+        "Proto",
+        "IP",
+        "Port",
+        "HostIP",
+        "HostPort",
+        "HostPortEnd",
+        "RequestAddressType",
+        "com.docker.network.generic",
+        "com.docker.network.enable_ipv6",
+        "com.docker.network.internal",
+        OPT_PORTMAP,
+        "com.docker.network.bridge.name",
+        "com.docker.network.driver.mtu",
+        "com.docker.network.endpoint.macaddress",
+    }
+)
 
 
 def _leaves(doc: Any) -> list[Any]:
@@ -88,18 +183,26 @@ def _leaves(doc: Any) -> list[Any]:
 
 
 # Real values from elsewhere in the payloads: cross-wired IDs, pools, addresses.
-REAL_VALUES = sorted({json.dumps(v) for body in (*h.D.values(), *h.P.values())
-                      for v in _leaves(body)})
+REAL_VALUES = sorted(
+    {json.dumps(v) for body in (*h.D.values(), *h.P.values()) for v in _leaves(body)}
+)
 
 scalars = (
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=24)
-    | st.sampled_from(HOSTILE_STRINGS) | st.sampled_from(HOSTILE_NUMBERS)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=24)
+    | st.sampled_from(HOSTILE_STRINGS)
+    | st.sampled_from(HOSTILE_NUMBERS)
     | st.sampled_from(REAL_VALUES).map(json.loads)
 )
 json_values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), inner, max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), inner, max_size=5)
+    ),
     max_leaves=12,
 )
 objects = st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), json_values, max_size=8)
@@ -126,11 +229,18 @@ class Harness:
         if self.plugin is not None:
             await self.plugin.client.close()
         self.builds += 1
-        cfg = Settings(socket=self.root / "p.sock", state_dir=self.root / f"s{self.builds}",
-                       gc_interval=0, prefix="pu", max_body=64 * 1024, request_timeout=3)
+        cfg = Settings(
+            socket=self.root / "p.sock",
+            state_dir=self.root / f"s{self.builds}",
+            gc_interval=0,
+            prefix="pu",
+            max_body=64 * 1024,
+            request_timeout=3,
+        )
         links, firewall = FakeLinks(), FakeFirewall()
         client: TestClient[Any, Any] = TestClient(
-            TestServer(make_app(cfg, links=links, firewall=firewall)))
+            TestServer(build_app(cfg, links=links, firewall=firewall))
+        )
         await client.start_server()
         self.plugin = Plugin(client, links, firewall)
         await h.baseline(self.plugin)
@@ -144,7 +254,7 @@ class Harness:
         before = h.snapshot(plugin)
         resp = await plugin.client.post(path, data=raw)
         text = await resp.text()
-        await plugin.service.drain()
+        await plugin.service.deletes.drain()
         after = h.snapshot(plugin)
         self.dirty = after != before
         self.requests += 1
@@ -164,8 +274,9 @@ class Harness:
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     hs = Harness(tmp_path_factory.mktemp("fuzz"))
     # Blocking calls made by pouch_driver on the loop fail the example, as in async tests.
-    with blockbuster_ctx(scanned_modules=["pouch_driver"],
-                         excluded_modules=["pouch_driver.kernel.links"]):
+    with blockbuster_ctx(
+        scanned_modules=["pouch_driver"], excluded_modules=["pouch_driver.kernel.links"]
+    ):
         yield hs
     hs.close()
     print(f"\nfuzz: {hs.requests} requests, {hs.builds} plugin builds, statuses {hs.answers}")
@@ -188,8 +299,7 @@ def verify(path: str, raw: bytes, exchange: Exchange) -> None:
     if status != 200:
         changed = h.diff(before, after)
         assert not changed, (
-            f"{path} failed ({status} {doc.get('Err')!r}) but changed {changed}; body "
-            f"{raw[:300]!r}"
+            f"{path} failed ({status} {doc.get('Err')!r}) but changed {changed}; body {raw[:300]!r}"
         )
 
 
@@ -234,7 +344,8 @@ def mutated_seed(draw: st.DrawFn) -> tuple[str, bytes]:
         elif op == "wrap":
             wrapper = draw(st.sampled_from(["list", "dict"]))
             body = h.mutate_at(
-                body, loc, lambda old, w=wrapper: [old] if w == "list" else {"x": old})
+                body, loc, lambda old, w=wrapper: [old] if w == "list" else {"x": old}
+            )
         else:
             value = json.loads(draw(st.sampled_from(REAL_VALUES)))
             body = h.mutate_at(body, loc, lambda _old, v=value: v)
@@ -269,10 +380,25 @@ def _seed_bytes() -> list[bytes]:
 @st.composite
 def raw_bodies(draw: st.DrawFn) -> bytes:
     """Not JSON objects at all: truncated, binary, deep, oversized, odd encodings."""
-    kind = draw(st.sampled_from([
-        "binary", "truncated", "deep-list", "deep-dict", "deep-inside", "oversized", "utf16",
-        "bom", "nan", "long-number", "duplicate-keys", "trailing", "text",
-    ]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "binary",
+                "truncated",
+                "deep-list",
+                "deep-dict",
+                "deep-inside",
+                "oversized",
+                "utf16",
+                "bom",
+                "nan",
+                "long-number",
+                "duplicate-keys",
+                "trailing",
+                "text",
+            ]
+        )
+    )
     seed = draw(st.sampled_from(_seed_bytes()))
     if kind == "binary":
         return draw(st.binary(max_size=200))
@@ -377,8 +503,10 @@ async def test_truncated_and_stalled_bodies(make_plugin: PluginFactory) -> None:
     await h.baseline(plugin)
     before = h.snapshot(plugin)
     body = encode({**h.D["CreateEndpoint"], "EndpointID": "ab" * 32})
-    head = (b"POST /NetworkDriver.CreateEndpoint HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body))
+    head = (
+        b"POST /NetworkDriver.CreateEndpoint HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
     for cut in (0, 1, len(body) // 2, len(body) - 1):
         await _raw_http(plugin, head + body[:cut], wait=0)  # hang up mid-body
     await asyncio.sleep(0.1)
@@ -387,7 +515,7 @@ async def test_truncated_and_stalled_bodies(make_plugin: PluginFactory) -> None:
     assert b" 504 " in status_line, answer[:300]
     doc = json.loads(rest.split(b"\r\n\r\n", 1)[1])
     assert "did not finish within 0.5s" in doc["Err"]
-    await plugin.service.drain()
+    await plugin.service.deletes.drain()
     assert not h.diff(before, h.snapshot(plugin))
     assert await plugin.call("Plugin.Activate")
 
@@ -431,42 +559,53 @@ async def test_memory_stays_bounded_over_a_long_hostile_run(make_plugin: PluginF
             _, got = await call("/IpamDriver.RequestAddress", h.D["RequestAddressEndpoint"])
             addr = got["Address"]
             for path, body in (
-                ("CreateEndpoint", {**h.D["CreateEndpoint"], "EndpointID": eid, "Options": {},
-                                    "Interface": {"Address": addr}}),
+                (
+                    "CreateEndpoint",
+                    {
+                        **h.D["CreateEndpoint"],
+                        "EndpointID": eid,
+                        "Options": {},
+                        "Interface": {"Address": addr},
+                    },
+                ),
                 ("Join", {**h.D["Join"], "EndpointID": eid}),
                 ("Leave", {**h.D["Leave"], "EndpointID": eid}),
                 ("DeleteEndpoint", {**h.D["Leave"], "EndpointID": eid}),
             ):
                 status, doc = await call(f"/NetworkDriver.{path}", body)
                 assert status == 200, doc
-            status, _ = await call("/IpamDriver.ReleaseAddress",
-                                   {"PoolID": pool_id, "Address": addr.split("/")[0]})
+            status, _ = await call(
+                "/IpamDriver.ReleaseAddress", {"PoolID": pool_id, "Address": addr.split("/")[0]}
+            )
             assert status == 200
 
         logging.disable(logging.CRITICAL)  # pytest keeps every log record: not our memory
         try:
             for i in range(20):  # warm-up: caches, lazy imports, the connection pool
                 await round_(i)
-            await plugin.service.drain()
+            await plugin.service.deletes.drain()
             gc.collect()
             tracemalloc.start()
             first = tracemalloc.take_snapshot()
             for i in range(20, 120):
                 await round_(i)
-            await plugin.service.drain()
+            await plugin.service.deletes.drain()
             gc.collect()
             last = tracemalloc.take_snapshot()
         finally:
             tracemalloc.stop()
             logging.disable(logging.NOTSET)
-    ignore = [tracemalloc.Filter(False, tracemalloc.__file__),
-              tracemalloc.Filter(False, "*/kernel/fake.py"),  # the fake records every call
-              tracemalloc.Filter(False, "*/blockbuster/*")]  # the test guard itself
+    ignore = [
+        tracemalloc.Filter(False, tracemalloc.__file__),
+        tracemalloc.Filter(False, "*/kernel/fake.py"),  # the fake records every call
+        tracemalloc.Filter(False, "*/blockbuster/*"),
+    ]  # the test guard itself
     stats = last.filter_traces(ignore).compare_to(first.filter_traces(ignore), "filename")
     growth = sum(s.size_diff for s in stats)
     top = "\n".join(str(s) for s in stats[:6])
     print(f"\nmemory over 100 rounds (1300 requests): {growth / 1024:+.1f} KiB\n{top}")
     assert growth < 128 * 1024, f"grew {growth} bytes over 1300 requests:\n{top}"
-    assert plugin.service.endpoints.keys() == {h.EID, h.POUCH_EID}
+    assert plugin.service.state.endpoints.keys() == {h.EID, h.POUCH_EID}
     assert set(plugin.service.ipam.pools[pool_id].allocated) == {
-        int(ipaddress.ip_address(a)) for a in ("10.1.0.1", "10.1.0.2", "10.1.0.254")}
+        int(ipaddress.ip_address(a)) for a in ("10.1.0.1", "10.1.0.2", "10.1.0.254")
+    }

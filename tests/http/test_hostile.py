@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from pouch_driver.kernel.firewall import IptablesFirewall
+from pouch_driver.kernel import rules
 from pouch_driver.naming import Names
 
 from . import hostile as h
@@ -67,23 +67,33 @@ def carrying(events: list[tuple[str, tuple[Any, ...]]], value: str) -> list[Any]
     return hits
 
 
-RENDERER = IptablesFirewall(Names("pu"))  # built here: its constructor looks up binaries
-
-
 def firewall_lines(plugin: Plugin) -> list[str]:
     """Lines of the iptables-restore input the plugin's current state renders to."""
-    return [line for v in (4, 6)
-            for line in RENDERER._restore_input(plugin.firewall.plan, v, None).splitlines()]
+    return [
+        line
+        for v in (4, 6)
+        for line in rules.restore_input(
+            plugin.firewall.plan, v, Names("pu"), docker_isolation=False, present=None
+        ).splitlines()
+    ]
 
 
 def foreign_lines(plugin: Plugin) -> list[str]:
     ours = tuple(f"-A {c} " for c in Names("pu").all_chains())
-    return [line for line in firewall_lines(plugin)
-            if not (line.startswith((*ours, ":PU-", "*")) or line == "COMMIT")]
+    return [
+        line
+        for line in firewall_lines(plugin)
+        if not (line.startswith((*ours, ":PU-", "*")) or line == "COMMIT")
+    ]
 
 
 async def refused(
-    plugin: Plugin, method: str, body: dict[str, Any], names: str, hostile: str, *,
+    plugin: Plugin,
+    method: str,
+    body: dict[str, Any],
+    names: str,
+    hostile: str,
+    *,
     status: int = 400,
 ) -> dict[str, Any]:
     """The call is refused with ``status`` naming the field, and nothing happened."""
@@ -109,23 +119,50 @@ def newline_bug(value: Any) -> Any:
 
 
 # --- bridge names (com.docker.network.bridge.name) -------------------------------------------
-@pytest.mark.parametrize("name", [
-    "x;reboot", "$(reboot)", "`reboot`", "a|b", "a&b", "../../etc", "..", "a/b", "br:0",
-    "br 0", "br\t0", "-br0", ".br0", "_br0", "", "a" * 16, "é" * 8, "bré", "br\x00",
-    "\u202ebr0", "\uff42\uff52\uff10", "\nbr0", newline_bug("br0\n"),
-])
-async def test_hostile_bridge_name_is_refused_before_the_kernel(
-    plugin: Plugin, name: str
-) -> None:
-    body = h.mutate_at(h.D["CreateNetwork"], ("Options", "com.docker.network.generic"),
-                       lambda generic: {**generic, OPT_BRIDGE: name})
+@pytest.mark.parametrize(
+    "name",
+    [
+        "x;reboot",
+        "$(reboot)",
+        "`reboot`",
+        "a|b",
+        "a&b",
+        "../../etc",
+        "..",
+        "a/b",
+        "br:0",
+        "br 0",
+        "br\t0",
+        "-br0",
+        ".br0",
+        "_br0",
+        "",
+        "a" * 16,
+        "é" * 8,
+        "bré",
+        "br\x00",
+        "\u202ebr0",
+        "\uff42\uff52\uff10",
+        "\nbr0",
+        newline_bug("br0\n"),
+    ],
+)
+async def test_hostile_bridge_name_is_refused_before_the_kernel(plugin: Plugin, name: str) -> None:
+    body = h.mutate_at(
+        h.D["CreateNetwork"],
+        ("Options", "com.docker.network.generic"),
+        lambda generic: {**generic, OPT_BRIDGE: name},
+    )
     await refused(plugin, "NetworkDriver.CreateNetwork", body, OPT_BRIDGE, name)
 
 
 @pytest.mark.parametrize("name", ["br-pouch_1.x", "a" * 15, "B0"])
 async def test_valid_bridge_names_reach_the_kernel_verbatim(plugin: Plugin, name: str) -> None:
-    body = h.mutate_at(h.D["CreateNetwork"], ("Options", "com.docker.network.generic"),
-                       lambda generic: {**generic, OPT_BRIDGE: name})
+    body = h.mutate_at(
+        h.D["CreateNetwork"],
+        ("Options", "com.docker.network.generic"),
+        lambda generic: {**generic, OPT_BRIDGE: name},
+    )
     await plugin.call("NetworkDriver.CreateNetwork", body)
     assert plugin.links.calls == [f"ensure_bridge {name}"]
     assert foreign_lines(plugin) == []
@@ -133,11 +170,23 @@ async def test_valid_bridge_names_reach_the_kernel_verbatim(plugin: Plugin, name
 
 # --- IDs ------------------------------------------------------------------------------------
 HOSTILE_IDS = [
-    "../../../../etc/passwd", "a" * 30 + "/" + "b" * 30, "..", "a" * 12 + "/..",
-    "a" * 20 + "\x00" + "b" * 20, "A" * 64, "a" * 65, "a" * 11, "a" * 12 + " ",
-    " " + "a" * 12, "\uff11" * 12, "\u0660" * 12, "\uff41" * 12, "a" * 12 + "\r",
+    "../../../../etc/passwd",
+    "a" * 30 + "/" + "b" * 30,
+    "..",
+    "a" * 12 + "/..",
+    "a" * 20 + "\x00" + "b" * 20,
+    "A" * 64,
+    "a" * 65,
+    "a" * 11,
+    "a" * 12 + " ",
+    " " + "a" * 12,
+    "\uff11" * 12,
+    "\u0660" * 12,
+    "\uff41" * 12,
+    "a" * 12 + "\r",
     "$(reboot)" + "a" * 12,
-    newline_bug("a" * 12 + "\n"), newline_bug("f" * 64 + "\n"),
+    newline_bug("a" * 12 + "\n"),
+    newline_bug("f" * 64 + "\n"),
 ]
 
 
@@ -156,8 +205,9 @@ ID_CALLS = [
 ]
 
 
-@pytest.mark.parametrize(("method", "seed", "field"), ID_CALLS,
-                         ids=[f"{c[0].split('.')[1]}.{c[2]}" for c in ID_CALLS])
+@pytest.mark.parametrize(
+    ("method", "seed", "field"), ID_CALLS, ids=[f"{c[0].split('.')[1]}.{c[2]}" for c in ID_CALLS]
+)
 @pytest.mark.parametrize("value", HOSTILE_IDS)
 async def test_hostile_id_is_refused(
     populated: Plugin, method: str, seed: str, field: str, value: str
@@ -170,21 +220,41 @@ async def test_hostile_id_is_refused(
 
 @pytest.mark.parametrize("value", HOSTILE_IDS)
 async def test_hostile_id_in_admin_calls_is_refused(populated: Plugin, value: str) -> None:
-    await refused(populated, "Pouch.Reconcile",
-                  {"DryRun": False, "ForgetEndpoints": [value]}, "ForgetEndpoints.0", value)
+    await refused(
+        populated,
+        "Pouch.Reconcile",
+        {"DryRun": False, "ForgetEndpoints": [value]},
+        "ForgetEndpoints.0",
+        value,
+    )
 
 
 # --- SandboxKey -----------------------------------------------------------------------------
 @pytest.mark.parametrize("key", ["", "\x00", "/var/run/docker/netns/\x00x", "x" * 4097])
 async def test_impossible_sandbox_keys_are_refused(populated: Plugin, key: str) -> None:
-    await refused(populated, "NetworkDriver.Join", {**h.D["Join"], "SandboxKey": key},
-                  "SandboxKey", key or "\x01never")
+    await refused(
+        populated,
+        "NetworkDriver.Join",
+        {**h.D["Join"], "SandboxKey": key},
+        "SandboxKey",
+        key or "\x01never",
+    )
 
 
-@pytest.mark.parametrize("key", [
-    "../../etc/shadow", "relative/netns", "x;reboot", "$(reboot)", "/proc/1/ns/net",
-    "/var/run/docker/netns/é", "\n", "\ud800", "x" * 4096,
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "../../etc/shadow",
+        "relative/netns",
+        "x;reboot",
+        "$(reboot)",
+        "/proc/1/ns/net",
+        "/var/run/docker/netns/é",
+        "\n",
+        "\ud800",
+        "x" * 4096,
+    ],
+)
 async def test_odd_sandbox_keys_are_only_stored(
     populated: Plugin, key: str, short_tmp: Path
 ) -> None:
@@ -193,11 +263,11 @@ async def test_odd_sandbox_keys_are_only_stored(
     with audited() as events:
         joined = await populated.call("NetworkDriver.Join", {**h.D["Join"], "SandboxKey": key})
     assert joined["InterfaceName"]["SrcName"] == "puc" + h.EID[:12]
-    assert populated.service.endpoints[h.EID].sandbox_key == key
+    assert populated.service.state.endpoints[h.EID].sandbox_key == key
     assert populated.links.calls == calls
     assert not carrying(events, key), carrying(events, key)
     await populated.call("NetworkDriver.Leave", h.D["Leave"])
-    assert populated.service.endpoints[h.EID].sandbox_key is None
+    assert populated.service.state.endpoints[h.EID].sandbox_key is None
 
 
 # --- IPv6 scope IDs: a free-form string inside an address -----------------------------------
@@ -218,16 +288,35 @@ async def test_scope_id_in_a_network_pool_cannot_inject_firewall_rules(plugin: P
     assert not h.diff(before, h.snapshot(plugin))
 
 
-@pytest.mark.parametrize(("method", "body", "names"), [
-    ("IpamDriver.RequestPool", {"AddressSpace": "PouchLocal", "Pool": "fd00::%x y/64",
-                                "V6": True}, "Pool"),
-    ("NetworkDriver.CreateNetwork", {
-        "NetworkID": "c" * 64, "IPv6Data": [{"Pool": "fd00::/64", "Gateway": "fd00::1%eth0/64"}],
-        "Options": {"com.docker.network.enable_ipv6": True}}, "Gateway"),
-    ("NetworkDriver.CreateEndpoint", {
-        "NetworkID": h.D["CreateNetworkInternalDualStack"]["NetworkID"], "EndpointID": "e" * 64,
-        "Interface": {"AddressIPv6": "fd70:6f75:6368:3::9%evil/64"}}, "Interface.AddressIPv6"),
-], ids=["RequestPool", "CreateNetwork-Gateway", "CreateEndpoint"])
+@pytest.mark.parametrize(
+    ("method", "body", "names"),
+    [
+        (
+            "IpamDriver.RequestPool",
+            {"AddressSpace": "PouchLocal", "Pool": "fd00::%x y/64", "V6": True},
+            "Pool",
+        ),
+        (
+            "NetworkDriver.CreateNetwork",
+            {
+                "NetworkID": "c" * 64,
+                "IPv6Data": [{"Pool": "fd00::/64", "Gateway": "fd00::1%eth0/64"}],
+                "Options": {"com.docker.network.enable_ipv6": True},
+            },
+            "Gateway",
+        ),
+        (
+            "NetworkDriver.CreateEndpoint",
+            {
+                "NetworkID": h.D["CreateNetworkInternalDualStack"]["NetworkID"],
+                "EndpointID": "e" * 64,
+                "Interface": {"AddressIPv6": "fd70:6f75:6368:3::9%evil/64"},
+            },
+            "Interface.AddressIPv6",
+        ),
+    ],
+    ids=["RequestPool", "CreateNetwork-Gateway", "CreateEndpoint"],
+)
 async def test_scope_ids_are_refused(
     plugin: Plugin, method: str, body: dict[str, Any], names: str
 ) -> None:
@@ -239,14 +328,18 @@ async def test_one_unstorable_request_does_not_fail_its_group_commit(plugin: Plu
     await plugin.call("IpamDriver.RequestPool", h.D["RequestPool"])
 
     async def innocent() -> int:
-        resp = await plugin.client.post("/IpamDriver.RequestAddress",
-                                        json=h.D["RequestAddressEndpoint"])
+        resp = await plugin.client.post(
+            "/IpamDriver.RequestAddress", json=h.D["RequestAddressEndpoint"]
+        )
         return resp.status
 
-    evil = plugin.client.post("/IpamDriver.RequestPool", data=json.dumps({
-        "AddressSpace": "PouchLocal", "Pool": "fd00::%\ud800/64", "V6": True}))
-    results = await asyncio.gather(*[innocent() for _ in range(10)], evil,
-                                   *[innocent() for _ in range(10)])
+    evil = plugin.client.post(
+        "/IpamDriver.RequestPool",
+        data=json.dumps({"AddressSpace": "PouchLocal", "Pool": "fd00::%\ud800/64", "V6": True}),
+    )
+    results = await asyncio.gather(
+        *[innocent() for _ in range(10)], evil, *[innocent() for _ in range(10)]
+    )
     statuses = [r if isinstance(r, int) else r.status for r in results]
     innocents = statuses[:10] + statuses[11:]
     assert innocents == [200] * 20, f"innocent requests failed with the hostile one: {statuses}"
@@ -255,13 +348,17 @@ async def test_one_unstorable_request_does_not_fail_its_group_commit(plugin: Plu
 # --- published ports on host addresses the kernel cannot bind -----------------------------
 @pytest.mark.parametrize("host_ip", ["fe80::1", "ff02::1", "::1%lo", "::1%nosuchif"])
 async def test_unbindable_host_ip_is_a_clear_400(populated: Plugin, host_ip: str) -> None:
-    body = h.mutate_at(h.D["ProgramExternalConnectivity"],
-                       ("Options", "com.docker.network.portmap", 0, "HostIP"),
-                       lambda _old: host_ip)
-    body = h.mutate_at(body, ("Options", "com.docker.network.portmap", 0, "HostPort"),
-                       lambda _old: 0)
-    doc = await refused(populated, "NetworkDriver.ProgramExternalConnectivity", body, "",
-                        "\x01never")
+    body = h.mutate_at(
+        h.D["ProgramExternalConnectivity"],
+        ("Options", "com.docker.network.portmap", 0, "HostIP"),
+        lambda _old: host_ip,
+    )
+    body = h.mutate_at(
+        body, ("Options", "com.docker.network.portmap", 0, "HostPort"), lambda _old: 0
+    )
+    doc = await refused(
+        populated, "NetworkDriver.ProgramExternalConnectivity", body, "", "\x01never"
+    )
     assert "HostIP" in doc["Err"] or host_ip in doc["Err"], doc["Err"]
 
 

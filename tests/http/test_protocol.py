@@ -19,7 +19,7 @@ EID = D["CreateEndpoint"]["EndpointID"]
 
 
 async def create_net1(plugin: Plugin) -> None:
-    """`docker network create` as in PROTOCOL.md 5.1: pool, gateway, aux, then CreateNetwork."""
+    """`docker network create` (docs/protocol.md §5.1): pool, gateway, aux, then CreateNetwork."""
     pool = await plugin.call("IpamDriver.RequestPool", D["RequestPool"])
     assert pool == {"PoolID": "PouchLocal/10.1.0.0/24", "Pool": "10.1.0.0/24", "Data": {}}
     gw = await plugin.call("IpamDriver.RequestAddress", D["RequestAddressGateway"])
@@ -32,13 +32,16 @@ async def create_net1(plugin: Plugin) -> None:
 async def test_handshake_with_empty_bodies_and_no_content_type(plugin: Plugin) -> None:
     assert await plugin.call("Plugin.Activate") == {"Implements": ["NetworkDriver", "IpamDriver"]}
     assert await plugin.call("NetworkDriver.GetCapabilities") == {
-        "Scope": "local", "ConnectivityScope": "local",
+        "Scope": "local",
+        "ConnectivityScope": "local",
     }
     assert await plugin.call("IpamDriver.GetCapabilities") == {
-        "RequiresMACAddress": False, "RequiresRequestReplay": False,
+        "RequiresMACAddress": False,
+        "RequiresRequestReplay": False,
     }
     assert await plugin.call("IpamDriver.GetDefaultAddressSpaces") == {
-        "LocalDefaultAddressSpace": "PouchLocal", "GlobalDefaultAddressSpace": "PouchGlobal",
+        "LocalDefaultAddressSpace": "PouchLocal",
+        "GlobalDefaultAddressSpace": "PouchGlobal",
     }
 
 
@@ -52,7 +55,7 @@ async def test_any_host_header_is_accepted(plugin: Plugin, host: str) -> None:
 async def test_docker_run_lifecycle(plugin: Plugin) -> None:
     """5.1 + 5.3 + 5.6 + 5.7: create, run with -p, stop, rm; the kernel follows each step."""
     await create_net1(plugin)
-    bridge = plugin.service.networks[NID].bridge
+    bridge = plugin.service.state.networks[NID].bridge
     assert bridge == "pub" + NID[:12]
     assert plugin.links.links[bridge].mtu == 1450
     assert {str(a) for a in plugin.links.links[bridge].addresses} == {"10.1.0.1/24"}
@@ -74,16 +77,28 @@ async def test_docker_run_lifecycle(plugin: Plugin) -> None:
     assert len(joined["InterfaceName"]["SrcName"].encode()) <= 15
     assert joined["Gateway"] == "10.1.0.1"  # a plain IP, not CIDR
     assert "GatewayIPv6" not in joined
-    assert await plugin.call("NetworkDriver.ProgramExternalConnectivity",
-                             D["ProgramExternalConnectivity"]) == {}
+    assert (
+        await plugin.call(
+            "NetworkDriver.ProgramExternalConnectivity", D["ProgramExternalConnectivity"]
+        )
+        == {}
+    )
     (fwd,) = plugin.firewall.plan.forwards
     assert (fwd.proto, fwd.host_port, str(fwd.container_ip), fwd.container_port) == (
-        "tcp", 8080, "10.1.0.2", 80)
+        "tcp",
+        8080,
+        "10.1.0.2",
+        80,
+    )
     info = await plugin.call("NetworkDriver.EndpointOperInfo", D["EndpointOperInfo"])
     assert isinstance(info["Value"], dict)
 
-    assert await plugin.call("NetworkDriver.RevokeExternalConnectivity",
-                             D["RevokeExternalConnectivity"]) == {}
+    assert (
+        await plugin.call(
+            "NetworkDriver.RevokeExternalConnectivity", D["RevokeExternalConnectivity"]
+        )
+        == {}
+    )
     assert plugin.firewall.plan.forwards == ()
     assert await plugin.call("NetworkDriver.Leave", D["Leave"]) == {}
     assert peer in plugin.links.links, "Leave must not delete the link: it is still in the sandbox"
@@ -96,7 +111,7 @@ async def test_docker_run_lifecycle(plugin: Plugin) -> None:
     await plugin.call("IpamDriver.ReleasePool", D["ReleasePool"])
     await plugin.call("NetworkDriver.DeleteNetwork", D["DeleteNetwork"])
     assert bridge not in plugin.links.links
-    assert plugin.service.networks == {} and plugin.service.endpoints == {}
+    assert plugin.service.state.networks == {} and plugin.service.state.endpoints == {}
     assert plugin.service.ipam.pools == {}
     assert plugin.firewall.plan.networks == ()
 
@@ -104,23 +119,32 @@ async def test_docker_run_lifecycle(plugin: Plugin) -> None:
 async def test_create_endpoint_never_echoes_engine_set_fields(plugin: Plugin) -> None:
     """3.6: a MAC (or address) the engine set is never returned, not even unchanged."""
     await plugin.call("IpamDriver.RequestPool", {**D["RequestPool"], "Pool": "10.3.0.0/24"})
-    await plugin.call("IpamDriver.RequestPool", {"Pool": "fd70:6f75:6368:3::/64", "V6": True,
-                                                  "AddressSpace": "PouchLocal"})
+    await plugin.call(
+        "IpamDriver.RequestPool",
+        {"Pool": "fd70:6f75:6368:3::/64", "V6": True, "AddressSpace": "PouchLocal"},
+    )
     await plugin.call("NetworkDriver.CreateNetwork", D["CreateNetworkInternalDualStack"])
     created = await plugin.call("NetworkDriver.CreateEndpoint", D["CreateEndpointWithMac"])
     assert created == {}
-    ep = plugin.service.endpoints[D["CreateEndpointWithMac"]["EndpointID"]]
+    ep = plugin.service.state.endpoints[D["CreateEndpointWithMac"]["EndpointID"]]
     assert ep.mac == "02:42:0a:03:00:05"
-    joined = await plugin.call("NetworkDriver.Join", {
-        "NetworkID": ep.network_id, "EndpointID": ep.endpoint_id,
-        "SandboxKey": "/var/run/docker/netns/0123456789ab", "Options": {},
-    })
+    joined = await plugin.call(
+        "NetworkDriver.Join",
+        {
+            "NetworkID": ep.network_id,
+            "EndpointID": ep.endpoint_id,
+            "SandboxKey": "/var/run/docker/netns/0123456789ab",
+            "Options": {},
+        },
+    )
     # --internal: no way out, so no default route and no docker_gwbridge (8.13).
     assert "Gateway" not in joined and "GatewayIPv6" not in joined
     assert joined["DisableGatewayService"] is True
     (rules,) = plugin.firewall.plan.networks
     assert rules.internal and {str(s) for s in rules.subnets} == {
-        "10.3.0.0/24", "fd70:6f75:6368:3::/64"}
+        "10.3.0.0/24",
+        "fd70:6f75:6368:3::/64",
+    }
 
 
 async def test_pouchd_flow_with_force_delete_before_create(plugin: Plugin) -> None:
@@ -157,7 +181,8 @@ async def test_unknown_ids_in_deletes_and_releases_succeed(
 
 async def test_swarm_and_discovery_calls_answer(plugin: Plugin) -> None:
     assert await plugin.call("NetworkDriver.AllocateNetwork", D["AllocateNetwork"]) == {
-        "Options": {}}
+        "Options": {}
+    }
     assert await plugin.call("NetworkDriver.DiscoverNew", D["DiscoverNew"]) == {}
     assert await plugin.call("NetworkDriver.DiscoverDelete", D["DiscoverDelete"]) == {}
 
@@ -188,50 +213,104 @@ def _broken(body: dict[str, Any], path: list[str | int], value: Any) -> dict[str
 
 BAD_INPUT = [
     ("NetworkDriver.CreateNetwork", _broken(D["CreateNetwork"], ["NetworkID"], 42), "NetworkID"),
-    ("NetworkDriver.CreateNetwork", _broken(D["CreateNetwork"], ["NetworkID"], "../../etc"),
-     "NetworkID"),
-    ("NetworkDriver.CreateNetwork",
-     _broken(D["CreateNetwork"], ["IPv4Data", 0, "Pool"], "10.1.0.0/33"), "IPv4Data.0.Pool"),
-    ("NetworkDriver.CreateNetwork",
-     _broken(D["CreateNetwork"], ["IPv4Data", 0, "Gateway"], "10.9.0.1/24"), "Gateway"),
-    ("NetworkDriver.CreateNetwork",
-     _broken(D["CreateNetwork"], ["Options", "com.docker.network.generic",
-                                  "com.docker.network.driver.mtu"], "big"),
-     "com.docker.network.driver.mtu"),
-    ("NetworkDriver.CreateNetwork",
-     _broken(D["CreateNetwork"], ["Options", "com.docker.network.generic",
-                                  "com.docker.network.bridge.name"], "x;reboot"),
-     "com.docker.network.bridge.name"),
-    ("NetworkDriver.CreateNetwork",
-     _broken(D["CreateNetwork"], ["Options", "com.docker.network.generic", "bogus"], "1"),
-     "option bogus"),
-    ("NetworkDriver.CreateNetwork",
-     _broken(D["CreateNetwork"], ["Options", "com.docker.network.generic",
-                                  "com.docker.network.bridge.enable_icc"], "maybe"),
-     "enable_icc"),
-    ("NetworkDriver.CreateNetwork",
-     _broken(D["CreateNetwork"], ["Options", "com.docker.network.enable_ipv6"], "yes"),
-     "enable_ipv6"),
-    ("NetworkDriver.CreateEndpoint",
-     _broken(D["CreateEndpoint"], ["Interface", "Address"], "10.1.0.2"), "Interface.Address"),
-    ("NetworkDriver.CreateEndpoint",
-     _broken(D["CreateEndpoint"], ["Interface", "MacAddress"], "zz:zz"), "Interface.MacAddress"),
-    ("NetworkDriver.CreateEndpoint",
-     _broken(D["CreateEndpoint"], ["Options", "my-opt"], "1"), "endpoint option my-opt"),
+    (
+        "NetworkDriver.CreateNetwork",
+        _broken(D["CreateNetwork"], ["NetworkID"], "../../etc"),
+        "NetworkID",
+    ),
+    (
+        "NetworkDriver.CreateNetwork",
+        _broken(D["CreateNetwork"], ["IPv4Data", 0, "Pool"], "10.1.0.0/33"),
+        "IPv4Data.0.Pool",
+    ),
+    (
+        "NetworkDriver.CreateNetwork",
+        _broken(D["CreateNetwork"], ["IPv4Data", 0, "Gateway"], "10.9.0.1/24"),
+        "Gateway",
+    ),
+    (
+        "NetworkDriver.CreateNetwork",
+        _broken(
+            D["CreateNetwork"],
+            ["Options", "com.docker.network.generic", "com.docker.network.driver.mtu"],
+            "big",
+        ),
+        "com.docker.network.driver.mtu",
+    ),
+    (
+        "NetworkDriver.CreateNetwork",
+        _broken(
+            D["CreateNetwork"],
+            ["Options", "com.docker.network.generic", "com.docker.network.bridge.name"],
+            "x;reboot",
+        ),
+        "com.docker.network.bridge.name",
+    ),
+    (
+        "NetworkDriver.CreateNetwork",
+        _broken(D["CreateNetwork"], ["Options", "com.docker.network.generic", "bogus"], "1"),
+        "option bogus",
+    ),
+    (
+        "NetworkDriver.CreateNetwork",
+        _broken(
+            D["CreateNetwork"],
+            ["Options", "com.docker.network.generic", "com.docker.network.bridge.enable_icc"],
+            "maybe",
+        ),
+        "enable_icc",
+    ),
+    (
+        "NetworkDriver.CreateNetwork",
+        _broken(D["CreateNetwork"], ["Options", "com.docker.network.enable_ipv6"], "yes"),
+        "enable_ipv6",
+    ),
+    (
+        "NetworkDriver.CreateEndpoint",
+        _broken(D["CreateEndpoint"], ["Interface", "Address"], "10.1.0.2"),
+        "Interface.Address",
+    ),
+    (
+        "NetworkDriver.CreateEndpoint",
+        _broken(D["CreateEndpoint"], ["Interface", "MacAddress"], "zz:zz"),
+        "Interface.MacAddress",
+    ),
+    (
+        "NetworkDriver.CreateEndpoint",
+        _broken(D["CreateEndpoint"], ["Options", "my-opt"], "1"),
+        "endpoint option my-opt",
+    ),
     ("NetworkDriver.Join", _broken(D["Join"], ["SandboxKey"], ""), "SandboxKey"),
-    ("NetworkDriver.ProgramExternalConnectivity",
-     _broken(D["ProgramExternalConnectivity"],
-             ["Options", "com.docker.network.portmap", 0, "Port"], "80"), "portmap.0.Port"),
-    ("NetworkDriver.ProgramExternalConnectivity",
-     _broken(D["ProgramExternalConnectivity"],
-             ["Options", "com.docker.network.portmap", 0, "Proto"], 99), "Proto"),
+    (
+        "NetworkDriver.ProgramExternalConnectivity",
+        _broken(
+            D["ProgramExternalConnectivity"],
+            ["Options", "com.docker.network.portmap", 0, "Port"],
+            "80",
+        ),
+        "portmap.0.Port",
+    ),
+    (
+        "NetworkDriver.ProgramExternalConnectivity",
+        _broken(
+            D["ProgramExternalConnectivity"],
+            ["Options", "com.docker.network.portmap", 0, "Proto"],
+            99,
+        ),
+        "Proto",
+    ),
     ("IpamDriver.RequestPool", _broken(D["RequestPool"], ["Pool"], "10.1.0.0"), "Pool"),
-    ("IpamDriver.RequestPool", _broken(D["RequestPool"], ["Options"], {"k": "v"}),
-     "IPAM option k"),
-    ("IpamDriver.RequestAddress", _broken(D["RequestAddressAux"], ["Address"], "10.1.0.2/24"),
-     "Address"),
-    ("IpamDriver.ReleaseAddress", _broken(D["ReleaseAddressGateway"], ["Address"], None),
-     "Address"),
+    ("IpamDriver.RequestPool", _broken(D["RequestPool"], ["Options"], {"k": "v"}), "IPAM option k"),
+    (
+        "IpamDriver.RequestAddress",
+        _broken(D["RequestAddressAux"], ["Address"], "10.1.0.2/24"),
+        "Address",
+    ),
+    (
+        "IpamDriver.ReleaseAddress",
+        _broken(D["ReleaseAddressGateway"], ["Address"], None),
+        "Address",
+    ),
 ]
 
 
@@ -257,9 +336,11 @@ async def test_bad_input_names_the_field_and_changes_nothing(
 def _state(plugin: Plugin) -> Any:
     svc = plugin.service
     return (
-        dict(svc.networks), dict(svc.endpoints),
+        dict(svc.state.networks),
+        dict(svc.state.endpoints),
         {k: dict(v.allocated) for k, v in svc.ipam.pools.items()},
-        dict(plugin.links.links), plugin.firewall.plan,
+        dict(plugin.links.links),
+        plugin.firewall.plan,
     )
 
 
@@ -289,11 +370,13 @@ async def test_null_maps_and_unknown_fields_are_tolerated(plugin: Plugin) -> Non
 
 async def test_gateway_request_with_explicit_address_and_aux_conflict(plugin: Plugin) -> None:
     await plugin.call("IpamDriver.RequestPool", D["RequestPool"])
-    gw = await plugin.call("IpamDriver.RequestAddress",
-                           {**D["RequestAddressGateway"], "Address": "10.1.0.100"})
+    gw = await plugin.call(
+        "IpamDriver.RequestAddress", {**D["RequestAddressGateway"], "Address": "10.1.0.100"}
+    )
     assert gw["Address"] == "10.1.0.100/24"
-    doc = await plugin.call("IpamDriver.RequestAddress",
-                            {**D["RequestAddressAux"], "Address": "10.1.0.100"}, status=409)
+    doc = await plugin.call(
+        "IpamDriver.RequestAddress", {**D["RequestAddressAux"], "Address": "10.1.0.100"}, status=409
+    )
     assert "already in use" in doc["Err"]
 
 
@@ -319,20 +402,26 @@ async def test_automatic_pool_avoids_host_routes(make_plugin: PluginFactory) -> 
 async def test_ip_range_gives_addresses_from_the_sub_pool(plugin: Plugin) -> None:
     pool = await plugin.call("IpamDriver.RequestPool", D["RequestPoolSubPool"])
     assert pool["Pool"] == "10.2.0.0/16"
-    gw = await plugin.call("IpamDriver.RequestAddress", {
-        "PoolID": pool["PoolID"], "Address": "",
-        "Options": {"RequestAddressType": "com.docker.network.gateway"}})
+    gw = await plugin.call(
+        "IpamDriver.RequestAddress",
+        {
+            "PoolID": pool["PoolID"],
+            "Address": "",
+            "Options": {"RequestAddressType": "com.docker.network.gateway"},
+        },
+    )
     assert gw["Address"] == "10.2.0.1/16"
-    addr = await plugin.call("IpamDriver.RequestAddress", {"PoolID": pool["PoolID"],
-                                                           "Address": "", "Options": None})
+    addr = await plugin.call(
+        "IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "", "Options": None}
+    )
     assert ipaddress.ip_interface(addr["Address"]).ip in ipaddress.ip_network("10.2.5.0/24")
 
 
 async def test_concurrent_address_requests_never_duplicate(plugin: Plugin) -> None:
     await plugin.call("IpamDriver.RequestPool", D["RequestPool"])
-    results = await asyncio.gather(*(
-        plugin.call("IpamDriver.RequestAddress", D["RequestAddressEndpoint"]) for _ in range(100)
-    ))
+    results = await asyncio.gather(
+        *(plugin.call("IpamDriver.RequestAddress", D["RequestAddressEndpoint"]) for _ in range(100))
+    )
     got = [r["Address"] for r in results]
     assert len(set(got)) == 100
 
@@ -343,28 +432,38 @@ async def test_concurrent_endpoint_lifecycles(plugin: Plugin) -> None:
     async def lifecycle(i: int) -> str:
         eid = hashlib.sha256(str(i).encode()).hexdigest()
         addr = (await plugin.call("IpamDriver.RequestAddress", D["RequestAddressEndpoint"]))[
-            "Address"]
-        body = {**D["CreateEndpoint"], "EndpointID": eid,
-                "Interface": {"Address": addr, "AddressIPv6": "", "MacAddress": ""}}
+            "Address"
+        ]
+        body = {
+            **D["CreateEndpoint"],
+            "EndpointID": eid,
+            "Interface": {"Address": addr, "AddressIPv6": "", "MacAddress": ""},
+        }
         await plugin.call("NetworkDriver.CreateEndpoint", body)
         await plugin.call("NetworkDriver.Join", {**D["Join"], "EndpointID": eid})
         await plugin.call("NetworkDriver.Leave", {**D["Leave"], "EndpointID": eid})
-        await plugin.call("NetworkDriver.DeleteEndpoint",
-                          {**D["DeleteEndpoint"], "EndpointID": eid})
-        await plugin.call("IpamDriver.ReleaseAddress",
-                          {"PoolID": "PouchLocal/10.1.0.0/24", "Address": addr.split("/")[0]})
+        await plugin.call(
+            "NetworkDriver.DeleteEndpoint", {**D["DeleteEndpoint"], "EndpointID": eid}
+        )
+        await plugin.call(
+            "IpamDriver.ReleaseAddress",
+            {"PoolID": "PouchLocal/10.1.0.0/24", "Address": addr.split("/")[0]},
+        )
         return addr
 
     addrs = await asyncio.gather(*(lifecycle(i + 1) for i in range(60)))
     assert len(addrs) == 60
-    assert plugin.service.endpoints == {}
+    assert plugin.service.state.endpoints == {}
     assert [n for n in plugin.links.links if n.startswith(("puh", "puc"))] == []
     assert set(plugin.service.ipam.pools["PouchLocal/10.1.0.0/24"].allocated) == {
-        int(ipaddress.ip_address("10.1.0.1")), int(ipaddress.ip_address("10.1.0.254"))}
+        int(ipaddress.ip_address("10.1.0.1")),
+        int(ipaddress.ip_address("10.1.0.254")),
+    }
 
 
 async def test_body_size_limit(make_plugin: PluginFactory) -> None:
     plugin = await make_plugin(max_body=4096)
-    doc = await plugin.call("NetworkDriver.CreateNetwork", raw=b"{" + b" " * 10000 + b"}",
-                            status=413)
+    doc = await plugin.call(
+        "NetworkDriver.CreateNetwork", raw=b"{" + b" " * 10000 + b"}", status=413
+    )
     assert doc["Err"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pouch_driver.kernel.firewall import IptablesFirewall
+from pouch_driver.kernel.iptables import IptablesFirewall
 from pouch_driver.kernel.links import NetlinkLinks
 from pouch_driver.naming import Names
 
@@ -24,7 +24,6 @@ from ..plugin_process import PluginProcess
 NETNS_PREFIX = "pdk-"
 # Namespaces carry the creating process's pid, so a concurrent test session's are left alone.
 SESSION = f"{NETNS_PREFIX}{os.getpid():x}-"
-
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -37,7 +36,7 @@ def _remove_stale_namespaces() -> None:
         name = line.split()[0] if line.strip() else ""
         if not name.startswith(NETNS_PREFIX):
             continue
-        owner = name[len(NETNS_PREFIX):].split("-")[0]
+        owner = name[len(NETNS_PREFIX) :].split("-")[0]
         try:
             alive = Path(f"/proc/{int(owner, 16)}").exists()
         except ValueError:
@@ -54,8 +53,9 @@ class Netns:
         return json.loads(_run("ip", "-n", self.name, "-json", *args).stdout or "[]")
 
     def link(self, ifname: str) -> dict[str, Any] | None:
-        out = _run("ip", "-n", self.name, "-json", "-details", "link", "show", "dev", ifname,
-                   check=False)
+        out = _run(
+            "ip", "-n", self.name, "-json", "-details", "link", "show", "dev", ifname, check=False
+        )
         if out.returncode != 0:
             return None
         (link,) = json.loads(out.stdout)
@@ -63,8 +63,11 @@ class Netns:
 
     def addresses(self, ifname: str) -> set[str]:
         (entry,) = self.ip_json("addr", "show", "dev", ifname)
-        return {f"{a['local']}/{a['prefixlen']}" for a in entry.get("addr_info", [])
-                if a.get("scope") != "link"}
+        return {
+            f"{a['local']}/{a['prefixlen']}"
+            for a in entry.get("addr_info", [])
+            if a.get("scope") != "link"
+        }
 
     def names(self) -> set[str]:
         return {link["ifname"] for link in self.ip_json("link", "show")}
@@ -120,8 +123,12 @@ def firewall(netns: Netns, names: Names) -> IptablesFirewall:
 @pytest.fixture
 def plugin(netns: Netns, short_tmp: Path) -> Iterator[PluginProcess]:
     """The real daemon as its own process in the test's namespace, prefix ``pk``."""
-    p = PluginProcess(socket_path=short_tmp / "pd.sock", state_dir=short_tmp / "state",
-                      netns=netns.name, prefix="pk")
+    p = PluginProcess(
+        socket_path=short_tmp / "pd.sock",
+        state_dir=short_tmp / "state",
+        netns=netns.name,
+        prefix="pk",
+    )
     p.start()
     yield p
     p.stop()

@@ -24,12 +24,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from pouch_driver.config import Settings
-from pouch_driver.http import make_app
-from pouch_driver.http.app import SERVICE
-from pouch_driver.kernel.firewall import IptablesFirewall
-from pouch_driver.kernel.links import NetlinkLinks
-from pouch_driver.naming import Names
-from pouch_driver.service import Service
+from pouch_driver.daemon import build_app
+from pouch_driver.http import DRIVER
+from pouch_driver.service.driver import Driver
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
@@ -103,15 +100,27 @@ class LoopProbe:
 @dataclass
 class InProc:
     settings: Settings
-    service: Service
+    service: Driver
     netns: str
 
     def cli(self, *args: str) -> list[str]:
         """argv of ``pouch-driver <args>`` run inside the namespace against this instance."""
         s = self.settings
-        return ["nsenter", f"--net=/run/netns/{self.netns}", sys.executable, "-m",
-                "pouch_driver", args[0], "--socket", str(s.socket), "--state-dir",
-                str(s.state_dir), "--prefix", s.prefix, *args[1:]]
+        return [
+            "nsenter",
+            f"--net=/run/netns/{self.netns}",
+            sys.executable,
+            "-m",
+            "pouch_driver",
+            args[0],
+            "--socket",
+            str(s.socket),
+            "--state-dir",
+            str(s.state_dir),
+            "--prefix",
+            s.prefix,
+            *args[1:],
+        ]
 
 
 @contextlib.asynccontextmanager
@@ -125,20 +134,17 @@ async def serve_in_netns(netns: str, root: Path, **overrides: Any) -> AsyncItera
     """
     gc.collect()
     gc.freeze()
-    settings = Settings(socket=root / "pd.sock", state_dir=root / "state", prefix="pk",
-                        gc_interval=0).with_overrides(**overrides)
-    app = make_app(
-        settings,
-        links=NetlinkLinks(workers=settings.netlink_workers, netns=netns),
-        firewall=IptablesFirewall(Names(settings.prefix), netns=netns),
-    )
+    settings = Settings(
+        socket=root / "pd.sock", state_dir=root / "state", prefix="pk", gc_interval=0
+    ).with_overrides(**overrides)
+    app = build_app(settings, netns=netns)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     try:
         # The client shares this loop: its 200 connect()s all happen before the server's
         # accept callback runs, so the backlog must hold them (the daemon's is tested apart).
         await web.UnixSite(runner, str(settings.socket), backlog=1024).start()
-        yield InProc(settings, app[SERVICE], netns)
+        yield InProc(settings, app[DRIVER], netns)
     finally:
         await runner.cleanup()
         gc.unfreeze()
@@ -148,7 +154,8 @@ async def run_cli(
     argv: list[str], seconds: float = 120, cwd: Path | None = None
 ) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=cwd)
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=cwd
+    )
     out, err = await asyncio.wait_for(proc.communicate(), seconds)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()

@@ -48,13 +48,20 @@ class Client(EngineClient):
 
 
 async def make_network(c: EngineClient, i: int, subnet: str) -> str:
-    pool = await c.call("IpamDriver.RequestPool",
-                        {"AddressSpace": "PouchLocal", "Pool": subnet, "V6": False})
-    gw = await c.call("IpamDriver.RequestAddress",
-                      {"PoolID": pool["PoolID"], "Address": "", "Options": GATEWAY})
-    await c.call("NetworkDriver.CreateNetwork", {
-        "NetworkID": nid(i), "Options": {"com.docker.network.generic": {}},
-        "IPv4Data": [{"AddressSpace": "PouchLocal", "Pool": subnet, "Gateway": gw["Address"]}]})
+    pool = await c.call(
+        "IpamDriver.RequestPool", {"AddressSpace": "PouchLocal", "Pool": subnet, "V6": False}
+    )
+    gw = await c.call(
+        "IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "", "Options": GATEWAY}
+    )
+    await c.call(
+        "NetworkDriver.CreateNetwork",
+        {
+            "NetworkID": nid(i),
+            "Options": {"com.docker.network.generic": {}},
+            "IPv4Data": [{"AddressSpace": "PouchLocal", "Pool": subnet, "Gateway": gw["Address"]}],
+        },
+    )
     return str(pool["PoolID"])
 
 
@@ -79,7 +86,7 @@ class Ledger:
 async def lifecycle(
     c: EngineClient, ledger: Ledger, net: str, pool_id: str, i: int, *, paced: bool
 ) -> None:
-    """What the engine sends for `docker run` then `docker rm -f` (PROTOCOL.md 5.3, 5.7)."""
+    """What the engine sends for `docker run` then `docker rm -f` (docs/protocol.md §5.2, §5.4)."""
     rng = random.Random(i)
 
     async def engine_work(seconds: float = 0.0) -> None:
@@ -89,19 +96,32 @@ async def lifecycle(
     ep = eid(i)
     if paced:
         await asyncio.sleep(rng.uniform(0, 0.5))
-    addr = (await c.call("IpamDriver.RequestAddress",
-                         {"PoolID": pool_id, "Address": "", "Options": None}))["Address"]
+    addr = (
+        await c.call(
+            "IpamDriver.RequestAddress", {"PoolID": pool_id, "Address": "", "Options": None}
+        )
+    )["Address"]
     ledger.take(addr, ep)
     await engine_work()
-    await c.call("NetworkDriver.CreateEndpoint", {
-        "NetworkID": net, "EndpointID": ep, "Options": {},
-        "Interface": {"Address": addr, "AddressIPv6": "", "MacAddress": ""}})
+    await c.call(
+        "NetworkDriver.CreateEndpoint",
+        {
+            "NetworkID": net,
+            "EndpointID": ep,
+            "Options": {},
+            "Interface": {"Address": addr, "AddressIPv6": "", "MacAddress": ""},
+        },
+    )
     await engine_work()
-    await c.call("NetworkDriver.Join", {"NetworkID": net, "EndpointID": ep,
-                                        "SandboxKey": f"/var/run/docker/netns/{i:012x}"})
+    await c.call(
+        "NetworkDriver.Join",
+        {"NetworkID": net, "EndpointID": ep, "SandboxKey": f"/var/run/docker/netns/{i:012x}"},
+    )
     await engine_work()
-    await c.call("NetworkDriver.ProgramExternalConnectivity",
-                 {"NetworkID": net, "EndpointID": ep, "Options": {}})
+    await c.call(
+        "NetworkDriver.ProgramExternalConnectivity",
+        {"NetworkID": net, "EndpointID": ep, "Options": {}},
+    )
     await engine_work(1.0)  # the container runs
     await c.call("NetworkDriver.RevokeExternalConnectivity", {"NetworkID": net, "EndpointID": ep})
     await engine_work()
@@ -110,12 +130,12 @@ async def lifecycle(
     await c.call("NetworkDriver.DeleteEndpoint", {"NetworkID": net, "EndpointID": ep})
     ledger.drop(addr)
     await engine_work()
-    await c.call("IpamDriver.ReleaseAddress",
-                 {"PoolID": pool_id, "Address": addr.split("/")[0]})
+    await c.call("IpamDriver.ReleaseAddress", {"PoolID": pool_id, "Address": addr.split("/")[0]})
 
 
-async def watch_status(c: EngineClient, stop: asyncio.Event, seen: list[int],
-                       problems: list[str]) -> None:
+async def watch_status(
+    c: EngineClient, stop: asyncio.Event, seen: list[int], problems: list[str]
+) -> None:
     """Every 250 ms, the plugin's own view: no address is held by two endpoints."""
     while not stop.is_set():
         doc = await c.call("Pouch.Status")
@@ -135,18 +155,26 @@ async def main(socket_path: Path, networks: int, per_network: int, mode: str) ->
         stop = asyncio.Event()
         watcher = asyncio.create_task(watch_status(c, stop, seen, problems))
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(
-            lifecycle(c, ledger, nid(n), pools[n], n * 1000 + k, paced=mode == "paced")
-            for k in range(per_network) for n in range(networks)
-        ), return_exceptions=True)
+        results = await asyncio.gather(
+            *(
+                lifecycle(c, ledger, nid(n), pools[n], n * 1000 + k, paced=mode == "paced")
+                for k in range(per_network)
+                for n in range(networks)
+            ),
+            return_exceptions=True,
+        )
         elapsed = time.perf_counter() - t0
         stop.set()
         await watcher
     errors = [repr(r) for r in results if isinstance(r, BaseException)]
     return {
-        "elapsed": elapsed, "peak": ledger.peak, "status_peak": max(seen, default=0),
-        "duplicates": ledger.duplicates + problems, "errors": errors[:10],
-        "error_count": len(errors), "live": ledger.live,
+        "elapsed": elapsed,
+        "peak": ledger.peak,
+        "status_peak": max(seen, default=0),
+        "duplicates": ledger.duplicates + problems,
+        "errors": errors[:10],
+        "error_count": len(errors),
+        "live": ledger.live,
     }
 
 

@@ -6,18 +6,34 @@ import asyncio
 import ipaddress
 
 from pouch_driver.kernel import FirewallPlan, NetworkRules, PortForward
-from pouch_driver.kernel.firewall import IptablesFirewall
+from pouch_driver.kernel.iptables import IptablesFirewall
 
 from .conftest import Netns
 
 net = ipaddress.ip_network
 
-NET_A = NetworkRules(bridge="pkbaaaaaaaaaaaa", subnets=(net("10.61.0.0/24"), net("fd70:61::/64")),
-                     icc=True, masquerade=True, internal=False)
-NET_B = NetworkRules(bridge="pkbbbbbbbbbbbbb", subnets=(net("10.62.0.0/24"),),
-                     icc=False, masquerade=True, internal=True)
-FWD = PortForward(bridge=NET_A.bridge, proto="tcp", host_ip=None, host_port=8080,
-                  container_ip=ipaddress.ip_address("10.61.0.2"), container_port=80)
+NET_A = NetworkRules(
+    bridge="pkbaaaaaaaaaaaa",
+    subnets=(net("10.61.0.0/24"), net("fd70:61::/64")),
+    icc=True,
+    masquerade=True,
+    internal=False,
+)
+NET_B = NetworkRules(
+    bridge="pkbbbbbbbbbbbbb",
+    subnets=(net("10.62.0.0/24"),),
+    icc=False,
+    masquerade=True,
+    internal=True,
+)
+FWD = PortForward(
+    bridge=NET_A.bridge,
+    proto="tcp",
+    host_ip=None,
+    host_port=8080,
+    container_ip=ipaddress.ip_address("10.61.0.2"),
+    container_port=80,
+)
 PLAN = FirewallPlan(networks=(NET_A, NET_B), forwards=(FWD,))
 
 
@@ -42,7 +58,8 @@ async def test_apply_twice_gives_the_same_rules(firewall: IptablesFirewall, netn
     assert sum("-j PK-FORWARD" in r for r in first) == 1
     assert sum("-j PK-ISOLATION" in r and r.startswith("-A FORWARD") for r in first) == 1
     assert rules(netns.iptables_save(), "mangle")[0] == (
-        "-A FORWARD -m comment --comment pk-driver -j PK-ISOLATION")
+        "-A FORWARD -m comment --comment pk-driver -j PK-ISOLATION"
+    )
 
 
 async def test_rules_say_what_the_policy_says(firewall: IptablesFirewall, netns: Netns) -> None:
@@ -59,8 +76,7 @@ async def test_rules_say_what_the_policy_says(firewall: IptablesFirewall, netns:
     assert f"-A PK-ISOLATION-2 -o {a} -j DROP" in got
     assert "-A PK-POSTROUTING -s 10.61.0.0/24 ! -o pkbaaaaaaaaaaaa -j MASQUERADE" in got
     assert not any("10.62.0.0/24" in r and "MASQUERADE" in r for r in got)
-    assert ("-A PK-DNAT -p tcp -m tcp --dport 8080 -j DNAT "
-            "--to-destination 10.61.0.2:80") in got
+    assert ("-A PK-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.61.0.2:80") in got
     v6 = rules(netns.iptables_save(v6=True))
     assert "-A PK-POSTROUTING -s fd70:61::/64 ! -o pkbaaaaaaaaaaaa -j MASQUERADE" in v6
     assert netns.sh("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
@@ -70,19 +86,38 @@ async def test_ipv6_published_ports_go_to_ip6tables(
     firewall: IptablesFirewall, netns: Netns
 ) -> None:
     v6 = ipaddress.ip_address("fd70:61::2")
-    plan = FirewallPlan(networks=(NET_A,), forwards=(
-        PortForward(bridge=NET_A.bridge, proto="tcp", host_ip=None, host_port=8080,
-                    container_ip=v6, container_port=80),
-        PortForward(bridge=NET_A.bridge, proto="udp", host_ip=ipaddress.ip_address("2001:db8::5"),
-                    host_port=5353, container_ip=v6, container_port=53),
-    ))
+    plan = FirewallPlan(
+        networks=(NET_A,),
+        forwards=(
+            PortForward(
+                bridge=NET_A.bridge,
+                proto="tcp",
+                host_ip=None,
+                host_port=8080,
+                container_ip=v6,
+                container_port=80,
+            ),
+            PortForward(
+                bridge=NET_A.bridge,
+                proto="udp",
+                host_ip=ipaddress.ip_address("2001:db8::5"),
+                host_port=5353,
+                container_ip=v6,
+                container_port=53,
+            ),
+        ),
+    )
     await firewall.apply(plan)
     got6 = rules(netns.iptables_save(v6=True))
     assert "-A PK-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd70:61::2]:80" in got6
-    assert ("-A PK-DNAT -d 2001:db8::5/128 -p udp -m udp --dport 5353 -j DNAT "
-            "--to-destination [fd70:61::2]:53") in got6
-    assert (f"-A PK-FORWARD -d fd70:61::2/128 ! -i {NET_A.bridge} -o {NET_A.bridge} -p tcp -m tcp "
-            "--dport 80 -j ACCEPT") in got6
+    assert (
+        "-A PK-DNAT -d 2001:db8::5/128 -p udp -m udp --dport 5353 -j DNAT "
+        "--to-destination [fd70:61::2]:53"
+    ) in got6
+    assert (
+        f"-A PK-FORWARD -d fd70:61::2/128 ! -i {NET_A.bridge} -o {NET_A.bridge} -p tcp -m tcp "
+        "--dport 80 -j ACCEPT"
+    ) in got6
     # The host's own ::1 is never DNAT'd (the kernel would drop a loopback source anyway).
     assert any(r.startswith("-A OUTPUT ! -d ::1/128") and "PK-DNAT" in r for r in got6), got6
     assert not any("DNAT" in r and "fd70" in r for r in rules(netns.iptables_save()))
@@ -111,8 +146,10 @@ async def test_isolation_consults_dockers_chain_once_it_exists(
     assert fwd.index(jump) + 1 == fwd.index(f"-A PK-FORWARD -i {a} ! -o {a} -j ACCEPT")
     assert await firewall.differences(PLAN) == []
     # A masqueraded network takes no new connection from outside but published ports.
-    assert (f"-A PK-ISOLATION ! -i {NET_A.bridge} -o {NET_A.bridge} -m conntrack ! --ctstate "
-            "RELATED,ESTABLISHED,DNAT -j DROP") in got
+    assert (
+        f"-A PK-ISOLATION ! -i {NET_A.bridge} -o {NET_A.bridge} -m conntrack ! --ctstate "
+        "RELATED,ESTABLISHED,DNAT -j DROP"
+    ) in got
 
 
 async def test_isolation_chains_move_out_of_filter(
@@ -123,15 +160,26 @@ async def test_isolation_chains_move_out_of_filter(
     netns.sh("iptables", "-N", "PK-ISOLATION")
     netns.sh("iptables", "-N", "PK-ISOLATION-2")
     netns.sh("iptables", "-A", "PK-ISOLATION", "-i", NET_A.bridge, "-j", "PK-ISOLATION-2")
-    netns.sh("iptables", "-I", "FORWARD", "1", "-m", "comment", "--comment", "pk-driver", "-j",
-             "PK-ISOLATION")
+    netns.sh(
+        "iptables",
+        "-I",
+        "FORWARD",
+        "1",
+        "-m",
+        "comment",
+        "--comment",
+        "pk-driver",
+        "-j",
+        "PK-ISOLATION",
+    )
     diffs = await firewall.differences(PLAN)
     assert any("our chains in the wrong table (filter)" in d for d in diffs), diffs
     await firewall.apply(PLAN)
     save = netns.iptables_save()
     assert not any("PK-ISOLATION" in r for r in rules(save, "filter"))
     assert ":PK-ISOLATION " not in "\n".join(
-        line for line in save.split("*filter")[1].split("COMMIT")[0].splitlines())
+        line for line in save.split("*filter")[1].split("COMMIT")[0].splitlines()
+    )
     assert await firewall.differences(PLAN) == []
 
 
@@ -160,7 +208,8 @@ async def test_foreign_rules_and_chains_are_untouched(
     # too; our drops are in mangle, ahead of any filter rule (they only ever drop).
     forward = [r for r in rules(save, "filter") if r.startswith("-A FORWARD")]
     assert forward.index("-A FORWARD -j DOCKER-USER") < forward.index(
-        "-A FORWARD -m comment --comment pk-driver -j PK-FORWARD")
+        "-A FORWARD -m comment --comment pk-driver -j PK-FORWARD"
+    )
     assert not any("PK-ISOLATION" in r for r in rules(save, "filter"))
     assert rules(save, "mangle")[0] == "-A FORWARD -m comment --comment pk-driver -j PK-ISOLATION"
     await firewall.apply(FirewallPlan())  # the last network is gone: so is all of ours
@@ -197,8 +246,7 @@ async def test_differences_report_drift_and_remove_all_cleans_up(
     firewall: IptablesFirewall, netns: Netns
 ) -> None:
     await firewall.apply(PLAN)
-    netns.sh("iptables", "-D", "PK-FORWARD", "-i", NET_A.bridge, "-o", NET_A.bridge, "-j",
-             "ACCEPT")
+    netns.sh("iptables", "-D", "PK-FORWARD", "-i", NET_A.bridge, "-o", NET_A.bridge, "-j", "ACCEPT")
     netns.sh("iptables", "-A", "PK-FORWARD", "-j", "ACCEPT")
     diffs = await firewall.differences(PLAN)
     assert any("missing rule" in d and NET_A.bridge in d for d in diffs)
@@ -228,21 +276,25 @@ async def test_a_flushed_forward_chain_is_noticed_and_restored(
 async def test_docker_bridges_are_other_networks_and_loopback_ports_work(
     firewall: IptablesFirewall, netns: Netns
 ) -> None:
-    user_named = NetworkRules(bridge="br-mine", subnets=(net("10.63.0.0/24"),), icc=True,
-                              masquerade=True, internal=False)
+    user_named = NetworkRules(
+        bridge="br-mine", subnets=(net("10.63.0.0/24"),), icc=True, masquerade=True, internal=False
+    )
     await firewall.apply(FirewallPlan(networks=(NET_A, user_named), forwards=(FWD,)))
     got = rules(netns.iptables_save())
     a = NET_A.bridge
     # Inside one network: never an isolation matter, even for a bridge named br-*.
     assert got.index("-A PK-ISOLATION -i br-mine -o br-mine -j RETURN") < got.index(
-        "-A PK-ISOLATION -i br-+ -o br-mine -j DROP")
+        "-A PK-ISOLATION -i br-+ -o br-mine -j DROP"
+    )
     assert f"-A PK-ISOLATION -i docker0 -o {a} -j DROP" in got
     assert "-A PK-ISOLATION-2 -o docker0 -j DROP" in got
     assert "-A PK-ISOLATION-2 -o br-+ -j DROP" in got
     # 127.0.0.1:8080 from the host: DNAT'd (no loopback exclusion) and masqueraded.
-    assert "-A OUTPUT -m addrtype --dst-type LOCAL -m comment --comment pk-driver -j PK-DNAT" \
-        in got
-    assert (f"-A PK-POSTROUTING -s 127.0.0.0/8 -o {a} -m addrtype --src-type LOCAL "
-            "-j MASQUERADE") in got
-    assert await firewall.differences(FirewallPlan(networks=(NET_A, user_named),
-                                                   forwards=(FWD,))) == []
+    assert "-A OUTPUT -m addrtype --dst-type LOCAL -m comment --comment pk-driver -j PK-DNAT" in got
+    assert (
+        f"-A PK-POSTROUTING -s 127.0.0.0/8 -o {a} -m addrtype --src-type LOCAL -j MASQUERADE"
+    ) in got
+    assert (
+        await firewall.differences(FirewallPlan(networks=(NET_A, user_named), forwards=(FWD,)))
+        == []
+    )

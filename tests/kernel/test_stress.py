@@ -53,25 +53,41 @@ async def churn(p: InProc, networks: int, per_network: int, mode: str) -> dict[s
     probe = LoopProbe()
     probe.start()
     rc, out, err = await run_cli(
-        [sys.executable, "-m", "tests.kernel.stress_client", str(p.settings.socket),
-         str(networks), str(per_network), mode], cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "tests.kernel.stress_client",
+            str(p.settings.socket),
+            str(networks),
+            str(per_network),
+            mode,
+        ],
+        cwd=REPO,
+    )
     await probe.stop()
     assert rc == 0, err
     result: dict[str, Any] = json.loads(out)
     async with EngineClient(p.settings.socket) as c:
         result["status"] = await settle(c)
     result["check"] = await run_cli(p.cli("check"))
-    result.update(max_stall=probe.max_stall, max_stall_cpu=probe.max_stall_cpu,
-                  max_busy=probe.max_busy, stalls=probe.stalls, samples=probe.samples)
+    result.update(
+        max_stall=probe.max_stall,
+        max_stall_cpu=probe.max_stall_cpu,
+        max_busy=probe.max_busy,
+        stalls=probe.stalls,
+        samples=probe.samples,
+    )
     return result
 
 
 def report(r: dict[str, Any], what: str) -> None:
-    print(f"\n{what}: {r['elapsed']:.2f}s, peak {r['peak']} endpoints up at once "
-          f"({r['status_peak']} seen by Status), max loop stall {r['max_stall'] * 1000:.1f} ms "
-          f"(loop thread CPU in it {r['max_stall_cpu'] * 1000:.1f} ms), max busy "
-          f"{r['max_busy'] * 1000:.1f} ms, over {r['samples']} probes; stalls >20 ms as "
-          f"(wall, cpu) ms: {r['stalls']}")
+    print(
+        f"\n{what}: {r['elapsed']:.2f}s, peak {r['peak']} endpoints up at once "
+        f"({r['status_peak']} seen by Status), max loop stall {r['max_stall'] * 1000:.1f} ms "
+        f"(loop thread CPU in it {r['max_stall_cpu'] * 1000:.1f} ms), max busy "
+        f"{r['max_busy'] * 1000:.1f} ms, over {r['samples']} probes; stalls >20 ms as "
+        f"(wall, cpu) ms: {r['stalls']}"
+    )
 
 
 def assert_no_leak(r: dict[str, Any], netns: Netns, networks: int) -> None:
@@ -88,13 +104,15 @@ def assert_no_leak(r: dict[str, Any], netns: Netns, networks: int) -> None:
     assert rc == 0, f"pouch-driver check after the churn:\n{out}\n{err}"
 
 
-@pytest.mark.parametrize(("networks", "per_network"), [(1, 200), (4, 50)],
-                         ids=["one-network", "four-networks"])
+@pytest.mark.parametrize(
+    ("networks", "per_network"), [(1, 200), (4, 50)], ids=["one-network", "four-networks"]
+)
 def test_200_concurrent_lifecycles(
     netns: Netns, short_tmp: Path, networks: int, per_network: int
 ) -> None:
     """200 containers up at once, started like an engine does: nothing leaks, no address is
     held twice, and the plugin never works 100 ms without yielding the loop."""
+
     async def main() -> dict[str, Any]:
         async with serve_in_netns(netns.name, short_tmp) as p:
             return await churn(p, networks, per_network, "paced")
@@ -104,13 +122,15 @@ def test_200_concurrent_lifecycles(
     assert_no_leak(r, netns, networks)
     assert r["max_busy"] < MAX_STALL, (
         f"the loop ran {r['max_busy'] * 1000:.0f} ms without yielding; (wall, cpu) ms: "
-        f"{r['stalls']}")
+        f"{r['stalls']}"
+    )
 
 
 def test_200_lifecycles_in_lockstep_bursts(netns: Netns, short_tmp: Path) -> None:
     """Every step of 200 lifecycles sent at the same instant: correctness holds; the stall is
     measured and reported. A burst costs ~0.3-0.5 ms of loop time per request, all 200 in one
     loop iteration, on top of the GIL waits, so it is bounded here loosely."""
+
     async def main() -> dict[str, Any]:
         async with serve_in_netns(netns.name, short_tmp) as p:
             return await churn(p, 1, 200, "burst")
@@ -127,14 +147,21 @@ async def publish(p: InProc, ports: list[dict[str, Any]]) -> tuple[float, float]
     async with Client(p.settings.socket) as c:
         pool = await make_network(c, 0, "10.78.0.0/24")
         addr = (await c.call("IpamDriver.RequestAddress", {"PoolID": pool}))["Address"]
-        await c.call("NetworkDriver.CreateEndpoint", {
-            "NetworkID": nid(0), "EndpointID": eid(0), "Interface": {"Address": addr}})
+        await c.call(
+            "NetworkDriver.CreateEndpoint",
+            {"NetworkID": nid(0), "EndpointID": eid(0), "Interface": {"Address": addr}},
+        )
         probe = LoopProbe()
         probe.start()
         t0 = time.perf_counter()
-        await c.call("NetworkDriver.ProgramExternalConnectivity", {
-            "NetworkID": nid(0), "EndpointID": eid(0),
-            "Options": {"com.docker.network.portmap": ports}})
+        await c.call(
+            "NetworkDriver.ProgramExternalConnectivity",
+            {
+                "NetworkID": nid(0),
+                "EndpointID": eid(0),
+                "Options": {"com.docker.network.portmap": ports},
+            },
+        )
         elapsed = time.perf_counter() - t0
         await probe.stop()
         status = await c.call("Pouch.Status")
@@ -144,16 +171,20 @@ async def publish(p: InProc, ports: list[dict[str, Any]]) -> tuple[float, float]
 
 @pytest.mark.parametrize("count", [500])
 def test_many_explicit_published_ports(netns: Netns, short_tmp: Path, count: int) -> None:
-    ports = [{"Proto": 6, "Port": 1000 + i, "HostPort": 20000 + i, "HostPortEnd": 20000 + i}
-             for i in range(count)]
+    ports = [
+        {"Proto": 6, "Port": 1000 + i, "HostPort": 20000 + i, "HostPortEnd": 20000 + i}
+        for i in range(count)
+    ]
 
     async def main() -> tuple[float, float]:
         async with serve_in_netns(netns.name, short_tmp) as p:
             return await publish(p, ports)
 
     elapsed, stall = run_in_netns(netns.name, main)
-    print(f"\n{count} explicit host ports: answered in {elapsed:.2f}s, max loop stall "
-          f"{stall * 1000:.1f} ms")
+    print(
+        f"\n{count} explicit host ports: answered in {elapsed:.2f}s, max loop stall "
+        f"{stall * 1000:.1f} ms"
+    )
     assert stall < MAX_STALL
 
 
@@ -167,8 +198,10 @@ def test_many_ephemeral_published_ports_do_not_stall_the_loop(
             return await publish(p, ports)
 
     elapsed, stall = run_in_netns(netns.name, main)
-    print(f"\n500 ephemeral host ports (-P): answered in {elapsed:.2f}s, max loop stall "
-          f"{stall * 1000:.1f} ms")
+    print(
+        f"\n500 ephemeral host ports (-P): answered in {elapsed:.2f}s, max loop stall "
+        f"{stall * 1000:.1f} ms"
+    )
     assert stall < MAX_STALL, f"loop stalled {stall * 1000:.0f} ms"
 
 
@@ -180,24 +213,35 @@ def test_bridge_port_limit_on_the_real_kernel(netns: Netns, short_tmp: Path) -> 
 
     async def main() -> dict[str, Any]:
         async with serve_in_netns(netns.name, short_tmp) as p, Client(p.settings.socket) as c:
-            await c.call("NetworkDriver.CreateNetwork", {
-                "NetworkID": nid(9), "IPv4Data": [{"Pool": "10.79.0.0/20"}]})
+            await c.call(
+                "NetworkDriver.CreateNetwork",
+                {"NetworkID": nid(9), "IPv4Data": [{"Pool": "10.79.0.0/20"}]},
+            )
             t0 = time.perf_counter()
             for start in range(0, 1023, 64):
-                await asyncio.gather(*(
-                    c.call("NetworkDriver.CreateEndpoint",
-                           {"NetworkID": nid(9), "EndpointID": eid(i)})
-                    for i in range(start, min(1023, start + 64))))
+                await asyncio.gather(
+                    *(
+                        c.call(
+                            "NetworkDriver.CreateEndpoint",
+                            {"NetworkID": nid(9), "EndpointID": eid(i)},
+                        )
+                        for i in range(start, min(1023, start + 64))
+                    )
+                )
             fill = time.perf_counter() - t0
             try:
-                await c.call("NetworkDriver.CreateEndpoint",
-                             {"NetworkID": nid(9), "EndpointID": eid(5000)})
+                await c.call(
+                    "NetworkDriver.CreateEndpoint", {"NetworkID": nid(9), "EndpointID": eid(5000)}
+                )
             except CallError as exc:
                 refused: Any = (exc.status, exc.body["Err"])
             else:
                 refused = None
-            return {"fill": fill, "refused": refused,
-                    "bridge": p.service.networks[nid(9)].bridge}
+            return {
+                "fill": fill,
+                "refused": refused,
+                "bridge": p.service.state.networks[nid(9)].bridge,
+            }
 
     r = run_in_netns(netns.name, main)
     print(f"\n1023 real veth pairs on one bridge in {r['fill']:.1f}s; 1024th: {r['refused']}")

@@ -1,0 +1,157 @@
+"""The real ``Firewall``: our own iptables chains, rewritten whole in one transaction per family.
+
+Each ``apply`` loads what ``rules`` renders with one ``iptables-restore --noflush`` per address
+family: declaring a chain there empties it, so the result is exact and idempotent, and chains
+and rules of others (Docker's, the user's) are never touched. Only the jumps into our chains
+live in built-in chains; they carry a comment that marks them ours. With no network left, the
+plan is empty and every chain and jump of ours is removed: deleting the last network (which
+``docker plugin rm`` requires) leaves the firewall as we found it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+from ..errors import KernelError
+from ..naming import Names
+from . import FirewallPlan, process, rules
+from .sysctl import Sysctls
+
+
+class IptablesFirewall:
+    """``netns`` (tests only) runs every command in a named network namespace."""
+
+    def __init__(self, names: Names, sysctls: Sysctls | None = None, netns: str | None = None):
+        self.names = names
+        self._sysctls = sysctls or Sysctls(netns=netns)
+        self._netns = netns
+        self._lock = asyncio.Lock()
+        self._v6_used = True  # clean IPv6 chains once at start, then only while needed
+        # Families whose jumps into our chains are known present: their applies skip the
+        # iptables-save that checks for them (one exec instead of two per change).
+        self._jumps_ok: set[int] = set()
+        # Known to hold nothing of ours (after an empty plan): further empty plans cost no
+        # exec. Unknown at start, so the first empty plan clears what an earlier run left.
+        self._absent = False
+        # Families where Docker's isolation chain existed at the last iptables-save.
+        self._docker_isolation: set[int] = set()
+        self._has_ip6tables = shutil.which("ip6tables-restore") is not None
+
+    async def _exec(self, argv: list[str], stdin: str | None = None) -> str:
+        return await process.run(argv, stdin, netns=self._netns)
+
+    async def _read(self, version: int) -> rules.Saved:
+        """One family's iptables-save, parsed; notes whether Docker's isolation chain is there
+        (every look at the firewall keeps that knowledge current)."""
+        present = rules.parse_saved(
+            await self._exec(["iptables-save" if version == 4 else "ip6tables-save"])
+        )
+        if rules.has_docker_isolation(present):
+            self._docker_isolation.add(version)
+        else:
+            self._docker_isolation.discard(version)
+        return present
+
+    def _families(self) -> tuple[int, ...]:
+        return (4, 6) if self._has_ip6tables else (4,)
+
+    # --- verbs ------------------------------------------------------------------------------
+    async def apply(self, plan: FirewallPlan) -> None:
+        rules.check_plan(plan)
+        async with self._lock:
+            if not plan.networks and not plan.forwards:
+                if not self._absent:
+                    await self._remove_all()
+                return
+            self._absent = False
+            if any(not net.internal for net in plan.networks):
+                await self._sysctls.write("net/ipv4/ip_forward", "1")
+            # Published ports reach 127.0.0.1 too: the DNAT'd packet leaves through the bridge
+            # with a loopback source, which the kernel drops unless route_localnet is on.
+            for bridge in sorted({f.bridge for f in plan.forwards}):
+                await self._sysctls.write(
+                    f"net/ipv4/conf/{bridge}/route_localnet", "1", missing_ok=True
+                )
+            if any(not net.icc for net in plan.networks):
+                await self._sysctls.ensure_bridge_netfilter()
+            await self._apply_family(plan, 4)
+            if self._has_ip6tables and (plan.needs_ipv6() or self._v6_used):
+                if any(
+                    not net.internal and any(s.version == 6 for s in net.subnets)
+                    for net in plan.networks
+                ):
+                    await self._sysctls.write("net/ipv6/conf/all/forwarding", "1")
+                await self._apply_family(plan, 6)
+                self._v6_used = plan.needs_ipv6()
+
+    async def _apply_family(self, plan: FirewallPlan, version: int) -> None:
+        restore = "iptables-restore" if version == 4 else "ip6tables-restore"
+        present = None if version in self._jumps_ok else await self._read(version)
+
+        def text() -> str:
+            return rules.restore_input(
+                plan,
+                version,
+                self.names,
+                docker_isolation=version in self._docker_isolation,
+                present=present,
+            )
+
+        try:
+            await self._exec([restore, "--noflush"], text())
+        except KernelError:
+            self._jumps_ok.discard(version)
+            if present is not None:
+                raise
+            # What we knew may be stale (FORWARD flushed, Docker's chain gone): look again.
+            present = await self._read(version)
+            await self._exec([restore, "--noflush"], text())
+        self._jumps_ok.add(version)
+
+    async def differences(self, plan: FirewallPlan) -> list[str]:
+        """What ``apply(plan)`` would change, one line each; empty when in sync."""
+        if not plan.networks and not plan.forwards:
+            return await self._leftovers()
+        out: list[str] = []
+        families = [4] + ([6] if self._has_ip6tables and plan.needs_ipv6() else [])
+        for version in families:
+            present = await self._read(version)
+            found = rules.differences(
+                plan,
+                version,
+                self.names,
+                present,
+                docker_isolation=version in self._docker_isolation,
+            )
+            if found:  # the next apply checks the jumps again
+                self._jumps_ok.discard(version)
+            out.extend(found)
+        return out
+
+    async def remove_all(self) -> None:
+        """Remove every jump and chain of ours (what an empty plan does)."""
+        async with self._lock:
+            await self._remove_all()
+
+    async def _remove_all(self) -> None:
+        for version in self._families():
+            present = await self._read(version)
+            restore = "iptables-restore" if version == 4 else "ip6tables-restore"
+            await self._exec([restore, "--noflush"], rules.removal_input(present, self.names))
+            self._jumps_ok.discard(version)
+        self._v6_used = False
+        self._absent = True
+
+    async def _leftovers(self) -> list[str]:
+        out: list[str] = []
+        for version in self._families():
+            present = await self._read(version)
+            for table, (jumps, chains) in rules.ours(present, self.names).items():
+                out.extend(f"IPv{version} unexpected jump (no networks): {r}" for r in jumps)
+                out.extend(
+                    f"IPv{version} unexpected chain {table}/{c} (no networks)" for c in chains
+                )
+        if out:
+            self._absent = False
+        return out

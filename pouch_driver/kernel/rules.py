@@ -1,0 +1,313 @@
+"""The firewall's rules as text: a plan in, ``iptables-restore`` input out. Pure.
+
+Every input is a parameter: the plan, the address family, the instance's names, whether
+Docker's isolation chain exists, and (where jumps must be checked) the parsed
+``iptables-save`` of the family. ``iptables`` runs what this renders.
+
+Where our rules sit, and why:
+* ``<P>-ISOLATION`` is the first rule of the **mangle** table's FORWARD, which runs before any
+  filter rule. Docker (20.10-27) inserts each new network's ACCEPT rules at the *top* of filter
+  FORWARD, above anything we could place there, so only there do our drops keep their
+  precedence. It only ever drops (traffic between two of our networks, from Docker's default
+  bridges, leaving/entering an internal network, and *new* connections into a masqueraded
+  network that are not published ports, i.e. not DNAT'd: so a Docker network of any bridge
+  name, made before or after ours, gets no way in), so putting it first weakens nothing.
+* ``<P>-FORWARD`` is appended to FORWARD, after Docker's DOCKER-USER, so an operator's
+  DOCKER-USER policy applies to our networks as it does to Docker's. It accepts our bridges'
+  traffic, which a Docker host's FORWARD policy (DROP) would otherwise drop; traffic leaving
+  for another network first goes through Docker's own ``DOCKER-ISOLATION-STAGE-2`` when that
+  chain exists (it drops towards every Docker bridge, whatever its name).
+* ``<P>-POSTROUTING`` (nat) masquerades our subnets leaving through another interface, and
+  hairpins published ports; ``<P>-DNAT`` (nat, from PREROUTING and OUTPUT for local
+  destinations) publishes ports.
+"""
+
+from __future__ import annotations
+
+from ..errors import KernelError
+from ..naming import Names
+from . import FirewallPlan, NetworkRules
+
+MANGLE, FILTER, NAT = "mangle", "filter", "nat"
+# Bridges Docker names for its own networks (docker0, br-<id>): kept out even where Docker runs
+# without its iptables chains. Custom bridge names are covered by the conntrack rule (inbound)
+# and DOCKER-ISOLATION-STAGE-2 (outbound).
+DOCKER_BRIDGES = ("docker0", "br-+")
+#: Docker (20.10-27) keeps here one "-o <bridge> -j DROP" per bridge network it manages.
+DOCKER_ISOLATION = "DOCKER-ISOLATION-STAGE-2"
+
+Saved = dict[str, list[str]]  # table -> its ":CHAIN ..." and "-A ..." lines
+
+
+def tables(names: Names) -> dict[str, list[str]]:
+    """The table each of our chains lives in."""
+    return {
+        MANGLE: [names.chain_isolation, names.chain_isolation2],
+        FILTER: [names.chain_forward],
+        NAT: [names.chain_postrouting, names.chain_dnat],
+    }
+
+
+def jumps(names: Names, version: int) -> list[tuple[str, str, str, str]]:
+    """(table, chain, position, match) for each jump into our chains."""
+    n = names
+    c = f'-m comment --comment "{n.comment}"'
+    not_loopback = "" if version == 4 else "! -d ::1/128 "
+    return [
+        (MANGLE, "FORWARD", "-I FORWARD 1", f"{c} -j {n.chain_isolation}"),
+        (FILTER, "FORWARD", "-A FORWARD", f"{c} -j {n.chain_forward}"),
+        (NAT, "POSTROUTING", "-A POSTROUTING", f"{c} -j {n.chain_postrouting}"),
+        (NAT, "PREROUTING", "-A PREROUTING", f"-m addrtype --dst-type LOCAL {c} -j {n.chain_dnat}"),
+        # IPv4 includes 127.0.0.0/8 (-p 127.0.0.1::80); ::1 cannot be DNAT'd out.
+        (
+            NAT,
+            "OUTPUT",
+            "-A OUTPUT",
+            f"{not_loopback}-m addrtype --dst-type LOCAL {c} -j {n.chain_dnat}",
+        ),
+    ]
+
+
+def _isolate(names: Names, net: NetworkRules, iso: list[str], iso2: list[str]) -> None:
+    n, b = names, net.bridge
+    if net.internal:
+        iso.append(f"-A {n.chain_isolation} -i {b} ! -o {b} -j DROP")
+        iso.append(f"-A {n.chain_isolation} ! -i {b} -o {b} -j DROP")
+        return
+    iso.append(f"-A {n.chain_isolation} -i {b} ! -o {b} -j {n.chain_isolation2}")
+    iso2.append(f"-A {n.chain_isolation2} -o {b} -j DROP")
+    if net.masquerade:
+        # A routed (non-masqueraded) network is meant to be reached; a NATed one only through
+        # its published ports.
+        iso.append(
+            f"-A {n.chain_isolation} ! -i {b} -o {b} -m conntrack "
+            "! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+        )
+    # Docker's own bridges (default names) are other networks too: keep them out.
+    iso.extend(f"-A {n.chain_isolation} -i {d} -o {b} -j DROP" for d in DOCKER_BRIDGES)
+
+
+def render(
+    plan: FirewallPlan, version: int, names: Names, *, docker_isolation: bool
+) -> dict[str, list[str]]:
+    """The rules of each of our chains, in ``iptables-save`` syntax, for one family.
+
+    ``docker_isolation``: Docker's isolation chain exists in this family's filter table.
+    """
+    n = names
+    chains: dict[str, list[str]] = {c: [] for c in n.all_chains()}
+    iso, iso2 = chains[n.chain_isolation], chains[n.chain_isolation2]
+    fwd, post, dnat = chains[n.chain_forward], chains[n.chain_postrouting], chains[n.chain_dnat]
+
+    def family(nets: NetworkRules) -> list[str]:
+        return [str(s) for s in nets.subnets if s.version == version]
+
+    # Traffic inside one network is never an isolation matter (and a user may name a pouch
+    # bridge br-something, which the Docker-bridge rules below would otherwise catch).
+    iso.extend(
+        f"-A {n.chain_isolation} -i {net.bridge} -o {net.bridge} -j RETURN" for net in plan.networks
+    )
+    for net in plan.networks:
+        b = net.bridge
+        _isolate(n, net, iso, iso2)
+        verdict = "ACCEPT" if net.icc else "DROP"
+        fwd.append(f"-A {n.chain_forward} -i {b} -o {b} -j {verdict}")
+        fwd.append(
+            f"-A {n.chain_forward} -o {b} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+        )
+        if net.internal:
+            continue
+        if docker_isolation:
+            fwd.append(f"-A {n.chain_forward} -i {b} ! -o {b} -j {DOCKER_ISOLATION}")
+        fwd.append(f"-A {n.chain_forward} -i {b} ! -o {b} -j ACCEPT")
+        if net.masquerade:
+            for subnet in family(net):
+                post.append(f"-A {n.chain_postrouting} -s {subnet} ! -o {b} -j MASQUERADE")
+        if version == 4 and any(f.bridge == b for f in plan.forwards):
+            # 127.0.0.1:PORT reached from the host itself: hide the loopback source.
+            post.append(
+                f"-A {n.chain_postrouting} -s 127.0.0.0/8 -o {b} -m addrtype "
+                "--src-type LOCAL -j MASQUERADE"
+            )
+    if any(not net.internal for net in plan.networks):
+        iso2.extend(f"-A {n.chain_isolation2} -o {d} -j DROP" for d in DOCKER_BRIDGES)
+    for f in plan.forwards:
+        if f.container_ip.version != version:
+            continue
+        if f.host_ip is not None and f.host_ip.version != version:
+            continue
+        # Host addresses are written as iptables-save prints them (/32, /128), so that
+        # ``differences`` compares like with like.
+        cip = f"{f.container_ip}/{f.container_ip.max_prefixlen}"
+        dst = (
+            f"-d {f.host_ip}/{f.host_ip.max_prefixlen} "
+            if f.host_ip is not None and not f.host_ip.is_unspecified
+            else ""
+        )
+        target = (
+            f"{f.container_ip}:{f.container_port}"
+            if version == 4
+            else f"[{f.container_ip}]:{f.container_port}"
+        )
+        # No "! -i <bridge>": containers of the same network reach the published port through
+        # the host's address too (Docker leaves that to docker-proxy, which the engine does not
+        # run for remote drivers).
+        dnat.append(
+            f"-A {n.chain_dnat} {dst}-p {f.proto} -m {f.proto} "
+            f"--dport {f.host_port} -j DNAT --to-destination {target}"
+        )
+        # This accepts traffic entering the bridge, which no other rule of ours does for NEW
+        # connections, so it goes first.
+        fwd.insert(
+            0,
+            f"-A {n.chain_forward} -d {cip} ! -i {f.bridge} -o {f.bridge} "
+            f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j ACCEPT",
+        )
+        post.append(
+            f"-A {n.chain_postrouting} -s {cip} -d {cip} "
+            f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j MASQUERADE"
+        )
+    return chains
+
+
+def check_plan(plan: FirewallPlan) -> None:
+    """Every value that becomes part of a rule is a plain token."""
+    names = [n.bridge for n in plan.networks] + [f.bridge for f in plan.forwards]
+    values = (
+        names
+        + [str(s) for n in plan.networks for s in n.subnets]
+        + [str(v) for f in plan.forwards for v in (f.host_ip, f.container_ip) if v is not None]
+    )
+    for value in values:
+        if not value or any(c.isspace() or c in "%\"'!#;" for c in value):
+            raise KernelError(f"refusing to put {value!r} into a firewall rule")
+
+
+def restore_input(
+    plan: FirewallPlan,
+    version: int,
+    names: Names,
+    *,
+    docker_isolation: bool,
+    present: Saved | None,
+) -> str:
+    """``iptables-restore --noflush`` input that makes our chains exactly ``plan``.
+
+    ``present``: the parsed iptables-save, when the jumps into our chains (and chains of ours
+    left in an old table) must be checked; None when they are known to be in place.
+    """
+    chains = render(plan, version, names, docker_isolation=docker_isolation)
+    out: list[str] = []
+    for table, ours in tables(names).items():
+        out.append(f"*{table}")
+        out.extend(f":{c} - [0:0]" for c in ours)  # declaring empties it (--noflush)
+        for c in ours:
+            out.extend(chains[c])
+        if present is not None:
+            for t, chain, position, match in jumps(names, version):
+                if t == table and not has_rule(present, table, chain, match):
+                    out.append(f"{position} {match}")
+            out.extend(old_layout(present, table, names))
+        out.append("COMMIT")
+    text = "\n".join(out) + "\n"
+    for line in text.splitlines():
+        # Defence in depth: every value we render is validated upstream, but a rule line must
+        # never smuggle a newline, NUL or a second table into iptables-restore.
+        if "\x00" in line or "\r" in line:
+            raise KernelError(f"refusing to load a firewall rule with control characters: {line!r}")
+    return text
+
+
+def old_layout(present: Saved, table: str, names: Names) -> list[str]:
+    """Lines removing our chains from a table they no longer live in (the isolation chains
+    were in filter before they moved to mangle), with the jumps into them."""
+    table_of = {c: t for t, chains in tables(names).items() for c in chains}
+    stale = [
+        c
+        for c in names.all_chains()
+        if table_of[c] != table and any(r.startswith(f":{c} ") for r in present.get(table, []))
+    ]
+    jumps_in = [
+        r.replace("-A ", "-D ", 1)
+        for r in present.get(table, [])
+        if r.startswith("-A ")
+        and any(r.endswith(f"-j {c}") for c in stale)
+        and not any(r.startswith(f"-A {c} ") for c in stale)
+    ]
+    return [*jumps_in, *(f"-F {c}" for c in stale), *(f"-X {c}" for c in stale)]
+
+
+def differences(
+    plan: FirewallPlan, version: int, names: Names, present: Saved, *, docker_isolation: bool
+) -> list[str]:
+    """What applying ``plan`` would change in one family, one line each."""
+    out: list[str] = []
+    tag = f"IPv{version}"
+    table_of = {c: t for t, chains in tables(names).items() for c in chains}
+    for chain, want in render(plan, version, names, docker_isolation=docker_isolation).items():
+        have = [r for r in present.get(table_of[chain], []) if r.startswith(f"-A {chain} ")]
+        want_norm = [normalize(r) for r in want]
+        have_norm = [normalize(r) for r in have]
+        out.extend(f"{tag} missing rule: {r}" for r in want_norm if r not in have_norm)
+        out.extend(f"{tag} unexpected rule: {r}" for r in have_norm if r not in want_norm)
+    for table, chain, _, match in jumps(names, version):
+        if not has_rule(present, table, chain, match):
+            out.append(f"{tag} missing jump in {table}/{chain} to our chain")
+    for table in tables(names):
+        if stale := old_layout(present, table, names):
+            out.append(f"{tag} our chains in the wrong table ({table}): " + "; ".join(stale))
+    return out
+
+
+def ours(present: Saved, names: Names) -> dict[str, tuple[list[str], list[str]]]:
+    """Table -> (our jumps in built-in chains, our chains), as iptables-save lists them."""
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    for table in tables(names):
+        lines = present.get(table, [])
+        jumps_in = [
+            r
+            for r in lines
+            if r.startswith("-A ")
+            and (f'--comment "{names.comment}"' in r or f"--comment {names.comment}" in r)
+        ]
+        chains = [c for c in names.all_chains() if any(r.startswith(f":{c} ") for r in lines)]
+        out[table] = (jumps_in, chains)
+    return out
+
+
+def removal_input(present: Saved, names: Names) -> str:
+    """``iptables-restore --noflush`` input removing every jump and chain of ours."""
+    lines: list[str] = []
+    for table, (jumps_in, chains) in ours(present, names).items():
+        lines.append(f"*{table}")
+        lines.extend(r.replace("-A ", "-D ", 1) for r in jumps_in)
+        lines.extend(f":{c} - [0:0]" for c in chains)
+        lines.extend(f"-X {c}" for c in chains)
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def parse_saved(saved: str) -> Saved:
+    """``iptables-save`` output as {table: [":CHAIN ..." and "-A ..." lines]}."""
+    out: Saved = {}
+    current: list[str] | None = None
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            current = out.setdefault(line[1:], [])
+        elif current is not None and (line.startswith("-A ") or line.startswith(":")):
+            current.append(line)
+    return out
+
+
+def has_docker_isolation(present: Saved) -> bool:
+    return any(r.startswith(f":{DOCKER_ISOLATION} ") for r in present.get(FILTER, []))
+
+
+def normalize(rule: str) -> str:
+    """iptables-save prints comments unquoted and some matches in its own order and forms."""
+    return " ".join(rule.replace('"', "").split())
+
+
+def has_rule(present: Saved, table: str, chain: str, match: str) -> bool:
+    want = normalize(f"-A {chain} {match}")
+    return any(normalize(r) == want for r in present.get(table, []))

@@ -1,0 +1,55 @@
+"""The order every change follows: the store commits first, memory follows, failures compensate.
+
+A request is answered only after its change is fsynced; if the commit fails, memory is rolled
+back; if a later kernel step fails, compensation undoes what was done, and its own failures are
+logged, never masking the cause (start-up reconciliation finishes what they leave).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from ..store import Op, Store
+
+log = logging.getLogger(__name__)
+
+
+async def durably(
+    store: Store,
+    ops: Sequence[Op],
+    *,
+    undo: Callable[[], object] | None = None,
+    after: Callable[[], object] | None = None,
+) -> None:
+    """Commit ``ops``, then ``after()`` (memory follows the store); on failure ``undo()``.
+
+    The unit runs to its end even when the request is cancelled (its deadline): a commit that
+    landed while memory was rolled back would leave the two disagreeing, and a restart would
+    then resurrect or release what the engine was told otherwise.
+    """
+
+    async def unit() -> None:
+        try:
+            await store.commit(ops)
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
+        if after is not None:
+            after()
+
+    task = asyncio.ensure_future(unit())
+    # Retrieve the result even if nobody awaits it any more (a cancelled request).
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    await asyncio.shield(task)
+
+
+async def compensate(*steps: Callable[[], Awaitable[object]]) -> None:
+    """Undo steps after a failure; their own failures are logged, never masking the cause."""
+    for step in steps:
+        try:
+            await asyncio.shield(step())
+        except Exception:
+            log.exception("compensation step failed; start-up reconcile will finish it")

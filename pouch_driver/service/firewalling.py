@@ -1,0 +1,25 @@
+"""Keeping the firewall in step with the state: one apply serves every request that asked
+while the previous one ran."""
+
+from __future__ import annotations
+
+from ..kernel import Firewall
+from ..locks import Coalescer
+from .desired import firewall_plan
+from .state import State
+
+
+class FirewallSync:
+    def __init__(self, firewall: Firewall, state: State, *, enabled: bool = True) -> None:
+        self._enabled = enabled
+        self._coalescer = Coalescer(
+            lambda: firewall.apply(firewall_plan(state.networks.values(), state.endpoints.values()))
+        )
+
+    async def sync(self) -> None:
+        """Make the firewall match the state; returns once an apply covering it ran."""
+        if self._enabled:
+            await self._coalescer.sync()
+
+    async def idle(self) -> None:
+        await self._coalescer.idle()
