@@ -2,7 +2,8 @@
 
 They follow the real adapters' contracts (idempotent verbs, errors as ``KernelError``) and
 can inject failures and delays, so tests reach the compensation paths the kernel rarely
-takes. The same behaviour tests run against the real kernel to keep these honest.
+takes. ``tests/kernel/test_contract.py`` runs one set of behaviour tests against these and
+against the real kernel, which keeps them honest.
 """
 
 from __future__ import annotations
@@ -47,8 +48,15 @@ class FakeLinks:
         await self.faults.check("ensure_bridge")
         link = self.links.get(spec.name)
         if link is None:
-            link = LinkInfo(spec.name, self._index(), "bridge", None, False, spec.mtu or 1500,
-                            spec.mac or "02:00:00:00:00:01")
+            link = LinkInfo(
+                spec.name,
+                self._index(),
+                "bridge",
+                None,
+                False,
+                spec.mtu or 1500,
+                spec.mac or "02:00:00:00:00:01",
+            )
         elif link.kind != "bridge":
             raise KernelError(f"interface {spec.name} exists and is not a bridge")
         addresses = tuple(dict.fromkeys((*link.addresses, *spec.addresses)))
@@ -62,14 +70,23 @@ class FakeLinks:
         bridge = self.links.get(spec.bridge)
         if bridge is None:
             raise KernelError(f"bridge {spec.bridge} does not exist")
+        held = self.links.get(spec.host)
+        if held is not None and held.kind != "veth":
+            raise KernelError(f"interface {spec.host} exists and is not a veth")
         mtu = spec.mtu or 1500
         self.links[spec.host] = LinkInfo(
-            spec.host, self.links[spec.host].index if spec.host in self.links else self._index(),
-            "veth", bridge.index, True, mtu, "02:00:00:00:00:02",
+            spec.host,
+            self.links[spec.host].index if spec.host in self.links else self._index(),
+            "veth",
+            bridge.index,
+            True,
+            mtu,
+            "02:00:00:00:00:02",
         )
         if spec.peer not in self.links:
-            self.links[spec.peer] = LinkInfo(spec.peer, self._index(), "veth", None, False, mtu,
-                                             spec.peer_mac)
+            self.links[spec.peer] = LinkInfo(
+                spec.peer, self._index(), "veth", None, False, mtu, spec.peer_mac
+            )
         self.peers[spec.host] = spec.peer
         self.peers[spec.peer] = spec.host
 
@@ -84,10 +101,13 @@ class FakeLinks:
             self.links.pop(peer, None)
             self.peers.pop(peer, None)
         if link.kind == "bridge":  # ports are released, not deleted
-            self.links.update({
-                n: replace(port, master=None)
-                for n, port in self.links.items() if port.master == link.index
-            })
+            self.links.update(
+                {
+                    n: replace(port, master=None)
+                    for n, port in self.links.items()
+                    if port.master == link.index
+                }
+            )
 
     async def ensure_addresses_absent(self, name: str, addresses: tuple[IPInterface, ...]) -> None:
         self.calls.append(f"ensure_addresses_absent {name}")
@@ -116,13 +136,11 @@ class FakeLinks:
 class FakeFirewall:
     def __init__(self) -> None:
         self.plan = FirewallPlan()
-        self.applied = 0
         self.faults = Faults()
 
     async def apply(self, plan: FirewallPlan) -> None:
         await self.faults.check("firewall_apply")
         self.plan = plan
-        self.applied += 1
 
     async def differences(self, plan: FirewallPlan) -> list[str]:
         return [] if plan == self.plan else ["firewall rules differ from the plan"]
