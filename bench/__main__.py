@@ -30,30 +30,47 @@ ALL = (*DEFAULT, "profile")
 
 
 def _git(*args: str) -> str:
-    r = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
-                       check=False)
+    r = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False)
     return r.stdout.strip()
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default=",".join(DEFAULT),
-                   help=f"comma-separated subset of {', '.join(ALL)} (default: all but profile)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--only",
+        default=",".join(DEFAULT),
+        help=f"comma-separated subset of {', '.join(ALL)} (default: all but profile)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    p.add_argument("--plugin-src", type=Path, default=None,
-                   help="directory holding a pouch_driver package to benchmark instead "
-                        "(kernel benchmarks and profile only)")
+    p.add_argument(
+        "--plugin-src",
+        type=Path,
+        default=None,
+        help="directory holding a pouch_driver package to benchmark instead "
+        "(kernel benchmarks and profile only)",
+    )
     p.add_argument("--pairs", type=int, default=30, help="connect/disconnect pairs (>= 15)")
     p.add_argument("--run-pairs", type=int, default=15, help="docker run --rm pairs")
-    p.add_argument("--parallel-rounds", type=int, default=2,
-                   help="rounds of the parallel start (pouch, bridge, pouch, bridge)")
+    p.add_argument(
+        "--parallel-rounds",
+        type=int,
+        default=2,
+        help="rounds of the parallel start (pouch, bridge, pouch, bridge)",
+    )
     p.add_argument("--parallel", type=int, default=50, help="containers started at once")
     p.add_argument("--endpoints", type=int, default=2000, help="endpoints for start-up")
     p.add_argument("--rounds", type=int, default=4, help="rounds of per-endpoint lifecycles")
     p.add_argument("--per-round", type=int, default=50, help="lifecycles per round")
-    p.add_argument("--lock-wait", type=float, default=3600,
-                   help="seconds to wait for another e2e/dockerd session to finish")
+    p.add_argument(
+        "--lock-wait",
+        type=float,
+        default=3600,
+        help="seconds to wait for another e2e/dockerd session to finish",
+    )
     p.add_argument("--quick", action="store_true", help="small counts, for a smoke test")
     p.add_argument("--no-chart", action="store_true")
     return p
@@ -82,11 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     rec.meta.update(
         started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        commit=_git("rev-parse", "HEAD"), dirty=bool(_git("status", "--porcelain",
-                                                          "pouch_driver")),
+        commit=_git("rev-parse", "HEAD"),
+        dirty=bool(_git("status", "--porcelain", "pouch_driver")),
         plugin_src=str(src) if src else "installed (editable) pouch_driver",
-        host=platform.node(), kernel=platform.release(), cpus=os.cpu_count(),
-        python=platform.python_version(), benchmarks=only, quick=args.quick,
+        host=platform.node(),
+        kernel=platform.release(),
+        cpus=os.cpu_count(),
+        python=platform.python_version(),
+        benchmarks=only,
+        quick=args.quick,
         load_before=loadavg(),
     )
     lock = bench_lock()
@@ -111,20 +132,22 @@ def main(argv: list[str] | None = None) -> int:
         lock.release()
     rec.meta["duration_s"] = round(time.monotonic() - t_start, 1)
     rec.meta["duration_excluding_lock_wait_s"] = round(
-        rec.meta["duration_s"] - rec.meta.get("docker_lock_wait_s", 0), 1)
+        rec.meta["duration_s"] - rec.meta.get("docker_lock_wait_s", 0), 1
+    )
     rec.meta["load_after"] = loadavg()
     rec.meta["failed"] = failed
 
     full = set(DEFAULT) <= set(only) and not args.quick and src is None
     _write(rec, args.out, stamp, chart=not args.no_chart, latest=full)
-    log(f"done in {rec.meta['duration_s']:.0f} s (lock wait "
+    log(
+        f"done in {rec.meta['duration_s']:.0f} s (lock wait "
         f"{rec.meta.get('docker_lock_wait_s', 0):.0f} s); load {rec.meta['load_at_start']} -> "
-        f"{rec.meta['load_after']}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+        f"{rec.meta['load_after']}" + (f"; FAILED: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 
-def _steps(rec: Record, only: list[str], args: argparse.Namespace, src: Path | None
-           ) -> list[str]:
+def _steps(rec: Record, only: list[str], args: argparse.Namespace, src: Path | None) -> list[str]:
     """Run the selected benchmarks in order; return the names of those that failed."""
     steps: dict[str, Callable[[], None]] = {
         "ipam": lambda: _ipam(rec),
@@ -147,8 +170,10 @@ def _steps(rec: Record, only: list[str], args: argparse.Namespace, src: Path | N
             failed.append(name)
             rec.results[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
         rec.meta.setdefault("steps", {})[name] = {
-            "seconds": round(time.monotonic() - t0, 1), "load_before": before,
-            "load_after": loadavg()}
+            "seconds": round(time.monotonic() - t0, 1),
+            "load_before": before,
+            "load_after": loadavg(),
+        }
     return failed
 
 
@@ -192,8 +217,15 @@ def _docker(rec: Record, args: argparse.Namespace) -> None:
 
     if args.plugin_src:
         rec.note("the docker benchmarks run the installed plugin, not --plugin-src")
-    docker.run_all(rec, pairs=args.pairs, run_pairs=args.run_pairs, parallel=args.parallel,
-                   parallel_rounds=args.parallel_rounds, lock_wait=args.lock_wait, locked=True)
+    docker.run_all(
+        rec,
+        pairs=args.pairs,
+        run_pairs=args.run_pairs,
+        parallel=args.parallel,
+        parallel_rounds=args.parallel_rounds,
+        lock_wait=args.lock_wait,
+        locked=True,
+    )
 
 
 def _profile(rec: Record, src: Path | None, out: Path, endpoints: int) -> None:

@@ -43,22 +43,29 @@ def _side(stack: contextlib.ExitStack, src: Path | None) -> tuple[Daemon, Plugin
     return d, c, ipr
 
 
-def lifecycles(srcs: list[Path | None], rounds: int, per_round: int, clients: int = 1
-               ) -> dict[str, Any]:
+def lifecycles(
+    srcs: list[Path | None], rounds: int, per_round: int, clients: int = 1
+) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         sides = [_side(stack, s) for s in srcs]
         for i, (_, c, ipr) in enumerate(sides):
             plugin.plugin_round(c, ipr, f"w{i}", 20, times={k: [] for k in plugin.CALLS})
         stats: list[dict[str, list[float]]] = [
-            {"answered": [], "drained": [], "cpu": [], "loop_cpu": [], "runq": []}
-            for _ in sides]
+            {"answered": [], "drained": [], "cpu": [], "loop_cpu": [], "runq": []} for _ in sides
+        ]
         for r in range(rounds):
             order = range(len(sides)) if r % 2 == 0 else reversed(range(len(sides)))
             for i in order:
                 d, c, ipr = sides[i]
                 before = schedstat(d.pid)
-                res = plugin.plugin_round(c, ipr, f"r{r}s{i}", per_round,
-                                          times={k: [] for k in plugin.CALLS}, threads=clients)
+                res = plugin.plugin_round(
+                    c,
+                    ipr,
+                    f"r{r}s{i}",
+                    per_round,
+                    times={k: [] for k in plugin.CALLS},
+                    threads=clients,
+                )
                 after = schedstat(d.pid)
                 n = res["n"]
                 stats[i]["answered"].append(res["answered_s"] / n * 1000)
@@ -66,8 +73,10 @@ def lifecycles(srcs: list[Path | None], rounds: int, per_round: int, clients: in
                 stats[i]["cpu"].append((after[0] - before[0]) / n / 1e6)
                 stats[i]["loop_cpu"].append((after[2] - before[2]) / n / 1e6)
                 stats[i]["runq"].append((after[1] - before[1]) / n / 1e6)
-    return {_label(s): {k: statistics.median(v) for k, v in st.items()}
-            for s, st in zip(srcs, stats, strict=True)}
+    return {
+        _label(s): {k: statistics.median(v) for k, v in st.items()}
+        for s, st in zip(srcs, stats, strict=True)
+    }
 
 
 def startups(srcs: list[Path | None], endpoints: int, repeats: int) -> dict[str, Any]:
@@ -105,11 +114,17 @@ def _label(src: Path | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", nargs="+", type=Path,
-                   help="directories holding a pouch_driver package; one = compare with the "
-                        "installed package")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.ab",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "src",
+        nargs="+",
+        type=Path,
+        help="directories holding a pouch_driver package; one = compare with the installed package",
+    )
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--per-round", type=int, default=40)
     p.add_argument("--clients", type=int, default=1, help="concurrent clients per side")
@@ -127,14 +142,18 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_lifecycles:
             res = lifecycles(srcs, args.rounds, args.per_round, args.clients)
             for label, st in res.items():
-                log(f"A/B lifecycles ({args.clients} client(s)) {label}: "
+                log(
+                    f"A/B lifecycles ({args.clients} client(s)) {label}: "
                     f"{st['answered']:.2f} ms answered, "
                     f"{st['drained']:.2f} ms drained, CPU {st['cpu']:.2f} ms (event loop "
-                    f"{st['loop_cpu']:.2f}), run-queue wait {st['runq']:.2f} ms per lifecycle")
+                    f"{st['loop_cpu']:.2f}), run-queue wait {st['runq']:.2f} ms per lifecycle"
+                )
         if args.startup:
             for label, st in startups(srcs, args.endpoints, 3).items():
-                log(f"A/B start-up with {args.endpoints} endpoints {label}: "
-                    f"{st['start_ms_median']:.0f} ms, idle RSS {st['idle_rss_kib'] / 1024:.1f} MiB")
+                log(
+                    f"A/B start-up with {args.endpoints} endpoints {label}: "
+                    f"{st['start_ms_median']:.0f} ms, idle RSS {st['idle_rss_kib'] / 1024:.1f} MiB"
+                )
         log(f"load {loadavg()}")
     finally:
         lock.release()

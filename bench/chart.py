@@ -16,14 +16,22 @@ POUCH, BRIDGE, FLOOR, OTHER = "#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f"
 def _bar_labels(ax: Any, bars: Any, fmt: str = "{:.0f}") -> None:
     for b in bars:
         h = b.get_height()
-        ax.annotate(fmt.format(h), (b.get_x() + b.get_width() / 2, h), ha="center",
-                    va="bottom", fontsize=7)
+        ax.annotate(
+            fmt.format(h), (b.get_x() + b.get_width() / 2, h), ha="center", va="bottom", fontsize=7
+        )
 
 
 def _missing(ax: Any, title: str) -> None:
     ax.set_title(title, fontsize=9)
-    ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center",
-            transform=ax.transAxes, color=OTHER)
+    ax.text(
+        0.5,
+        0.5,
+        "not measured in this run",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        color=OTHER,
+    )
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -34,27 +42,46 @@ def _docker_ops(ax: Any, r: dict[str, Any]) -> None:
         _missing(ax, "docker operations (Engine API)")
         return
     labels = ["connect", "disconnect", "run --rm"]
-    pouch = [cd["connect"]["pouch_ms"]["median"], cd["disconnect"]["pouch_ms"]["median"],
-             rr["api"]["pouch_ms"]["median"]]
-    bridge = [cd["connect"]["bridge_ms"]["median"], cd["disconnect"]["bridge_ms"]["median"],
-              rr["api"]["bridge_ms"]["median"]]
+    pouch = [
+        cd["connect"]["pouch_ms"]["median"],
+        cd["disconnect"]["pouch_ms"]["median"],
+        rr["api"]["pouch_ms"]["median"],
+    ]
+    bridge = [
+        cd["connect"]["bridge_ms"]["median"],
+        cd["disconnect"]["bridge_ms"]["median"],
+        rr["api"]["bridge_ms"]["median"],
+    ]
     x = range(len(labels))
     if "floor_ms" in cd["connect"]:  # the floor plugin: connect/disconnect only
         w = 0.27
         floor = [cd[op]["floor_ms"]["median"] for op in ("connect", "disconnect")]
-        _bar_labels(ax, ax.bar([i + w for i in x][:2], floor, w, label="floor plugin",
-                               color=FLOOR))
+        _bar_labels(ax, ax.bar([i + w for i in x][:2], floor, w, label="floor plugin", color=FLOOR))
     else:
         w = 0.4
-    _bar_labels(ax, ax.bar([i - w for i in x] if w < 0.4 else [i - 0.2 for i in x], pouch, w,
-                           label="pouch", color=POUCH))
-    _bar_labels(ax, ax.bar(list(x) if w < 0.4 else [i + 0.2 for i in x], bridge, w,
-                           label="bridge", color=BRIDGE))
-    ax.set_xticks(list(x), [f"{lab}\nx{p / b:.2f}" for lab, p, b in zip(labels, pouch, bridge,
-                                                                          strict=True)])
+    _bar_labels(
+        ax,
+        ax.bar(
+            [i - w for i in x] if w < 0.4 else [i - 0.2 for i in x],
+            pouch,
+            w,
+            label="pouch",
+            color=POUCH,
+        ),
+    )
+    _bar_labels(
+        ax,
+        ax.bar(
+            list(x) if w < 0.4 else [i + 0.2 for i in x], bridge, w, label="bridge", color=BRIDGE
+        ),
+    )
+    ax.set_xticks(
+        list(x), [f"{lab}\nx{p / b:.2f}" for lab, p, b in zip(labels, pouch, bridge, strict=True)]
+    )
     ax.set_ylabel("median ms")
-    ax.set_title(f"docker ops via Engine API ({cd['pairs']} / {rr['pairs']} interleaved pairs)",
-                 fontsize=9)
+    ax.set_title(
+        f"docker ops via Engine API ({cd['pairs']} / {rr['pairs']} interleaved pairs)", fontsize=9
+    )
     ax.legend(fontsize=7)
 
 
@@ -64,13 +91,17 @@ def _parallel(ax: Any, r: dict[str, Any]) -> None:
         _missing(ax, "containers started in parallel")
         return
     drivers = [d for d in ("pouch", "bridge", "floor") if f"{d}_wall_s" in par]
-    bars = ax.bar([d if d != "floor" else "floor plugin" for d in drivers],
-                  [par[f"{d}_wall_s"] for d in drivers],
-                  color=[POUCH, BRIDGE, FLOOR][:len(drivers)])
+    bars = ax.bar(
+        [d if d != "floor" else "floor plugin" for d in drivers],
+        [par[f"{d}_wall_s"] for d in drivers],
+        color=[POUCH, BRIDGE, FLOOR][: len(drivers)],
+    )
     _bar_labels(ax, bars, "{:.1f} s")
     ok = "/".join("ok" if par[f"{d}_all_ok"] else "FAIL" for d in drivers)
-    ax.set_title(f"{par['n']} containers started at once: mean wall s (x{par['ratio']:.2f}; "
-                 f"{ok})", fontsize=9)
+    ax.set_title(
+        f"{par['n']} containers started at once: mean wall s (x{par['ratio']:.2f}; {ok})",
+        fontsize=9,
+    )
     ax.set_ylabel("seconds")
 
 
@@ -84,20 +115,32 @@ def _endpoint(ax: Any, r: dict[str, Any]) -> None:
     colors = plt.get_cmap("Blues")
     for i, name in enumerate(calls):
         v = seq["per_call_ms"][name]["median"]
-        ax.bar(0, v, 0.6, bottom=bottom, color=colors(0.3 + 0.7 * i / len(calls)),
-               label=name)
+        ax.bar(0, v, 0.6, bottom=bottom, color=colors(0.3 + 0.7 * i / len(calls)), label=name)
         bottom += v
     bars = ax.bar(
         [1, 2, 3, 4],
-        [seq["plugin_ms_per_lifecycle_until_drained"], seq["floor_inline_ms_per_lifecycle"],
-         seq["floor_deferred_ms_per_lifecycle_answered"],
-         seq["floor_deferred_ms_per_lifecycle_until_drained"]],
-        0.6, color=[POUCH, FLOOR, FLOOR, FLOOR])
+        [
+            seq["plugin_ms_per_lifecycle_until_drained"],
+            seq["floor_inline_ms_per_lifecycle"],
+            seq["floor_deferred_ms_per_lifecycle_answered"],
+            seq["floor_deferred_ms_per_lifecycle_until_drained"],
+        ],
+        0.6,
+        color=[POUCH, FLOOR, FLOOR, FLOOR],
+    )
     _bar_labels(ax, bars, "{:.1f}")
     ax.annotate(f"{bottom:.1f}", (0, bottom), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks([0, 1, 2, 3, 4], ["plugin\nanswered\n(per call)", "plugin\nuntil veths\ngone",
-                                    "floor\ninline del", "floor\ndeferred\nanswered",
-                                    "floor\ndeferred\ndrained"], fontsize=7)
+    ax.set_xticks(
+        [0, 1, 2, 3, 4],
+        [
+            "plugin\nanswered\n(per call)",
+            "plugin\nuntil veths\ngone",
+            "floor\ninline del",
+            "floor\ndeferred\nanswered",
+            "floor\ndeferred\ndrained",
+        ],
+        fontsize=7,
+    )
     ax.set_ylabel("ms per lifecycle")
     ax.set_title(f"per endpoint, sequential ({seq['lifecycles']} lifecycles)", fontsize=9)
     ax.legend(fontsize=6, loc="upper right")
@@ -117,8 +160,15 @@ def _ipam(ax: Any, r: dict[str, Any]) -> None:
     ax2 = ax.twinx()
     ax2.plot([f"{int(m) // 1000}k" for m in marks], kib, "o-", color=BRIDGE)
     for m, k in zip(marks, kib, strict=True):
-        ax2.annotate(f"{k:.0f} KiB", (f"{int(m) // 1000}k", k), fontsize=7, color=BRIDGE,
-                     ha="right", textcoords="offset points", xytext=(-6, -12))
+        ax2.annotate(
+            f"{k:.0f} KiB",
+            (f"{int(m) // 1000}k", k),
+            fontsize=7,
+            color=BRIDGE,
+            ha="right",
+            textcoords="offset points",
+            xytext=(-6, -12),
+        )
     ax2.set_ylabel("traced memory KiB", color=BRIDGE)
     empty = r.get("ipam_inproc_empty_pool", {}).get("traced_bytes", {})
     extra = f"; empty /8 {empty.get('10.0.0.0/8', '?')} B vs /24 {empty.get('10.0.0.0/24', '?')} B"
@@ -131,14 +181,19 @@ def _startup(ax: Any, r: dict[str, Any]) -> None:
         _missing(ax, "start-up to first answer")
         return
     n = su["n_endpoints"]
-    vals = [su["empty"]["median_ms"], su["2000"]["median_ms"],
-            su["2000_veths_missing"]["start_ms"]]
-    bars = ax.bar(["empty", f"{n} endpoints", f"{n}, veths\nmissing"], vals,
-                  color=[OTHER, POUCH, POUCH])
+    vals = [su["empty"]["median_ms"], su["2000"]["median_ms"], su["2000_veths_missing"]["start_ms"]]
+    bars = ax.bar(
+        ["empty", f"{n} endpoints", f"{n}, veths\nmissing"], vals, color=[OTHER, POUCH, POUCH]
+    )
     _bar_labels(ax, bars, "{:.0f} ms")
     imp = su["import_floor_ms"]["import pouch_driver.server"]
-    ax.axhline(imp, color=FLOOR, linestyle="--", linewidth=1,
-               label=f"python + imports alone ({imp:.0f} ms)")
+    ax.axhline(
+        imp,
+        color=FLOOR,
+        linestyle="--",
+        linewidth=1,
+        label=f"python + imports alone ({imp:.0f} ms)",
+    )
     ax.legend(fontsize=7, loc="upper left")
     ax.set_ylabel("ms from process start")
     ax.set_title("start-up to first answered request", fontsize=9)
@@ -150,14 +205,17 @@ def _rss(ax: Any, r: dict[str, Any]) -> None:
         _missing(ax, "idle RSS")
         return
     n = r["startup"]["n_endpoints"]
-    vals = [rs["empty_kib"] / 1024, rs["with_2000_kib"] / 1024,
-            rs["with_2000_veths_missing_kib"] / 1024]
-    bars = ax.bar(["empty", f"{n} endpoints", f"{n}, veths\nmissing"], vals,
-                  color=[OTHER, POUCH, POUCH])
+    vals = [
+        rs["empty_kib"] / 1024,
+        rs["with_2000_kib"] / 1024,
+        rs["with_2000_veths_missing_kib"] / 1024,
+    ]
+    bars = ax.bar(
+        ["empty", f"{n} endpoints", f"{n}, veths\nmissing"], vals, color=[OTHER, POUCH, POUCH]
+    )
     _bar_labels(ax, bars, "{:.1f} MiB")
     ax.set_ylabel("VmRSS MiB")
-    ax.set_title(f"daemon idle RSS ({rs['kib_per_endpoint']:.1f} KiB per endpoint)",
-                 fontsize=9)
+    ax.set_title(f"daemon idle RSS ({rs['kib_per_endpoint']:.1f} KiB per endpoint)", fontsize=9)
 
 
 def render(doc: dict[str, Any], path: Path) -> None:
@@ -169,11 +227,16 @@ def render(doc: dict[str, Any], path: Path) -> None:
     _ipam(axes[1][0], r)
     _startup(axes[1][1], r)
     _rss(axes[1][2], r)
-    load = (meta.get("load_at_start", meta.get("load_before", ["?"]))[0],
-            meta.get("load_after", ["?"])[0])
-    fig.suptitle(f"pouch-driver benchmarks {meta.get('started', '')} "
-                 f"(commit {str(meta.get('commit', '?'))[:10]}; {meta.get('cpus', '?')} CPUs; "
-                 f"1-min load {load[0]} at the start, {load[1]} at the end)", fontsize=11)
+    load = (
+        meta.get("load_at_start", meta.get("load_before", ["?"]))[0],
+        meta.get("load_after", ["?"])[0],
+    )
+    fig.suptitle(
+        f"pouch-driver benchmarks {meta.get('started', '')} "
+        f"(commit {str(meta.get('commit', '?'))[:10]}; {meta.get('cpus', '?')} CPUs; "
+        f"1-min load {load[0]} at the start, {load[1]} at the end)",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

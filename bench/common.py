@@ -39,6 +39,7 @@ PLUGIN_PREFIX = "pb"
 # Statistics and the result record
 # ------------------------------------------------------------------------------------------
 
+
 def summary(seconds: Sequence[float]) -> dict[str, float]:
     """Milliseconds: n, median, p10, p90, mean, min, max (the raw list is kept separately)."""
     ms = sorted(s * 1000 for s in seconds)
@@ -49,8 +50,13 @@ def summary(seconds: Sequence[float]) -> dict[str, float]:
         return ms[min(len(ms) - 1, round(p * (len(ms) - 1)))]
 
     return {
-        "n": len(ms), "median": statistics.median(ms), "p10": pct(0.1), "p90": pct(0.9),
-        "mean": statistics.fmean(ms), "min": ms[0], "max": ms[-1],
+        "n": len(ms),
+        "median": statistics.median(ms),
+        "p10": pct(0.1),
+        "p90": pct(0.9),
+        "mean": statistics.fmean(ms),
+        "min": ms[0],
+        "max": ms[-1],
     }
 
 
@@ -116,8 +122,9 @@ class Record:
         print(f"[bench] note: {text}", flush=True)
 
     def to_json(self) -> str:
-        return json.dumps({"meta": self.meta, "results": self.results}, indent=1,
-                          sort_keys=False, default=str)
+        return json.dumps(
+            {"meta": self.meta, "results": self.results}, indent=1, sort_keys=False, default=str
+        )
 
 
 def log(msg: str) -> None:
@@ -127,6 +134,7 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------
 # Namespaces and leftovers
 # ------------------------------------------------------------------------------------------
+
 
 def run(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=timeout)
@@ -148,8 +156,11 @@ def pids_in_netns(name: str) -> list[int]:
     if ino is None:
         return []
     me = os.getpid()
-    return [int(p) for p in os.listdir("/proc")
-            if p.isdigit() and int(p) != me and _netns_inode(f"/proc/{p}/ns/net") == ino]
+    return [
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit() and int(p) != me and _netns_inode(f"/proc/{p}/ns/net") == ino
+    ]
 
 
 def kill_netns_processes(name: str) -> None:
@@ -215,6 +226,7 @@ def bench_lock() -> SessionLock:
 # ------------------------------------------------------------------------------------------
 # HTTP over a Unix socket (the plugin's protocol and the Engine API)
 # ------------------------------------------------------------------------------------------
+
 
 class UnixConnection(http.client.HTTPConnection):
     """``http.client`` over AF_UNIX: keep-alive, no event loop, ~50 us of client overhead."""
@@ -318,10 +330,23 @@ class Daemon:
         return self.proc.pid
 
     def argv(self) -> list[str]:
-        return ["nsenter", f"--net={NETNS_DIR / self.netns}", "--",
-                sys.executable, "-m", "pouch_driver", "serve", "--socket", str(self.socket),
-                "--state-dir", str(self.state_dir), "--prefix", self.prefix,
-                "--log-level", self.log_level]
+        return [
+            "nsenter",
+            f"--net={NETNS_DIR / self.netns}",
+            "--",
+            sys.executable,
+            "-m",
+            "pouch_driver",
+            "serve",
+            "--socket",
+            str(self.socket),
+            "--state-dir",
+            str(self.state_dir),
+            "--prefix",
+            self.prefix,
+            "--log-level",
+            self.log_level,
+        ]
 
     def spawn(self) -> float:
         """Start the process; return its ``perf_counter`` start time."""
@@ -336,8 +361,15 @@ class Daemon:
             out.flush()
             self.started_wall = time.time()
             t0 = time.perf_counter()
-            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=out, env=env, cwd=cwd, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
         return t0
 
     def wait_ready(self, t0: float, timeout: float = 120.0) -> float:

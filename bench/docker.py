@@ -67,10 +67,24 @@ class FloorPlugin:
         self.log_path = eng.base / "floor-plugin.log"
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                nsenter(eng.netns, [sys.executable, "-m", "bench.floor_plugin",
-                                           "--socket", str(self.socket), "--prefix", "pdf"]),
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=ROOT,
-                start_new_session=True)
+                nsenter(
+                    eng.netns,
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.floor_plugin",
+                        "--socket",
+                        str(self.socket),
+                        "--prefix",
+                        "pdf",
+                    ],
+                ),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                cwd=ROOT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 20
         while not self.socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -100,8 +114,9 @@ class DockerAPI:
             conn = self._local.conn = UnixConnection(self.sock)
         return conn
 
-    def request(self, method: str, path: str, body: Any = None,
-                conn: UnixConnection | None = None) -> tuple[int, Any]:
+    def request(
+        self, method: str, path: str, body: Any = None, conn: UnixConnection | None = None
+    ) -> tuple[int, Any]:
         c = conn or self._conn()
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -119,7 +134,8 @@ class DockerAPI:
 
 def connect_disconnect(api: DockerAPI, pairs: int, warmup: int = 2) -> dict[str, Any]:
     times: dict[str, dict[str, list[float]]] = {
-        d: {"connect": [], "disconnect": []} for d in WITH_FLOOR}
+        d: {"connect": [], "disconnect": []} for d in WITH_FLOOR
+    }
     for i in range(warmup + pairs):
         for driver, net in WITH_FLOOR.items():  # pouch, bridge, floor, pouch, ...
             t0 = time.perf_counter()
@@ -142,9 +158,11 @@ def connect_disconnect(api: DockerAPI, pairs: int, warmup: int = 2) -> dict[str,
 def run_rm_api(api: DockerAPI, image: str, net: str) -> float:
     """``docker run --rm --network net image true`` as the CLI does it, minus attach."""
     t0 = time.perf_counter()
-    doc = api.ok("POST", "/containers/create", {
-        "Image": image, "Cmd": ["true"],
-        "HostConfig": {"AutoRemove": True, "NetworkMode": net}})
+    doc = api.ok(
+        "POST",
+        "/containers/create",
+        {"Image": image, "Cmd": ["true"], "HostConfig": {"AutoRemove": True, "NetworkMode": net}},
+    )
     cid = doc["Id"]
     waiter = UnixConnection(api.sock)
     waiter.request("POST", f"{api.version}/containers/{cid}/wait?condition=removed")
@@ -175,8 +193,9 @@ def run_rm(eng: Engine, api: DockerAPI, pairs: int, cli_pairs: int) -> dict[str,
     return out
 
 
-def parallel_start(api: DockerAPI, eng: Engine, net: str, n: int, tag: str, *,
-                   plugin_pid: int | None) -> dict[str, Any]:
+def parallel_start(
+    api: DockerAPI, eng: Engine, net: str, n: int, tag: str, *, plugin_pid: int | None
+) -> dict[str, Any]:
     """n containers created and started at once; wall time until the last start returned."""
     barrier = threading.Barrier(n + 1)
     errors: list[str] = []
@@ -186,8 +205,11 @@ def parallel_start(api: DockerAPI, eng: Engine, net: str, n: int, tag: str, *,
     def one(i: int) -> None:
         barrier.wait()
         try:
-            status, doc = api.request("POST", f"/containers/create?name=pdb-{tag}-{i}", {
-                "Image": eng.image, "Cmd": list(SLEEPER), "HostConfig": {"NetworkMode": net}})
+            status, doc = api.request(
+                "POST",
+                f"/containers/create?name=pdb-{tag}-{i}",
+                {"Image": eng.image, "Cmd": list(SLEEPER), "HostConfig": {"NetworkMode": net}},
+            )
             if status != 201:
                 raise RuntimeError(f"create: {status} {doc}")
             with lock:
@@ -230,9 +252,17 @@ def parallel_start(api: DockerAPI, eng: Engine, net: str, n: int, tag: str, *,
     for t in rm:
         t.join()
     rm_wall = time.perf_counter() - t1
-    return {"n": n, "wall_s": wall, **cpu, "running_with_address": running,
-            "distinct_addresses": len(addresses), "errors": errors[:5],
-            "n_errors": len(errors), "remove_wall_s": rm_wall, "plugin_rss_kib": plugin_rss}
+    return {
+        "n": n,
+        "wall_s": wall,
+        **cpu,
+        "running_with_address": running,
+        "distinct_addresses": len(addresses),
+        "errors": errors[:5],
+        "n_errors": len(errors),
+        "remove_wall_s": rm_wall,
+        "plugin_rss_kib": plugin_rss,
+    }
 
 
 def _mean(rounds: list[dict[str, Any]], key: str) -> float:
@@ -256,9 +286,17 @@ def e2e_lock(rec: Record, lock_wait: float) -> SessionLock:
     return lock
 
 
-def run_all(rec: Record, *, pairs: int = 30, run_pairs: int = 15, cli_pairs: int = 3,
-            parallel: int = 50, parallel_rounds: int = 2, lock_wait: float = 3600,
-            locked: bool = False) -> None:
+def run_all(
+    rec: Record,
+    *,
+    pairs: int = 30,
+    run_pairs: int = 15,
+    cli_pairs: int = 3,
+    parallel: int = 50,
+    parallel_rounds: int = 2,
+    lock_wait: float = 3600,
+    locked: bool = False,
+) -> None:
     """``locked``: the caller already holds the e2e lock (``e2e_lock``)."""
     check_no_overlap(*SUBNETS.values())
     lock = None if locked else e2e_lock(rec, lock_wait)
@@ -275,9 +313,16 @@ def run_all(rec: Record, *, pairs: int = 30, run_pairs: int = 15, cli_pairs: int
             rec.meta["load_after_engine_start"] = loadavg()
             floor = FloorPlugin(eng)
             try:
-                _measure(rec, eng, floor, pairs=pairs, run_pairs=run_pairs,
-                         cli_pairs=cli_pairs, parallel=parallel,
-                         parallel_rounds=parallel_rounds)
+                _measure(
+                    rec,
+                    eng,
+                    floor,
+                    pairs=pairs,
+                    run_pairs=run_pairs,
+                    cli_pairs=cli_pairs,
+                    parallel=parallel,
+                    parallel_rounds=parallel_rounds,
+                )
             finally:
                 floor.close()
         finally:
@@ -287,13 +332,30 @@ def run_all(rec: Record, *, pairs: int = 30, run_pairs: int = 15, cli_pairs: int
             lock.release()
 
 
-def _measure(rec: Record, eng: Engine, floor: FloorPlugin, *, pairs: int, run_pairs: int,
-             cli_pairs: int, parallel: int, parallel_rounds: int) -> None:
+def _measure(
+    rec: Record,
+    eng: Engine,
+    floor: FloorPlugin,
+    *,
+    pairs: int,
+    run_pairs: int,
+    cli_pairs: int,
+    parallel: int,
+    parallel_rounds: int,
+) -> None:
     for driver, plugin in (("pouch", eng.plugin.name), ("floor", floor.name)):
-        eng.docker("network", "create", "-d", plugin, "--ipam-driver", plugin,
-                   "--subnet", SUBNETS[driver], WITH_FLOOR[driver])
-    eng.docker("network", "create", "-d", "bridge", "--subnet", SUBNETS["bridge"],
-               NETS["bridge"])
+        eng.docker(
+            "network",
+            "create",
+            "-d",
+            plugin,
+            "--ipam-driver",
+            plugin,
+            "--subnet",
+            SUBNETS[driver],
+            WITH_FLOOR[driver],
+        )
+    eng.docker("network", "create", "-d", "bridge", "--subnet", SUBNETS["bridge"], NETS["bridge"])
     eng.docker("run", "-d", "--name", HOME, eng.image, *SLEEPER, timeout=90)
     api = DockerAPI(str(eng.sock))
     api.version = "/v" + api.ok("GET", "/version")["ApiVersion"]
@@ -307,34 +369,44 @@ def _measure(rec: Record, eng: Engine, floor: FloorPlugin, *, pairs: int, run_pa
     rounds = pairs + 2
     data["plugin_calls_per_connect_disconnect"] = {
         k: {"calls": len(v) / rounds, "server_ms_total": sum(v) / rounds * 1000}
-        for k, v in sorted(calls.items())}
-    data["plugin_server_ms_per_connect_disconnect"] = sum(
-        sum(v) for v in calls.values()) / rounds * 1000
+        for k, v in sorted(calls.items())
+    }
+    data["plugin_server_ms_per_connect_disconnect"] = (
+        sum(sum(v) for v in calls.values()) / rounds * 1000
+    )
     for op in ("connect", "disconnect"):
         p, b, f = (summary(cd[d][op]) for d in ("pouch", "bridge", "floor"))
-        data[op] = {"pouch_ms": p, "bridge_ms": b, "ratio": ratio(p["median"], b["median"]),
-                    "floor_ms": f, "floor_ratio": ratio(f["median"], b["median"]),
-                    "pouch_over_floor": ratio(p["median"], f["median"]),
-                    "raw_pouch_ms": [x * 1000 for x in cd["pouch"][op]],
-                    "raw_bridge_ms": [x * 1000 for x in cd["bridge"][op]],
-                    "raw_floor_ms": [x * 1000 for x in cd["floor"][op]]}
+        data[op] = {
+            "pouch_ms": p,
+            "bridge_ms": b,
+            "ratio": ratio(p["median"], b["median"]),
+            "floor_ms": f,
+            "floor_ratio": ratio(f["median"], b["median"]),
+            "pouch_over_floor": ratio(p["median"], f["median"]),
+            "raw_pouch_ms": [x * 1000 for x in cd["pouch"][op]],
+            "raw_bridge_ms": [x * 1000 for x in cd["bridge"][op]],
+            "raw_floor_ms": [x * 1000 for x in cd["floor"][op]],
+        }
     data["pairs"] = pairs
     data["via"] = "Engine API over its Unix socket"
-    rec.put("docker_connect_disconnect", data,
-            f"docker network connect (API, median of {pairs} interleaved pairs): pouch "
-            f"{data['connect']['pouch_ms']['median']:.0f} ms vs bridge "
-            f"{data['connect']['bridge_ms']['median']:.0f} ms (ratio "
-            f"{data['connect']['ratio']:.2f}); disconnect pouch "
-            f"{data['disconnect']['pouch_ms']['median']:.0f} ms vs bridge "
-            f"{data['disconnect']['bridge_ms']['median']:.0f} ms (ratio "
-            f"{data['disconnect']['ratio']:.2f}); floor plugin (a remote driver answering "
-            f"from memory): connect {data['connect']['floor_ms']['median']:.0f} ms (ratio "
-            f"{data['connect']['floor_ratio']:.2f} to bridge), disconnect "
-            f"{data['disconnect']['floor_ms']['median']:.0f} ms (ratio "
-            f"{data['disconnect']['floor_ratio']:.2f}); plugin's own time (server side, "
-            f"{sum(c['calls'] for c in data['plugin_calls_per_connect_disconnect'].values()):.0f}"
-            f" calls) {data['plugin_server_ms_per_connect_disconnect']:.1f} ms per "
-            "connect+disconnect")
+    rec.put(
+        "docker_connect_disconnect",
+        data,
+        f"docker network connect (API, median of {pairs} interleaved pairs): pouch "
+        f"{data['connect']['pouch_ms']['median']:.0f} ms vs bridge "
+        f"{data['connect']['bridge_ms']['median']:.0f} ms (ratio "
+        f"{data['connect']['ratio']:.2f}); disconnect pouch "
+        f"{data['disconnect']['pouch_ms']['median']:.0f} ms vs bridge "
+        f"{data['disconnect']['bridge_ms']['median']:.0f} ms (ratio "
+        f"{data['disconnect']['ratio']:.2f}); floor plugin (a remote driver answering "
+        f"from memory): connect {data['connect']['floor_ms']['median']:.0f} ms (ratio "
+        f"{data['connect']['floor_ratio']:.2f} to bridge), disconnect "
+        f"{data['disconnect']['floor_ms']['median']:.0f} ms (ratio "
+        f"{data['disconnect']['floor_ratio']:.2f}); plugin's own time (server side, "
+        f"{sum(c['calls'] for c in data['plugin_calls_per_connect_disconnect'].values()):.0f}"
+        f" calls) {data['plugin_server_ms_per_connect_disconnect']:.1f} ms per "
+        "connect+disconnect",
+    )
 
     rr = run_rm(eng, api, run_pairs, cli_pairs)
     run_data: dict[str, Any] = {"pairs": run_pairs, "cli_pairs": cli_pairs}
@@ -342,16 +414,23 @@ def _measure(rec: Record, eng: Engine, floor: FloorPlugin, *, pairs: int, run_pa
         p, b = rr["pouch"][via], rr["bridge"][via]
         if not p:
             continue
-        run_data[via] = {"pouch_ms": summary(p), "bridge_ms": summary(b),
-                         "ratio": ratio(_med(p), _med(b))}
-    line = (f"docker run --rm (API: create+wait+start until removed, median of {run_pairs} "
-            f"interleaved pairs): pouch {run_data['api']['pouch_ms']['median']:.0f} ms vs "
-            f"bridge {run_data['api']['bridge_ms']['median']:.0f} ms (ratio "
-            f"{run_data['api']['ratio']:.2f})")
+        run_data[via] = {
+            "pouch_ms": summary(p),
+            "bridge_ms": summary(b),
+            "ratio": ratio(_med(p), _med(b)),
+        }
+    line = (
+        f"docker run --rm (API: create+wait+start until removed, median of {run_pairs} "
+        f"interleaved pairs): pouch {run_data['api']['pouch_ms']['median']:.0f} ms vs "
+        f"bridge {run_data['api']['bridge_ms']['median']:.0f} ms (ratio "
+        f"{run_data['api']['ratio']:.2f})"
+    )
     if "cli" in run_data:
-        line += (f"; via the CLI ({cli_pairs} pairs): pouch "
-                 f"{run_data['cli']['pouch_ms']['median']:.0f} ms vs bridge "
-                 f"{run_data['cli']['bridge_ms']['median']:.0f} ms")
+        line += (
+            f"; via the CLI ({cli_pairs} pairs): pouch "
+            f"{run_data['cli']['pouch_ms']['median']:.0f} ms vs bridge "
+            f"{run_data['cli']['bridge_ms']['median']:.0f} ms"
+        )
     rec.put("docker_run_rm", run_data, line)
 
     rounds: dict[str, list[dict[str, Any]]] = {d: [] for d in WITH_FLOOR}
@@ -360,29 +439,35 @@ def _measure(rec: Record, eng: Engine, floor: FloorPlugin, *, pairs: int, run_pa
         # ABCCBA: pouch, bridge, floor, floor, bridge, pouch, ... so no driver always goes first.
         order = list(WITH_FLOOR.items()) if r % 2 == 0 else list(reversed(WITH_FLOOR.items()))
         for driver, net in order:
-            rounds[driver].append(parallel_start(api, eng, net, parallel, f"{driver[0]}{r}",
-                                                 plugin_pid=pids[driver]))
+            rounds[driver].append(
+                parallel_start(api, eng, net, parallel, f"{driver[0]}{r}", plugin_pid=pids[driver])
+            )
     par: dict[str, Any] = {"n": parallel, "rounds": rounds}
     for driver in WITH_FLOOR:
         walls = [x["wall_s"] for x in rounds[driver]]
         par[f"{driver}_wall_s"] = sum(walls) / len(walls)
         par[f"{driver}_wall_s_rounds"] = walls
         par[f"{driver}_all_ok"] = all(
-            x["running_with_address"] == parallel and not x["n_errors"] for x in rounds[driver])
+            x["running_with_address"] == parallel and not x["n_errors"] for x in rounds[driver]
+        )
     par["ratio"] = ratio(par["pouch_wall_s"], par["bridge_wall_s"])
     par["floor_ratio"] = ratio(par["floor_wall_s"], par["bridge_wall_s"])
-    rec.put("docker_parallel", par,
-            f"{parallel} containers started in parallel (API, mean of {parallel_rounds} "
-            f"interleaved rounds): pouch {par['pouch_wall_s']:.1f} s "
-            f"({'all running with an address' if par['pouch_all_ok'] else 'FAILURES'}) vs bridge "
-            f"{par['bridge_wall_s']:.1f} s "
-            f"({'all running with an address' if par['bridge_all_ok'] else 'FAILURES'}); "
-            f"ratio {par['ratio']:.2f}; floor plugin {par['floor_wall_s']:.1f} s "
-            f"({'all running with an address' if par['floor_all_ok'] else 'FAILURES'}, ratio "
-            f"{par['floor_ratio']:.2f}); CPU of the plugin during a pouch round "
-            f"{_mean(rounds['pouch'], 'plugin_cpu_s'):.2f} s, of dockerd "
-            f"{_mean(rounds['pouch'], 'dockerd_cpu_s'):.1f} s (bridge round: dockerd "
-            f"{_mean(rounds['bridge'], 'dockerd_cpu_s'):.1f} s)")
+    rec.put(
+        "docker_parallel",
+        par,
+        f"{parallel} containers started in parallel (API, mean of {parallel_rounds} "
+        f"interleaved rounds): pouch {par['pouch_wall_s']:.1f} s "
+        f"({'all running with an address' if par['pouch_all_ok'] else 'FAILURES'}) vs bridge "
+        f"{par['bridge_wall_s']:.1f} s "
+        f"({'all running with an address' if par['bridge_all_ok'] else 'FAILURES'}); "
+        f"ratio {par['ratio']:.2f}; floor plugin {par['floor_wall_s']:.1f} s "
+        f"({'all running with an address' if par['floor_all_ok'] else 'FAILURES'}, ratio "
+        f"{par['floor_ratio']:.2f}); CPU of the plugin during a pouch round "
+        f"{_mean(rounds['pouch'], 'plugin_cpu_s'):.2f} s, of dockerd "
+        f"{_mean(rounds['pouch'], 'dockerd_cpu_s'):.1f} s (bridge round: dockerd "
+        f"{_mean(rounds['bridge'], 'dockerd_cpu_s'):.1f} s)",
+    )
     if eng.plugin.pid:
-        rec.results.setdefault("plugin_rss_kib", {})["docker_after_benchmarks"] = \
-            rss_kib(eng.plugin.pid)
+        rec.results.setdefault("plugin_rss_kib", {})["docker_after_benchmarks"] = rss_kib(
+            eng.plugin.pid
+        )

@@ -47,12 +47,15 @@ class Floor:
         self.endpoints: dict[str, tuple[str, str, str]] = {}  # endpoint -> (host, peer, net)
         self.calls: dict[str, Handler] = {
             "/Plugin.Activate": lambda _b: {"Implements": ["NetworkDriver", "IpamDriver"]},
-            "/NetworkDriver.GetCapabilities":
-                lambda _b: {"Scope": "local", "ConnectivityScope": "local"},
+            "/NetworkDriver.GetCapabilities": lambda _b: {
+                "Scope": "local",
+                "ConnectivityScope": "local",
+            },
             "/IpamDriver.GetCapabilities": lambda _b: {"RequiresMACAddress": False},
             "/IpamDriver.GetDefaultAddressSpaces": lambda _b: {
                 "LocalDefaultAddressSpace": "FloorLocal",
-                "GlobalDefaultAddressSpace": "FloorGlobal"},
+                "GlobalDefaultAddressSpace": "FloorGlobal",
+            },
             "/IpamDriver.RequestPool": self.request_pool,
             "/IpamDriver.RequestAddress": self.request_address,
             "/NetworkDriver.CreateNetwork": self.create_network,
@@ -62,12 +65,17 @@ class Floor:
             "/NetworkDriver.Join": self.join,
             "/NetworkDriver.EndpointOperInfo": lambda _b: {"Value": {}},
         }
-        for done in ("/IpamDriver.ReleasePool", "/IpamDriver.ReleaseAddress",
-                     "/NetworkDriver.Leave", "/NetworkDriver.AllocateNetwork",
-                     "/NetworkDriver.FreeNetwork", "/NetworkDriver.DiscoverNew",
-                     "/NetworkDriver.DiscoverDelete",
-                     "/NetworkDriver.ProgramExternalConnectivity",
-                     "/NetworkDriver.RevokeExternalConnectivity"):
+        for done in (
+            "/IpamDriver.ReleasePool",
+            "/IpamDriver.ReleaseAddress",
+            "/NetworkDriver.Leave",
+            "/NetworkDriver.AllocateNetwork",
+            "/NetworkDriver.FreeNetwork",
+            "/NetworkDriver.DiscoverNew",
+            "/NetworkDriver.DiscoverDelete",
+            "/NetworkDriver.ProgramExternalConnectivity",
+            "/NetworkDriver.RevokeExternalConnectivity",
+        ):
             self.calls[done] = lambda _b: {}
 
     @property
@@ -114,8 +122,14 @@ class Floor:
         mac = (body.get("Interface") or {}).get("MacAddress") or ""
         answer = {} if mac else {"Interface": {"MacAddress": (mac := _mac(n))}}
         _, master, _ = self.bridges[body["NetworkID"]]
-        self.ipr.link("add", ifname=host, kind="veth", master=master, state="up",
-                      peer={"ifname": peer, "address": mac})
+        self.ipr.link(
+            "add",
+            ifname=host,
+            kind="veth",
+            master=master,
+            state="up",
+            peer={"ifname": peer, "address": mac},
+        )
         self.endpoints[body["EndpointID"]] = (host, peer, body["NetworkID"])
         return answer
 
@@ -132,8 +146,10 @@ class Floor:
 
     def join(self, body: dict[str, Any]) -> dict[str, Any]:
         _, peer, net = self.endpoints[body["EndpointID"]]
-        return {"InterfaceName": {"SrcName": peer, "DstPrefix": "eth"},
-                "Gateway": self.bridges[net][2]}
+        return {
+            "InterfaceName": {"SrcName": peer, "DstPrefix": "eth"},
+            "Gateway": self.bridges[net][2],
+        }
 
 
 def _mac(n: int) -> str:
@@ -149,8 +165,10 @@ async def serve(floor: Floor, path: str) -> None:
                 head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
                 target = lines[0].split(" ")[1]
-                headers = {k.strip().lower(): v.strip() for k, _, v in
-                           (ln.partition(":") for ln in lines[1:] if ln)}
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
+                }
                 if headers.get("transfer-encoding", "").lower() == "chunked":
                     raw = bytearray()
                     while size := int((await reader.readline()).split(b";")[0], 16):
@@ -158,8 +176,9 @@ async def serve(floor: Floor, path: str) -> None:
                         await reader.readline()
                     await reader.readline()
                 else:
-                    raw = bytearray(await reader.readexactly(
-                        int(headers.get("content-length", "0"))))
+                    raw = bytearray(
+                        await reader.readexactly(int(headers.get("content-length", "0")))
+                    )
                 handler = floor.calls.get(target)
                 if handler is None:
                     status, doc = "404 Not Found", {"Err": f"{target}: not implemented"}
@@ -171,9 +190,13 @@ async def serve(floor: Floor, path: str) -> None:
                     except Exception as exc:  # noqa: BLE001 - the engine reads the Err
                         status, doc = "500 Internal Server Error", {"Err": repr(exc)}
                 out = json.dumps(doc).encode()
-                writer.write(b"HTTP/1.1 " + status.encode() + b"\r\nContent-Type: "
-                             b"application/json\r\nContent-Length: " + str(len(out)).encode()
-                             + b"\r\n\r\n" + out)
+                writer.write(
+                    b"HTTP/1.1 " + status.encode() + b"\r\nContent-Type: "
+                    b"application/json\r\nContent-Length: "
+                    + str(len(out)).encode()
+                    + b"\r\n\r\n"
+                    + out
+                )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass

@@ -41,9 +41,12 @@ def pool_and_first_address(rec: Record, repeats: int = 2000) -> None:
         pool_t.append(t1 - t0)
         addr_t.append(t2 - t1)
     p, a = summary(pool_t), summary(addr_t)
-    rec.put("ipam_inproc_slash8_first", {"request_pool": p, "first_request_address": a},
-            f"IPAM in-process: RequestPool /8 {p['median'] * 1000:.1f} us, first RequestAddress "
-            f"{a['median'] * 1000:.1f} us (median of {repeats})")
+    rec.put(
+        "ipam_inproc_slash8_first",
+        {"request_pool": p, "first_request_address": a},
+        f"IPAM in-process: RequestPool /8 {p['median'] * 1000:.1f} us, first RequestAddress "
+        f"{a['median'] * 1000:.1f} us (median of {repeats})",
+    )
 
 
 def allocations(rec: Record, total: int = MARKS[-1]) -> None:
@@ -84,20 +87,34 @@ def allocations(rec: Record, total: int = MARKS[-1]) -> None:
     tracemalloc.stop()
     del ipam
 
-    rec.put("ipam_inproc_allocations", {
-        "total": total, "seconds": total_s, "timing": timing, "traced_bytes": memory,
-        "bytes_per_allocation_at_100k": (memory.get("100000", 0) - memory["0"]) / total,
-    }, "IPAM in-process: " + ", ".join(
-        f"{int(m) // 1000}k: {t['us_per_alloc_last_1k']:.1f} us/alloc, "
-        f"{memory.get(m, 0) / 1024:.0f} KiB" for m, t in timing.items()
-    ) + f" (all {total} in {total_s:.2f} s)")
+    rec.put(
+        "ipam_inproc_allocations",
+        {
+            "total": total,
+            "seconds": total_s,
+            "timing": timing,
+            "traced_bytes": memory,
+            "bytes_per_allocation_at_100k": (memory.get("100000", 0) - memory["0"]) / total,
+        },
+        "IPAM in-process: "
+        + ", ".join(
+            f"{int(m) // 1000}k: {t['us_per_alloc_last_1k']:.1f} us/alloc, "
+            f"{memory.get(m, 0) / 1024:.0f} KiB"
+            for m, t in timing.items()
+        )
+        + f" (all {total} in {total_s:.2f} s)",
+    )
 
 
 def empty_pools(rec: Record) -> None:
     """Traced bytes of an Ipam holding one empty /8 vs one empty /24 (and /64, /48 for v6)."""
     out = {}
-    for net in (SLASH24, SLASH8, ipaddress.ip_network("fd00:1::/64"),
-                ipaddress.ip_network("fd00:2::/48")):
+    for net in (
+        SLASH24,
+        SLASH8,
+        ipaddress.ip_network("fd00:1::/64"),
+        ipaddress.ip_network("fd00:2::/48"),
+    ):
         gc.collect()
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
@@ -107,10 +124,13 @@ def empty_pools(rec: Record) -> None:
         out[str(net)] = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
         del ipam, base
-    rec.put("ipam_inproc_empty_pool", {"traced_bytes": out},
-            "IPAM in-process: empty pool costs "
-            + ", ".join(f"{k} {v} B" for k, v in out.items())
-            + f"; /8 vs /24 ratio {out[str(SLASH8)] / out[str(SLASH24)]:.2f}")
+    rec.put(
+        "ipam_inproc_empty_pool",
+        {"traced_bytes": out},
+        "IPAM in-process: empty pool costs "
+        + ", ".join(f"{k} {v} B" for k, v in out.items())
+        + f"; /8 vs /24 ratio {out[str(SLASH8)] / out[str(SLASH24)]:.2f}",
+    )
 
 
 def run_all(rec: Record) -> None:

@@ -38,8 +38,7 @@ from .common import (
     workdir,
 )
 
-CALLS = ("RequestAddress", "CreateEndpoint", "Join", "Leave", "DeleteEndpoint",
-         "ReleaseAddress")
+CALLS = ("RequestAddress", "CreateEndpoint", "Join", "Leave", "DeleteEndpoint", "ReleaseAddress")
 SUBNET = "10.77.0.0/16"
 SPACE = "PouchLocal"
 POOL_ID = f"{SPACE}/{SUBNET}"
@@ -52,37 +51,52 @@ def eid(tag: str, i: int) -> str:
 
 
 def setup_network(c: PluginClient) -> None:
-    c.call("IpamDriver.RequestPool", {"AddressSpace": SPACE, "Pool": SUBNET, "SubPool": "",
-                                      "Options": {}, "V6": False})
-    gw = c.call("IpamDriver.RequestAddress", {
-        "PoolID": POOL_ID, "Address": "",
-        "Options": {"RequestAddressType": "com.docker.network.gateway"}})
-    c.call("NetworkDriver.CreateNetwork", {
-        "NetworkID": NID, "Options": {"com.docker.network.generic": {}},
-        "IPv4Data": [{"AddressSpace": SPACE, "Pool": SUBNET, "Gateway": gw["Address"]}],
-        "IPv6Data": []})
+    c.call(
+        "IpamDriver.RequestPool",
+        {"AddressSpace": SPACE, "Pool": SUBNET, "SubPool": "", "Options": {}, "V6": False},
+    )
+    gw = c.call(
+        "IpamDriver.RequestAddress",
+        {
+            "PoolID": POOL_ID,
+            "Address": "",
+            "Options": {"RequestAddressType": "com.docker.network.gateway"},
+        },
+    )
+    c.call(
+        "NetworkDriver.CreateNetwork",
+        {
+            "NetworkID": NID,
+            "Options": {"com.docker.network.generic": {}},
+            "IPv4Data": [{"AddressSpace": SPACE, "Pool": SUBNET, "Gateway": gw["Address"]}],
+            "IPv6Data": [],
+        },
+    )
 
 
 def lifecycle(c: PluginClient, endpoint_id: str, times: dict[str, list[float]]) -> None:
     """The six calls of one container's endpoint, timed one by one."""
-    t, doc = c.timed("IpamDriver.RequestAddress",
-                     {"PoolID": POOL_ID, "Address": "", "Options": None})
+    t, doc = c.timed(
+        "IpamDriver.RequestAddress", {"PoolID": POOL_ID, "Address": "", "Options": None}
+    )
     times["RequestAddress"].append(t)
     addr = doc["Address"]
     ep = {"NetworkID": NID, "EndpointID": endpoint_id}
-    t, _ = c.timed("NetworkDriver.CreateEndpoint", {
-        **ep, "Interface": {"Address": addr, "AddressIPv6": "", "MacAddress": ""},
-        "Options": {}})
+    t, _ = c.timed(
+        "NetworkDriver.CreateEndpoint",
+        {**ep, "Interface": {"Address": addr, "AddressIPv6": "", "MacAddress": ""}, "Options": {}},
+    )
     times["CreateEndpoint"].append(t)
-    t, _ = c.timed("NetworkDriver.Join", {
-        **ep, "SandboxKey": f"/var/run/docker/netns/{endpoint_id[:12]}", "Options": {}})
+    t, _ = c.timed(
+        "NetworkDriver.Join",
+        {**ep, "SandboxKey": f"/var/run/docker/netns/{endpoint_id[:12]}", "Options": {}},
+    )
     times["Join"].append(t)
     t, _ = c.timed("NetworkDriver.Leave", ep)
     times["Leave"].append(t)
     t, _ = c.timed("NetworkDriver.DeleteEndpoint", ep)
     times["DeleteEndpoint"].append(t)
-    t, _ = c.timed("IpamDriver.ReleaseAddress",
-                   {"PoolID": POOL_ID, "Address": addr.split("/")[0]})
+    t, _ = c.timed("IpamDriver.ReleaseAddress", {"PoolID": POOL_ID, "Address": addr.split("/")[0]})
     times["ReleaseAddress"].append(t)
 
 
@@ -100,8 +114,9 @@ def wait_gone(ipr: Any, prefixes: tuple[str, ...], timeout: float = 60.0) -> flo
     return time.perf_counter()
 
 
-def plugin_round(c: PluginClient, ipr: Any, tag: str, n: int, *,
-                 times: dict[str, list[float]], threads: int = 1) -> dict[str, float]:
+def plugin_round(
+    c: PluginClient, ipr: Any, tag: str, n: int, *, times: dict[str, list[float]], threads: int = 1
+) -> dict[str, float]:
     """n lifecycles (split over ``threads`` clients); time answered and time drained."""
     prefixes = (f"{PLUGIN_PREFIX}h", f"{PLUGIN_PREFIX}c")
     t0 = time.perf_counter()
@@ -161,8 +176,16 @@ class Deleter:
         return time.perf_counter()
 
 
-def floor_round(netns_name: str, tag: str, n: int, *, create: list[float],
-                delete: list[float], threads: int = 1, deferred: bool = False) -> dict[str, float]:
+def floor_round(
+    netns_name: str,
+    tag: str,
+    n: int,
+    *,
+    create: list[float],
+    delete: list[float],
+    threads: int = 1,
+    deferred: bool = False,
+) -> dict[str, float]:
     """The same kernel work straight through pyroute2: veth on the bridge, up; delete.
 
     ``deferred``: deletes go to 4 worker threads (the plugin's strategy) instead of inline;
@@ -178,8 +201,14 @@ def floor_round(netns_name: str, tag: str, n: int, *, create: list[float],
             for i in range(count):
                 host, peer = f"flh{tag}{k}x{i}", f"flc{tag}{k}x{i}"
                 t_a = time.perf_counter()
-                ipr.link("add", ifname=host, kind="veth", master=master, state="up",
-                         peer={"ifname": peer, "address": f"02:50:0a:4d:{k:02x}:{i % 256:02x}"})
+                ipr.link(
+                    "add",
+                    ifname=host,
+                    kind="veth",
+                    master=master,
+                    state="up",
+                    peer={"ifname": peer, "address": f"02:50:0a:4d:{k:02x}:{i % 256:02x}"},
+                )
                 t_b = time.perf_counter()
                 out_c.append(t_b - t_a)
                 if deleter is not None:
@@ -238,8 +267,17 @@ def endpoint_lifecycles(rec: Record, ns: str, d: Daemon, rounds: int, per_round:
         c.close()
 
 
-def _lifecycles(rec: Record, ns: str, d: Daemon, c: PluginClient, ipr: Any, *, rounds: int,
-                per_round: int, threads: int) -> None:
+def _lifecycles(
+    rec: Record,
+    ns: str,
+    d: Daemon,
+    c: PluginClient,
+    ipr: Any,
+    *,
+    rounds: int,
+    per_round: int,
+    threads: int,
+) -> None:
     """Rounds of plugin, floor (inline delete), floor (deferred delete), interleaved."""
     kind = "sequential" if threads == 1 else f"{threads} concurrent clients"
     times: dict[str, list[float]] = {name: [] for name in CALLS}
@@ -257,10 +295,12 @@ def _lifecycles(rec: Record, ns: str, d: Daemon, c: PluginClient, ipr: Any, *, r
         after, mine2 = schedstat(d.pid), time.process_time()
         cpu = [x + b - a for x, a, b in zip(cpu, before, after, strict=True)]
         client_cpu += mine2 - mine
-        s_r.append(floor_round(ns, f"{tag}{r}i", per_round, create=sc, delete=sd,
-                               threads=threads))
-        d_r.append(floor_round(ns, f"{tag}{r}d", per_round, create=dc, delete=[],
-                               threads=threads, deferred=True))
+        s_r.append(floor_round(ns, f"{tag}{r}i", per_round, create=sc, delete=sd, threads=threads))
+        d_r.append(
+            floor_round(
+                ns, f"{tag}{r}d", per_round, create=dc, delete=[], threads=threads, deferred=True
+            )
+        )
         floor_cpu += time.process_time() - mine2
     per_call = {name: summary(v) for name, v in times.items()}
     server = d.server_times(log_mark)
@@ -270,17 +310,21 @@ def _lifecycles(rec: Record, ns: str, d: Daemon, c: PluginClient, ipr: Any, *, r
     f_inline = _per(s_r, "drained_s")
     f_ans, f_dr = _per(d_r, "answered_s"), _per(d_r, "drained_s")
     data = {
-        "clients": threads, "lifecycles": n, "rounds": rounds,
+        "clients": threads,
+        "lifecycles": n,
+        "rounds": rounds,
         "per_call_ms": per_call,
         "server_side_ms": server_side,
         "transport_and_client_ms": {
             name: per_call[name]["median"] - server_side[name].get("median", float("nan"))
-            for name in CALLS},
+            for name in CALLS
+        },
         "lifecycle_sum_of_medians_ms": sum(per_call[name]["median"] for name in CALLS),
         "plugin_ms_per_lifecycle_answered": p_ans * 1000,
         "plugin_ms_per_lifecycle_until_drained": p_dr * 1000,
         "floor_inline_ms_per_lifecycle": f_inline * 1000,
-        "floor_inline_create_ms": summary(sc), "floor_inline_delete_ms": summary(sd),
+        "floor_inline_create_ms": summary(sc),
+        "floor_inline_delete_ms": summary(sd),
         "floor_deferred_ms_per_lifecycle_answered": f_ans * 1000,
         "floor_deferred_ms_per_lifecycle_until_drained": f_dr * 1000,
         "floor_deferred_create_ms": summary(dc),
@@ -288,10 +332,12 @@ def _lifecycles(rec: Record, ns: str, d: Daemon, c: PluginClient, ipr: Any, *, r
         "ratio_drained_vs_floor_deferred_drained": ratio(p_dr, f_dr),
         "ratio_drained_vs_floor_inline": ratio(p_dr, f_inline),
         "plugin_cpu_ms_per_lifecycle": {
-            "daemon_all_threads": cpu[0] / n / 1e6, "daemon_event_loop_thread": cpu[2] / n / 1e6,
+            "daemon_all_threads": cpu[0] / n / 1e6,
+            "daemon_event_loop_thread": cpu[2] / n / 1e6,
             "daemon_runqueue_wait": cpu[1] / n / 1e6,
             "daemon_event_loop_runqueue_wait": cpu[3] / n / 1e6,
-            "client_incl_drain_polling": client_cpu / n * 1000},
+            "client_incl_drain_polling": client_cpu / n * 1000,
+        },
         # Both floor variants ran 2n lifecycles in this process (pyroute2 + syscalls).
         "floor_cpu_ms_per_lifecycle": floor_cpu / (2 * n) * 1000,
         "plugin_lifecycles_per_s_until_drained": 1 / p_dr,
@@ -299,16 +345,19 @@ def _lifecycles(rec: Record, ns: str, d: Daemon, c: PluginClient, ipr: Any, *, r
         "rounds_detail": {"plugin": p_r, "floor_inline": s_r, "floor_deferred": d_r},
     }
     key = "endpoint_sequential" if threads == 1 else "endpoint_concurrent"
-    rec.put(key, data,
-            f"per endpoint ({kind}, {n} lifecycles): plugin {_ms(p_ans)}/lifecycle answered ("
-            + ", ".join(f"{name} {per_call[name]['median']:.2f}" for name in CALLS)
-            + f" ms medians), {_ms(p_dr)} until veths gone | kernel floor: inline delete "
-            f"{_ms(f_inline)}, deferred delete {_ms(f_ans)} answered / {_ms(f_dr)} drained | "
-            f"plugin/floor: answered {ratio(p_ans, f_ans):.2f}x, drained {ratio(p_dr, f_dr):.2f}x"
-            f" (vs inline floor {ratio(p_dr, f_inline):.2f}x) | CPU/lifecycle: daemon "
-            f"{cpu[0] / n / 1e6:.2f} ms (event loop {cpu[2] / n / 1e6:.2f}), floor "
-            f"{floor_cpu / (2 * n) * 1000:.2f} ms; daemon run-queue wait "
-            f"{cpu[1] / n / 1e6:.2f} ms")
+    rec.put(
+        key,
+        data,
+        f"per endpoint ({kind}, {n} lifecycles): plugin {_ms(p_ans)}/lifecycle answered ("
+        + ", ".join(f"{name} {per_call[name]['median']:.2f}" for name in CALLS)
+        + f" ms medians), {_ms(p_dr)} until veths gone | kernel floor: inline delete "
+        f"{_ms(f_inline)}, deferred delete {_ms(f_ans)} answered / {_ms(f_dr)} drained | "
+        f"plugin/floor: answered {ratio(p_ans, f_ans):.2f}x, drained {ratio(p_dr, f_dr):.2f}x"
+        f" (vs inline floor {ratio(p_dr, f_inline):.2f}x) | CPU/lifecycle: daemon "
+        f"{cpu[0] / n / 1e6:.2f} ms (event loop {cpu[2] / n / 1e6:.2f}), floor "
+        f"{floor_cpu / (2 * n) * 1000:.2f} ms; daemon run-queue wait "
+        f"{cpu[1] / n / 1e6:.2f} ms",
+    )
 
 
 def ipam_over_socket(rec: Record, d: Daemon, repeats: int = 20, allocs: int = 1000) -> None:
@@ -319,48 +368,74 @@ def ipam_over_socket(rec: Record, d: Daemon, repeats: int = 20, allocs: int = 10
         for pool in ("10.0.0.0/8", "10.0.0.0/24"):
             tp, ta = [], []
             for _ in range(repeats):
-                t, doc = c.timed("IpamDriver.RequestPool", {
-                    "AddressSpace": "PouchGlobal", "Pool": pool, "SubPool": "", "Options": {},
-                    "V6": False})
+                t, doc = c.timed(
+                    "IpamDriver.RequestPool",
+                    {
+                        "AddressSpace": "PouchGlobal",
+                        "Pool": pool,
+                        "SubPool": "",
+                        "Options": {},
+                        "V6": False,
+                    },
+                )
                 tp.append(t)
-                t, got = c.timed("IpamDriver.RequestAddress",
-                                 {"PoolID": doc["PoolID"], "Address": "", "Options": None})
+                t, got = c.timed(
+                    "IpamDriver.RequestAddress",
+                    {"PoolID": doc["PoolID"], "Address": "", "Options": None},
+                )
                 ta.append(t)
-                c.call("IpamDriver.ReleaseAddress",
-                       {"PoolID": doc["PoolID"], "Address": got["Address"].split("/")[0]})
+                c.call(
+                    "IpamDriver.ReleaseAddress",
+                    {"PoolID": doc["PoolID"], "Address": got["Address"].split("/")[0]},
+                )
                 c.call("IpamDriver.ReleasePool", {"PoolID": doc["PoolID"]})
             out[pool] = {"request_pool_ms": summary(tp), "first_request_address_ms": summary(ta)}
-        doc = c.call("IpamDriver.RequestPool", {"AddressSpace": "PouchGlobal",
-                                                "Pool": "10.0.0.0/8", "SubPool": "",
-                                                "Options": {}, "V6": False})
+        doc = c.call(
+            "IpamDriver.RequestPool",
+            {
+                "AddressSpace": "PouchGlobal",
+                "Pool": "10.0.0.0/8",
+                "SubPool": "",
+                "Options": {},
+                "V6": False,
+            },
+        )
         rss0 = d.rss_kib()
         ts = []
         for _ in range(allocs):
-            t, _ = c.timed("IpamDriver.RequestAddress",
-                           {"PoolID": doc["PoolID"], "Address": "", "Options": None})
+            t, _ = c.timed(
+                "IpamDriver.RequestAddress",
+                {"PoolID": doc["PoolID"], "Address": "", "Options": None},
+            )
             ts.append(t)
         rss1 = d.rss_kib()
         c.call("IpamDriver.ReleasePool", {"PoolID": doc["PoolID"]})
-        out["allocations"] = {"n": allocs, "request_address_ms": summary(ts),
-                              "last_100_ms": summary(ts[-100:]),
-                              "rss_kib_before": rss0, "rss_kib_after": rss1}
+        out["allocations"] = {
+            "n": allocs,
+            "request_address_ms": summary(ts),
+            "last_100_ms": summary(ts[-100:]),
+            "rss_kib_before": rss0,
+            "rss_kib_after": rss1,
+        }
         s8 = out["10.0.0.0/8"]
         s24 = out["10.0.0.0/24"]
-        rec.put("ipam_socket", out,
-                f"IPAM over the socket: RequestPool /8 {s8['request_pool_ms']['median']:.2f} ms "
-                f"+ first RequestAddress {s8['first_request_address_ms']['median']:.2f} ms "
-                f"(/24: {s24['request_pool_ms']['median']:.2f} + "
-                f"{s24['first_request_address_ms']['median']:.2f} ms, ratio /8:/24 "
-                f"{ratio(s8['request_pool_ms']['median'], s24['request_pool_ms']['median']):.2f})"
-                f"; {allocs} addresses in the /8: median "
-                f"{out['allocations']['request_address_ms']['median']:.2f} ms, last 100 "
-                f"{out['allocations']['last_100_ms']['median']:.2f} ms, RSS +{rss1 - rss0} KiB")
+        rec.put(
+            "ipam_socket",
+            out,
+            f"IPAM over the socket: RequestPool /8 {s8['request_pool_ms']['median']:.2f} ms "
+            f"+ first RequestAddress {s8['first_request_address_ms']['median']:.2f} ms "
+            f"(/24: {s24['request_pool_ms']['median']:.2f} + "
+            f"{s24['first_request_address_ms']['median']:.2f} ms, ratio /8:/24 "
+            f"{ratio(s8['request_pool_ms']['median'], s24['request_pool_ms']['median']):.2f})"
+            f"; {allocs} addresses in the /8: median "
+            f"{out['allocations']['request_address_ms']['median']:.2f} ms, last 100 "
+            f"{out['allocations']['last_100_ms']['median']:.2f} ms, RSS +{rss1 - rss0} KiB",
+        )
     finally:
         c.close()
 
 
-def run_all(rec: Record, *, src: Path | None = None, rounds: int = 4,
-            per_round: int = 50) -> None:
+def run_all(rec: Record, *, src: Path | None = None, rounds: int = 4, per_round: int = 50) -> None:
     check_no_overlap(SUBNET, "10.0.0.0/8")
     with netns() as ns, workdir() as base:
         d = Daemon(ns, base, src=src)
@@ -370,9 +445,7 @@ def run_all(rec: Record, *, src: Path | None = None, rounds: int = 4,
             rss_start = d.rss_kib()
             ipam_over_socket(rec, d)
             endpoint_lifecycles(rec, ns, d, rounds, per_round)
-            rec.results.setdefault("plugin_rss_kib", {})["after_endpoint_benchmarks"] = \
-                d.rss_kib()
+            rec.results.setdefault("plugin_rss_kib", {})["after_endpoint_benchmarks"] = d.rss_kib()
             rec.results["plugin_rss_kib"]["at_start_of_endpoint_benchmarks"] = rss_start
         finally:
             d.stop()
-

@@ -74,27 +74,40 @@ def build_state(n_endpoints: int) -> tuple[list[Network], list[Endpoint], list[s
         subnet = _subnet(k)
         gw = ipaddress.IPv4Interface((int(subnet.network_address) + 1, subnet.prefixlen))
         net = Network(
-            network_id=nid, bridge=names.bridge(nid), bridge_owned=True,
+            network_id=nid,
+            bridge=names.bridge(nid),
+            bridge_owned=True,
             options=NetworkOptions(),
             ipv4=(IPAMData(address_space=LOCAL_ADDRESS_SPACE, pool=subnet, gateway=gw),),
         )
-        pool = Pool(pool_id=f"{LOCAL_ADDRESS_SPACE}/{subnet}",
-                    address_space=LOCAL_ADDRESS_SPACE, network=subnet)
+        pool = Pool(
+            pool_id=f"{LOCAL_ADDRESS_SPACE}/{subnet}",
+            address_space=LOCAL_ADDRESS_SPACE,
+            network=subnet,
+        )
         nets.append(net)
-        ops += [st.PutNetwork(net), st.PutPool(pool),
-                st.PutAddress(pool.pool_id, int(gw.ip), 4, "gateway", int(gw.ip) + 1)]
+        ops += [
+            st.PutNetwork(net),
+            st.PutPool(pool),
+            st.PutAddress(pool.pool_id, int(gw.ip), 4, "gateway", int(gw.ip) + 1),
+        ]
         for i in range(per):
             eid = hashlib.sha256(f"startup-ep-{k}-{i}".encode()).hexdigest()
-            addr = ipaddress.IPv4Interface((int(subnet.network_address) + 2 + i,
-                                            subnet.prefixlen))
+            addr = ipaddress.IPv4Interface((int(subnet.network_address) + 2 + i, subnet.prefixlen))
             ep = Endpoint(
-                endpoint_id=eid, network_id=nid, host_ifname=names.host_veth(eid),
-                container_ifname=names.container_veth(eid), mac=endpoint_mac(eid, addr),
-                address=addr, sandbox_key=f"/var/run/docker/netns/{eid[:12]}",
+                endpoint_id=eid,
+                network_id=nid,
+                host_ifname=names.host_veth(eid),
+                container_ifname=names.container_veth(eid),
+                mac=endpoint_mac(eid, addr),
+                address=addr,
+                sandbox_key=f"/var/run/docker/netns/{eid[:12]}",
             )
             eps.append(ep)
-            ops += [st.PutAddress(pool.pool_id, int(addr.ip), 4, "address", int(addr.ip) + 1),
-                    st.PutEndpoint(ep)]
+            ops += [
+                st.PutAddress(pool.pool_id, int(addr.ip), 4, "address", int(addr.ip) + 1),
+                st.PutEndpoint(ep),
+            ]
     return nets, eps, ops
 
 
@@ -120,9 +133,14 @@ def build_kernel(ns: str, sandbox: str, nets: list[Network], eps: list[Endpoint]
             ipr.link("set", index=idx, state="up")
             index[net.network_id] = idx
         for ep in eps:
-            ipr.link("add", ifname=ep.host_ifname, kind="veth", master=index[ep.network_id],
-                     state="up", peer={"ifname": ep.container_ifname, "address": ep.mac,
-                                             "net_ns_fd": sandbox})
+            ipr.link(
+                "add",
+                ifname=ep.host_ifname,
+                kind="veth",
+                master=index[ep.network_id],
+                state="up",
+                peer={"ifname": ep.container_ifname, "address": ep.mac, "net_ns_fd": sandbox},
+            )
     finally:
         ipr.close()
     return time.perf_counter() - t0
@@ -180,22 +198,28 @@ def import_floor(repeats: int = 5) -> dict[str, float]:
     ``repeats``: a floor, not a typical value.
     """
     out = {}
-    for label, code in (("python -c pass", ""),
-                        ("import pouch_driver.server",
-                         "import pouch_driver.server, pouch_driver.http.app")):
+    for label, code in (
+        ("python -c pass", ""),
+        ("import pouch_driver.server", "import pouch_driver.server, pouch_driver.http.app"),
+    ):
         ts = []
         for _ in range(repeats):
             t0 = time.time()
             done = subprocess.run(
                 [sys.executable, "-c", f"{code}\nimport time\nprint(time.time())"],
-                check=True, capture_output=True, text=True, cwd=ROOT).stdout
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            ).stdout
             ts.append(float(done) - t0)
         out[label] = min(ts) * 1000
     return out
 
 
-def run_all(rec: Record, *, src: Path | None = None, n_endpoints: int = 2000,
-            restarts: int = 3) -> None:
+def run_all(
+    rec: Record, *, src: Path | None = None, n_endpoints: int = 2000, restarts: int = 3
+) -> None:
     check_no_overlap(*(str(_subnet(k)) for k in range(NETWORKS)))
     nets, eps, ops = build_state(n_endpoints)
     results: dict[str, Any] = {"import_floor_ms": import_floor()}
@@ -228,7 +252,9 @@ def run_all(rec: Record, *, src: Path | None = None, n_endpoints: int = 2000,
             rss = d.rss_kib()
             d.stop()
             results["2000_veths_missing"] = {
-                "start_ms": t * 1000, "phases_s": phases, "idle_rss_kib": rss,
+                "start_ms": t * 1000,
+                "phases_s": phases,
+                "idle_rss_kib": rss,
                 "endpoints_after_start": len(status.get("Endpoints") or []),
             }
 
@@ -236,23 +262,37 @@ def run_all(rec: Record, *, src: Path | None = None, n_endpoints: int = 2000,
     results["n_endpoints"] = n_endpoints
     results["ratio_2000_vs_empty"] = f["median_ms"] / e["median_ms"]
     results["rss_kib_per_endpoint"] = (f["idle_rss_kib"] - e["idle_rss_kib"]) / n_endpoints
-    rec.put("startup", results,
-            f"start-up to first answer: empty store {e['median_ms']:.0f} ms, {n_endpoints} "
-            f"endpoints {f['median_ms']:.0f} ms (ratio {results['ratio_2000_vs_empty']:.2f}; "
-            f"kept {f['endpoints_after_start']}), {n_endpoints} with veths missing "
-            f"{m['start_ms']:.0f} ms (kept {m['endpoints_after_start']}); python+imports alone "
-            f"{results['import_floor_ms']['import pouch_driver.server']:.0f} ms")
-    rec.put("sweep", {
-        "empty": e["sweep"], "with_endpoints": f["sweep"], "gc_interval_s": 30.0,
-        "core_percent_at_default_interval": f["sweep"]["cpu_ms"] / 30_000 * 100,
-    }, f"periodic sweep (a dry-run reconcile, every 30 s by default): empty "
-       f"{e['sweep']['wall_ms']:.0f} ms, with {n_endpoints} endpoints "
-       f"{f['sweep']['wall_ms']:.0f} ms wall / {f['sweep']['cpu_ms']:.0f} ms CPU "
-       f"(= {f['sweep']['cpu_ms'] / 30_000 * 100:.1f}% of a core at the default interval)")
-    rec.put("idle_rss", {
-        "empty_kib": e["idle_rss_kib"], "with_2000_kib": f["idle_rss_kib"],
-        "with_2000_veths_missing_kib": m["idle_rss_kib"],
-        "kib_per_endpoint": results["rss_kib_per_endpoint"],
-    }, f"idle RSS: empty {e['idle_rss_kib'] / 1024:.1f} MiB, with {n_endpoints} endpoints "
-       f"{f['idle_rss_kib'] / 1024:.1f} MiB (+{results['rss_kib_per_endpoint']:.1f} "
-       f"KiB/endpoint)")
+    rec.put(
+        "startup",
+        results,
+        f"start-up to first answer: empty store {e['median_ms']:.0f} ms, {n_endpoints} "
+        f"endpoints {f['median_ms']:.0f} ms (ratio {results['ratio_2000_vs_empty']:.2f}; "
+        f"kept {f['endpoints_after_start']}), {n_endpoints} with veths missing "
+        f"{m['start_ms']:.0f} ms (kept {m['endpoints_after_start']}); python+imports alone "
+        f"{results['import_floor_ms']['import pouch_driver.server']:.0f} ms",
+    )
+    rec.put(
+        "sweep",
+        {
+            "empty": e["sweep"],
+            "with_endpoints": f["sweep"],
+            "gc_interval_s": 30.0,
+            "core_percent_at_default_interval": f["sweep"]["cpu_ms"] / 30_000 * 100,
+        },
+        f"periodic sweep (a dry-run reconcile, every 30 s by default): empty "
+        f"{e['sweep']['wall_ms']:.0f} ms, with {n_endpoints} endpoints "
+        f"{f['sweep']['wall_ms']:.0f} ms wall / {f['sweep']['cpu_ms']:.0f} ms CPU "
+        f"(= {f['sweep']['cpu_ms'] / 30_000 * 100:.1f}% of a core at the default interval)",
+    )
+    rec.put(
+        "idle_rss",
+        {
+            "empty_kib": e["idle_rss_kib"],
+            "with_2000_kib": f["idle_rss_kib"],
+            "with_2000_veths_missing_kib": m["idle_rss_kib"],
+            "kib_per_endpoint": results["rss_kib_per_endpoint"],
+        },
+        f"idle RSS: empty {e['idle_rss_kib'] / 1024:.1f} MiB, with {n_endpoints} endpoints "
+        f"{f['idle_rss_kib'] / 1024:.1f} MiB (+{results['rss_kib_per_endpoint']:.1f} "
+        f"KiB/endpoint)",
+    )

@@ -157,7 +157,7 @@ def default_environ() -> Mapping[str, str]:
 def parse_listen(value: str) -> tuple[str, str | int]:
     """``unix:/path`` or ``127.0.0.1:PORT`` / ``[::1]:PORT``; anything else is refused."""
     if value.startswith("unix:"):
-        path = value[len("unix:"):]
+        path = value[len("unix:") :]
         if not path.startswith("/"):
             raise ValueError(f"metrics socket {path!r} must be an absolute path")
         return "unix", path

@@ -122,4 +122,3 @@ def bridge_mac(network_id: str) -> str:
     """A fixed bridge MAC: otherwise a bridge takes its lowest port's MAC, which changes."""
     digest = hashlib.sha256(network_id.encode()).digest()
     return ":".join(f"{b:02x}" for b in (0x02, 0x51, *digest[:4]))
-

@@ -31,8 +31,12 @@ def _overlap(a: IPAddress | None, b: IPAddress | None) -> bool:
     return a.version == b.version and (a == b or a.is_unspecified or b.is_unspecified)
 
 
-def _clash(used: dict[tuple[Proto, int], list[IPAddress | None]], proto: Proto,
-           ip: IPAddress | None, port: int) -> bool:
+def _clash(
+    used: dict[tuple[Proto, int], list[IPAddress | None]],
+    proto: Proto,
+    ip: IPAddress | None,
+    port: int,
+) -> bool:
     return any(_overlap(i, ip) for i in used.get((proto, port), ()))
 
 
@@ -54,8 +58,7 @@ async def resolve_ports(
     probes = 0
     for b in bindings:
         host_ip = b.host_ip
-        if host_ip is None and default_host_ip is not None \
-                and not default_host_ip.is_unspecified:
+        if host_ip is None and default_host_ip is not None and not default_host_ip.is_unspecified:
             host_ip = default_host_ip
         if b.host_port == 0:
             candidates: Iterable[int] = range(EPHEMERAL_PORTS[0], EPHEMERAL_PORTS[1] + 1)
@@ -67,25 +70,29 @@ async def resolve_ports(
             if probes % PROBES_PER_YIELD == 0:
                 await asyncio.sleep(0)
             if not _clash(used, b.proto, host_ip, p) and port_free(
-                    b.proto, host_ip, p, also_v6=dual_stack and host_ip is None):
+                b.proto, host_ip, p, also_v6=dual_stack and host_ip is None
+            ):
                 chosen = p
                 break
         if chosen is None:
-            want = f"{b.host_port}" if b.host_port_end in (0, b.host_port) else \
-                f"{b.host_port}-{b.host_port_end}"
+            want = (
+                f"{b.host_port}"
+                if b.host_port_end in (0, b.host_port)
+                else f"{b.host_port}-{b.host_port_end}"
+            )
             raise Conflict(
                 f"host port {want}/{b.proto.name.lower()} on {host_ip or 'all addresses'} "
                 "is already allocated"
             )
-        resolved = PortBinding(proto=b.proto, port=b.port, host_port=chosen,
-                               host_port_end=chosen, host_ip=host_ip)
+        resolved = PortBinding(
+            proto=b.proto, port=b.port, host_port=chosen, host_port_end=chosen, host_ip=host_ip
+        )
         used.setdefault((b.proto, chosen), []).append(host_ip)
         out.append(resolved)
     return tuple(out)
 
 
-def port_free(proto: Proto, host_ip: IPAddress | None, port: int, *,
-              also_v6: bool = False) -> bool:
+def port_free(proto: Proto, host_ip: IPAddress | None, port: int, *, also_v6: bool = False) -> bool:
     """Whether a local socket could bind the port (``also_v6``: on [::] too). bind() never
     blocks."""
     if proto is Proto.SCTP:
@@ -94,8 +101,11 @@ def port_free(proto: Proto, host_ip: IPAddress | None, port: int, *,
     if also_v6 and not _bindable(socket.AF_INET6, kind, "::", port):
         return False
     family = socket.AF_INET6 if host_ip is not None and host_ip.version == 6 else socket.AF_INET
-    addr = str(host_ip) if host_ip is not None and not host_ip.is_unspecified else (
-        "::" if family == socket.AF_INET6 else "")
+    addr = (
+        str(host_ip)
+        if host_ip is not None and not host_ip.is_unspecified
+        else ("::" if family == socket.AF_INET6 else "")
+    )
     try:
         return _bindable(family, kind, addr, port)
     except OSError as exc:
@@ -106,8 +116,7 @@ def port_free(proto: Proto, host_ip: IPAddress | None, port: int, *,
         raise
 
 
-def _bindable(family: socket.AddressFamily, kind: socket.SocketKind, addr: str,
-              port: int) -> bool:
+def _bindable(family: socket.AddressFamily, kind: socket.SocketKind, addr: str, port: int) -> bool:
     """False if the port is taken; other errors raise, except a host without IPv6."""
     try:
         sock = socket.socket(family, kind)

@@ -97,8 +97,14 @@ class DeleteAddress:
 
 
 Op = (
-    PutNetwork | DeleteNetwork | PutEndpoint | DeleteEndpoint | PutPool | DeletePool
-    | PutAddress | DeleteAddress
+    PutNetwork
+    | DeleteNetwork
+    | PutEndpoint
+    | DeleteEndpoint
+    | PutPool
+    | DeletePool
+    | PutAddress
+    | DeleteAddress
 )
 
 
@@ -194,8 +200,13 @@ def encode_endpoint(e: Endpoint) -> str:
             "address_v6": str(e.address_v6) if e.address_v6 else None,
             "sandbox_key": e.sandbox_key,
             "ports": [
-                [int(b.proto), b.port, b.host_port, b.host_port_end,
-                 str(b.host_ip) if b.host_ip else None]
+                [
+                    int(b.proto),
+                    b.port,
+                    b.host_port,
+                    b.host_port_end,
+                    str(b.host_ip) if b.host_ip else None,
+                ]
                 for b in e.port_bindings
             ],
         },
@@ -216,7 +227,10 @@ def decode_endpoint(endpoint_id: str, network_id: str, doc: str) -> Endpoint:
         sandbox_key=d["sandbox_key"],
         port_bindings=tuple(
             PortBinding(
-                proto=Proto(p[0]), port=p[1], host_port=p[2], host_port_end=p[3],
+                proto=Proto(p[0]),
+                port=p[1],
+                host_port=p[2],
+                host_port_end=p[3],
                 host_ip=ipaddress.ip_address(p[4]) if p[4] else None,
             )
             for p in d["ports"]
@@ -270,14 +284,10 @@ def _apply(db: sqlite3.Connection, op: Op) -> None:
             db.execute("DELETE FROM addresses WHERE pool_id = ?", (pid,))
             db.execute("DELETE FROM pools WHERE pool_id = ?", (pid,))
         case PutAddress(pool_id=pid, address=a, version=v, kind=k, cursor=c):
-            db.execute(
-                "INSERT OR REPLACE INTO addresses VALUES (?, ?, ?)", (pid, _ip(v, a), k)
-            )
+            db.execute("INSERT OR REPLACE INTO addresses VALUES (?, ?, ?)", (pid, _ip(v, a), k))
             db.execute("UPDATE pools SET cursor = ? WHERE pool_id = ?", (str(c), pid))
         case DeleteAddress(pool_id=pid, address=a, version=v):
-            db.execute(
-                "DELETE FROM addresses WHERE pool_id = ? AND address = ?", (pid, _ip(v, a))
-            )
+            db.execute("DELETE FROM addresses WHERE pool_id = ? AND address = ?", (pid, _ip(v, a)))
 
 
 @dataclass
@@ -410,7 +420,8 @@ class Store:
                     p.future.set_result(None)
                 else:
                     p.future.set_exception(
-                        p.error if isinstance(p.error, StoreError)
+                        p.error
+                        if isinstance(p.error, StoreError)
                         else StoreError(f"state store write failed: {p.error}")
                     )
 

@@ -35,9 +35,21 @@ class PluginProcess:
     proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
-        cmd = [sys.executable, "-m", "pouch_driver", "serve", "--socket", str(self.socket_path),
-               "--state-dir", str(self.state_dir), "--prefix", self.prefix,
-               "--log-level", "debug", *self.extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pouch_driver",
+            "serve",
+            "--socket",
+            str(self.socket_path),
+            "--state-dir",
+            str(self.state_dir),
+            "--prefix",
+            self.prefix,
+            "--log-level",
+            "debug",
+            *self.extra_args,
+        ]
         if self.netns:
             cmd = ["nsenter", f"--net=/run/netns/{self.netns}", *cmd]
         return cmd
@@ -46,8 +58,9 @@ class PluginProcess:
         log = self.log_path or self.state_dir.parent / "plugin.log"
         self.log_path = log
         with log.open("ab") as out:
-            self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=out,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen(
+                self.argv(), stdout=out, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -111,4 +124,3 @@ class EngineClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-

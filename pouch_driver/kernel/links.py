@@ -112,10 +112,17 @@ def _decode_link(data: bytes, off: int, end: int) -> LinkInfo:
         elif atype == _IFLA_ADDRESS:
             mac = data[a:b].hex(":")
         elif atype == _IFLA_LINKINFO:
-            kind = next((data[x:y].rstrip(b"\0").decode()
-                         for t, x, y in _attrs(data, a, b) if t == _IFLA_INFO_KIND), kind)
-    return LinkInfo(name=name, index=index, kind=kind, master=master, up=bool(flags & IFF_UP),
-                    mtu=mtu, mac=mac)
+            kind = next(
+                (
+                    data[x:y].rstrip(b"\0").decode()
+                    for t, x, y in _attrs(data, a, b)
+                    if t == _IFLA_INFO_KIND
+                ),
+                kind,
+            )
+    return LinkInfo(
+        name=name, index=index, kind=kind, master=master, up=bool(flags & IFF_UP), mtu=mtu, mac=mac
+    )
 
 
 Job = tuple[Callable[[Any], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
@@ -137,8 +144,7 @@ class NetlinkLinks:
     sockets and their private event loops must be closed on the thread that made them.
     """
 
-    def __init__(self, workers: int = 4, netns: str | None = None,
-                 delete_workers: int = 4) -> None:
+    def __init__(self, workers: int = 4, netns: str | None = None, delete_workers: int = 4) -> None:
         self._netns = netns
         # Bridge name -> ifindex, so a new veth costs one RTM_NEWLINK instead of three
         # round trips; dropped when we delete the bridge or the kernel rejects the index.
@@ -148,12 +154,14 @@ class NetlinkLinks:
         # create queued behind it would wait as long. Sleeping threads hold no GIL.
         self._deletes: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._threads = [
-            threading.Thread(target=self._work, args=(self._jobs,), name=f"netlink-{i}",
-                             daemon=True)
+            threading.Thread(
+                target=self._work, args=(self._jobs,), name=f"netlink-{i}", daemon=True
+            )
             for i in range(workers)
         ] + [
-            threading.Thread(target=self._work, args=(self._deletes,), name=f"netlink-del-{i}",
-                             daemon=True)
+            threading.Thread(
+                target=self._work, args=(self._deletes,), name=f"netlink-del-{i}", daemon=True
+            )
             for i in range(delete_workers)
         ]
         self._lanes = [self._jobs] * workers + [self._deletes] * delete_workers
@@ -182,8 +190,9 @@ class NetlinkLinks:
             try:
                 return fn(ipr)
             except NetlinkError as exc:
-                raise KernelError(f"{what}: {os.strerror(exc.code)} (netlink error {exc.code})") \
-                    from exc
+                raise KernelError(
+                    f"{what}: {os.strerror(exc.code)} (netlink error {exc.code})"
+                ) from exc
 
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
@@ -283,7 +292,10 @@ class NetlinkLinks:
                 extra = {"flags": IFA_F_NODAD} if addr.version == 6 else {}
                 try:
                     ipr.addr(
-                        "add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen,
+                        "add",
+                        index=index,
+                        address=str(addr.ip),
+                        prefixlen=addr.network.prefixlen,
                         **extra,
                     )
                 except NetlinkError as exc:
@@ -370,7 +382,10 @@ class NetlinkLinks:
     def _veth_args(spec: VethSpec, master: int) -> dict[str, Any]:
         # One RTM_NEWLINK makes the pair with master, MTU, up and the peer's MAC.
         args: dict[str, Any] = {
-            "ifname": spec.host, "kind": "veth", "master": master, "state": "up",
+            "ifname": spec.host,
+            "kind": "veth",
+            "master": master,
+            "state": "up",
             "peer": {"ifname": spec.peer, "address": spec.peer_mac},
         }
         if spec.mtu:

@@ -64,8 +64,10 @@ def _e2e_prerequisites() -> None:
     reason = _skip_reason()
     if reason is not None:
         if _required():
-            pytest.fail(f"{reason}; CI/PDE2E_REQUIRE/POUCH_DRIVER_TEST_STRICT is set, "
-                        "so this is an error, not a skip")
+            pytest.fail(
+                f"{reason}; CI/PDE2E_REQUIRE/POUCH_DRIVER_TEST_STRICT is set, "
+                "so this is an error, not a skip"
+            )
         pytest.skip(reason)
     missing = [t for t in _REQUIRED_TOOLS if shutil.which(t) is None]
     if missing:
@@ -88,9 +90,11 @@ def engine(_e2e_prerequisites: None) -> Iterator[Engine]:
             eng.start()
         except Exception as exc:  # noqa: BLE001 - any start-up failure: report logs, clean up
             plugin_log = tail(eng.plugin.log_path, 40, drop=PLUGIN_LOG_NOISE)
-            logs = (f"{type(exc).__name__}: {exc}\n"
-                    f"--- dockerd log ---\n{tail(eng.log_path, 40)}\n"
-                    f"--- plugin log ---\n{plugin_log}")
+            logs = (
+                f"{type(exc).__name__}: {exc}\n"
+                f"--- dockerd log ---\n{tail(eng.log_path, 40)}\n"
+                f"--- plugin log ---\n{plugin_log}"
+            )
             try:
                 eng.close()
             finally:
@@ -118,15 +122,20 @@ def e2e(engine: Engine, request: pytest.FixtureRequest) -> Iterator[Scope]:
     _test_counter += 1
     if not engine.plugin.running:
         engine.plugin.start()
-    request.node.stash[_log_offsets] = (engine.plugin.log_offset(),
-                                        os.path.getsize(engine.log_path))
+    request.node.stash[_log_offsets] = (
+        engine.plugin.log_offset(),
+        os.path.getsize(engine.log_path),
+    )
     baseline = set(engine.plugin_links())
     scope = Scope(engine, _test_counter)
     yield scope
     problems = scope.cleanup()
     try:
-        wait_until(lambda: not (set(engine.plugin_links()) - baseline), timeout=5,
-                   message="the plugin's interfaces to go away")
+        wait_until(
+            lambda: not (set(engine.plugin_links()) - baseline),
+            timeout=5,
+            message="the plugin's interfaces to go away",
+        )
     except AssertionError:
         leaked = sorted(set(engine.plugin_links()) - baseline)
         problems.append(f"interfaces left in the engine netns after cleanup: {leaked}")
@@ -135,8 +144,9 @@ def e2e(engine: Engine, request: pytest.FixtureRequest) -> Iterator[Scope]:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
-                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """Failed e2e test: attach the plugin's and dockerd's log lines written during it."""
     report = yield
     if report.failed and _engine is not None and _log_offsets in item.stash:

@@ -74,11 +74,23 @@ _PLUGIN_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 #: socket dirs, /run/docker/plugins/<id>/, are on the host and outlive the data-root.
 MANAGED_PLUGINS = "managed-plugins"
 #: Daemons of ours that an interrupted run may leave behind, by /proc/<pid>/comm.
-_OUR_COMMS = frozenset({
-    "dockerd", "containerd", "containerd-shim", "containerd-shim-runc-v2", "docker-proxy",
-    "runc", "nsenter", "python", "python3", "python3.11", "python3.12", "python3.13",
-    "pouch-driver",
-})
+_OUR_COMMS = frozenset(
+    {
+        "dockerd",
+        "containerd",
+        "containerd-shim",
+        "containerd-shim-runc-v2",
+        "docker-proxy",
+        "runc",
+        "nsenter",
+        "python",
+        "python3",
+        "python3.11",
+        "python3.12",
+        "python3.13",
+        "pouch-driver",
+    }
+)
 
 DEFAULT_TIMEOUT = 60.0
 #: Default container command: sleeps, but exits at once on SIGTERM (a bare ``sleep`` as PID 1
@@ -89,8 +101,9 @@ SLEEPER = ("sh", "-c", "trap 'exit 0' TERM INT; sleep 86400 & wait")
 class CommandFailed(AssertionError):
     """A command exited non-zero (or timed out); the message carries its whole output."""
 
-    def __init__(self, cmd: Sequence[str], returncode: int | None, stdout: str, stderr: str,
-                 note: str = "") -> None:
+    def __init__(
+        self, cmd: Sequence[str], returncode: int | None, stdout: str, stderr: str, note: str = ""
+    ) -> None:
         self.cmd = list(cmd)
         self.returncode = returncode
         self.stdout = stdout
@@ -102,9 +115,14 @@ class CommandFailed(AssertionError):
         )
 
 
-def run(cmd: Sequence[str], *, check: bool = True, timeout: float = DEFAULT_TIMEOUT,
-        env: dict[str, str] | None = None, input: str | bytes | None = None,
-        ) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = DEFAULT_TIMEOUT,
+    env: dict[str, str] | None = None,
+    input: str | bytes | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run a command, capture text output, kill it after ``timeout`` seconds.
 
     ``check=True`` raises :class:`CommandFailed` (an AssertionError, so pytest shows it as a
@@ -113,11 +131,16 @@ def run(cmd: Sequence[str], *, check: bool = True, timeout: float = DEFAULT_TIME
     data = input.encode() if isinstance(input, str) else input
     try:
         proc = subprocess.run(  # noqa: PLW1510 - checked below with a better message
-            list(cmd), input=data, capture_output=True, timeout=timeout, env=env,
+            list(cmd),
+            input=data,
+            capture_output=True,
+            timeout=timeout,
+            env=env,
         )
     except subprocess.TimeoutExpired as exc:
-        raise CommandFailed(cmd, None, _text(exc.stdout), _text(exc.stderr),
-                            f" after {timeout:g}s") from None
+        raise CommandFailed(
+            cmd, None, _text(exc.stdout), _text(exc.stderr), f" after {timeout:g}s"
+        ) from None
     result = subprocess.CompletedProcess(
         proc.args, proc.returncode, _text(proc.stdout), _text(proc.stderr)
     )
@@ -134,8 +157,13 @@ def _text(data: bytes | str | None) -> str:
     return data.decode(errors="replace")
 
 
-def wait_until(predicate: Callable[[], T], *, timeout: float = 10.0, interval: float = 0.1,
-               message: str = "condition") -> T:
+def wait_until(
+    predicate: Callable[[], T],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.1,
+    message: str = "condition",
+) -> T:
     """Poll ``predicate`` until it returns something truthy; return that value."""
     deadline = time.monotonic() + timeout
     while True:
@@ -181,6 +209,7 @@ def file_size(path: Path) -> int:
 # --------------------------------------------------------------------------------------------
 # Session lock and leftovers of interrupted runs
 # --------------------------------------------------------------------------------------------
+
 
 class SessionLock:
     """An exclusive flock on /tmp/pde2e.lock for the life of one e2e session.
@@ -258,8 +287,12 @@ def _wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
     pids = list(pids)
     deadline = time.monotonic() + timeout
     while True:
-        alive = [p for p in pids if Path(f"/proc/{p}").exists()
-                 and _read(f"/proc/{p}/stat").split(") ")[-1][:1] not in ("Z", "X", "")]
+        alive = [
+            p
+            for p in pids
+            if Path(f"/proc/{p}").exists()
+            and _read(f"/proc/{p}/stat").split(") ")[-1][:1] not in ("Z", "X", "")
+        ]
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.1)
@@ -281,8 +314,7 @@ def _our_cgroup_dirs() -> list[Path]:
     roots = [CGROUP_ROOT, *(p for p in CGROUP_ROOT.iterdir() if p.is_dir())]
     for root in roots:
         with contextlib.suppress(OSError):
-            out.extend(p for p in root.glob(f"{PREFIX}-*")
-                       if p.is_dir() and _BASE_RE.match(p.name))
+            out.extend(p for p in root.glob(f"{PREFIX}-*") if p.is_dir() and _BASE_RE.match(p.name))
     return out
 
 
@@ -296,8 +328,9 @@ def _cgroup_pids(dirs: Iterable[Path]) -> set[int]:
 
 def _remove_cgroup_dirs(dirs: Iterable[Path]) -> None:
     for top in dirs:
-        subdirs = sorted((p for p in top.rglob("*") if p.is_dir()),
-                         key=lambda p: len(p.parts), reverse=True)
+        subdirs = sorted(
+            (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+        )
         for d in [*subdirs, top]:
             with contextlib.suppress(OSError):
                 d.rmdir()
@@ -321,12 +354,12 @@ def unmount_under(prefixes: Sequence[str]) -> None:
         if not points:
             return
         for point in sorted(set(points), key=lambda p: p.count("/"), reverse=True):
-            subprocess.run(["umount", "-l", point], capture_output=True, timeout=30,
-                           check=False)
+            subprocess.run(["umount", "-l", point], capture_output=True, timeout=30, check=False)
 
 
-def _leftover_processes(netns: Sequence[Path], cgroups: Sequence[Path],
-                        base_strs: Sequence[str]) -> set[int]:
+def _leftover_processes(
+    netns: Sequence[Path], cgroups: Sequence[Path], base_strs: Sequence[str]
+) -> set[int]:
     """Processes in our netns or cgroups, or ours by name and command line."""
     inodes = {ino for p in netns if (ino := _netns_inode(str(p))) is not None}
     victims: set[int] = set(_cgroup_pids(cgroups))
@@ -377,8 +410,9 @@ def cleanup_leftovers(log: Callable[[str], None] = lambda _msg: None) -> None:
     unmount_under(base_strs)
     for ns in netns:
         log(f"deleting leftover netns {ns.name}")
-        subprocess.run(["ip", "netns", "delete", ns.name], capture_output=True, timeout=30,
-                       check=False)
+        subprocess.run(
+            ["ip", "netns", "delete", ns.name], capture_output=True, timeout=30, check=False
+        )
         unmount_under([str(ns)])
         with contextlib.suppress(OSError):
             ns.unlink()
@@ -394,8 +428,10 @@ def cleanup_leftovers(log: Callable[[str], None] = lambda _msg: None) -> None:
                     sock.unlink()
 
 
-def remove_managed_plugin_dirs(base: Path, log: Callable[[str], None] = lambda _m: None,
-                               ) -> None:
+def remove_managed_plugin_dirs(
+    base: Path,
+    log: Callable[[str], None] = lambda _m: None,
+) -> None:
     """Remove /run/docker/plugins/<id>/ of the managed plugins listed in ``base``."""
     for plugin_id in _read(str(base / MANAGED_PLUGINS)).split():
         path = PLUGIN_DIR / plugin_id
@@ -408,6 +444,7 @@ def remove_managed_plugin_dirs(base: Path, log: Callable[[str], None] = lambda _
 # --------------------------------------------------------------------------------------------
 # Namespaces
 # --------------------------------------------------------------------------------------------
+
 
 def check_no_overlap(*nets: str) -> None:
     """Refuse addresses that overlap the machine's own uplink or the host's routes."""
@@ -422,8 +459,13 @@ def check_no_overlap(*nets: str) -> None:
     for text in nets:
         net = ipaddress.ip_network(text, strict=False)
         for bad in (*FORBIDDEN_NETS, *host_routes):
-            if net.version == bad.version and net.overlaps(bad) and not bad.is_loopback \
-                    and not bad.is_link_local and not bad.is_multicast:
+            if (
+                net.version == bad.version
+                and net.overlaps(bad)
+                and not bad.is_loopback
+                and not bad.is_link_local
+                and not bad.is_multicast
+            ):
                 raise RuntimeError(f"{net} overlaps {bad} on this machine; refusing to use it")
 
 
@@ -439,8 +481,21 @@ def setup_namespaces(engine_ns: str, remote_ns: str) -> None:
         ["ip", "netns", "add", remote_ns],
         ["ip", "-n", engine_ns, "link", "set", "lo", "up"],
         ["ip", "-n", remote_ns, "link", "set", "lo", "up"],
-        ["ip", "-n", engine_ns, "link", "add", ENGINE_UPLINK, "type", "veth",
-         "peer", "name", REMOTE_UPLINK, "netns", remote_ns],
+        [
+            "ip",
+            "-n",
+            engine_ns,
+            "link",
+            "add",
+            ENGINE_UPLINK,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            REMOTE_UPLINK,
+            "netns",
+            remote_ns,
+        ],
         ["ip", "-n", engine_ns, "addr", "add", f"{ENGINE_ADDR}/24", "dev", ENGINE_UPLINK],
         ["ip", "-n", remote_ns, "addr", "add", f"{REMOTE_ADDR}/24", "dev", REMOTE_UPLINK],
         ["ip", "-n", engine_ns, "link", "set", ENGINE_UPLINK, "up"],
@@ -472,11 +527,14 @@ def _pids_in_netns(ns: str) -> set[int]:
 # The plugin process
 # --------------------------------------------------------------------------------------------
 
+
 def socket_answers(path: Path, *, timeout: float = 2.0) -> bool:
     """True if a plugin on Unix socket ``path`` answers ``POST /Plugin.Activate`` with 200."""
-    request = (b"POST /Plugin.Activate HTTP/1.1\r\nHost: plugin\r\n"
-               b"Accept: application/vnd.docker.plugins.v1.2+json\r\n"
-               b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    request = (
+        b"POST /Plugin.Activate HTTP/1.1\r\nHost: plugin\r\n"
+        b"Accept: application/vnd.docker.plugins.v1.2+json\r\n"
+        b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
@@ -517,11 +575,24 @@ class Plugin:
         return self.proc.pid if self.proc is not None else None
 
     def command(self) -> list[str]:
-        return nsenter(self.netns, [
-            sys.executable, "-m", "pouch_driver", "serve",
-            "--socket", str(self.socket), "--state-dir", str(self.state_dir),
-            "--prefix", self.prefix, "--log-level", "debug", *self.extra_args,
-        ])
+        return nsenter(
+            self.netns,
+            [
+                sys.executable,
+                "-m",
+                "pouch_driver",
+                "serve",
+                "--socket",
+                str(self.socket),
+                "--state-dir",
+                str(self.state_dir),
+                "--prefix",
+                self.prefix,
+                "--log-level",
+                "debug",
+                *self.extra_args,
+            ],
+        )
 
     def _mark(self, text: str) -> None:
         with self.log_path.open("a") as f:
@@ -539,7 +610,11 @@ class Plugin:
         env.update(self.env)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
                 start_new_session=True,
             )
         self.wait_ready(timeout=timeout)
@@ -635,6 +710,7 @@ class Plugin:
 # The engine
 # --------------------------------------------------------------------------------------------
 
+
 class Engine:
     """One dockerd in its own netns, the plugin next to it, and a remote-host netns."""
 
@@ -659,8 +735,11 @@ class Engine:
         self.live_restore = False
         self.timings: dict[str, float] = {}
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
-        env.update(DOCKER_HOST=f"unix://{self.sock}", DOCKER_CONFIG=str(self.base / "cli"),
-                   DOCKER_CLI_HINTS="false")
+        env.update(
+            DOCKER_HOST=f"unix://{self.sock}",
+            DOCKER_CONFIG=str(self.base / "cli"),
+            DOCKER_CLI_HINTS="false",
+        )
         self.env = env
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -691,39 +770,66 @@ class Engine:
 
     def dockerd_command(self) -> list[str]:
         b = self.base
-        return nsenter(self.netns, [
-            "dockerd", "--data-root", str(b / "data"), "--exec-root", str(b / "exec"),
-            "-H", f"unix://{self.sock}", "--pidfile", str(self.pidfile),
-            "--storage-driver", "vfs", "--config-file", str(b / "daemon.json"),
-            "--cgroup-parent", self.cgroup_parent, "--log-level", "debug",
-            *(["--live-restore"] if self.live_restore else []),
-        ])
+        return nsenter(
+            self.netns,
+            [
+                "dockerd",
+                "--data-root",
+                str(b / "data"),
+                "--exec-root",
+                str(b / "exec"),
+                "-H",
+                f"unix://{self.sock}",
+                "--pidfile",
+                str(self.pidfile),
+                "--storage-driver",
+                "vfs",
+                "--config-file",
+                str(b / "daemon.json"),
+                "--cgroup-parent",
+                self.cgroup_parent,
+                "--log-level",
+                "debug",
+                *(["--live-restore"] if self.live_restore else []),
+            ],
+        )
 
     def start_dockerd(self, *, timeout: float = 60.0) -> None:
         """Start dockerd in the engine netns; return once ``docker version`` answers."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                self.dockerd_command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                self.dockerd_command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
                 env={k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")},
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"dockerd exited with {self.proc.returncode}\n"
-                                   f"--- dockerd log ---\n{tail(self.log_path, 60)}")
+                raise RuntimeError(
+                    f"dockerd exited with {self.proc.returncode}\n"
+                    f"--- dockerd log ---\n{tail(self.log_path, 60)}"
+                )
             if self.sock.exists():
                 try:
-                    r = run(self._docker_cmd("version", "--format", "{{.Server.Version}}"),
-                            check=False, timeout=10, env=self.env)
+                    r = run(
+                        self._docker_cmd("version", "--format", "{{.Server.Version}}"),
+                        check=False,
+                        timeout=10,
+                        env=self.env,
+                    )
                 except CommandFailed:  # timed out: the API listens before start-up is done
                     r = None
                 if r is not None and r.returncode == 0:
                     self.server_version = r.stdout.strip()
                     return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"dockerd did not answer within {timeout:g}s\n"
-                                   f"--- dockerd log ---\n{tail(self.log_path, 60)}")
+                raise RuntimeError(
+                    f"dockerd did not answer within {timeout:g}s\n"
+                    f"--- dockerd log ---\n{tail(self.log_path, 60)}"
+                )
             time.sleep(0.2)
 
     def sysctl(self, key: str) -> str:
@@ -749,8 +855,9 @@ class Engine:
         if self.sysctl("net/bridge/bridge-nf-call-iptables") != "1":
             problems.append("net.bridge.bridge-nf-call-iptables is not 1")
         if problems:
-            raise RuntimeError("the engine netns does not look like a Docker host: "
-                               + "; ".join(problems))
+            raise RuntimeError(
+                "the engine netns does not look like a Docker host: " + "; ".join(problems)
+            )
 
     def stop_dockerd(self, *, timeout: float = 30.0) -> None:
         """SIGTERM and wait (SIGKILL after ``timeout``)."""
@@ -807,8 +914,12 @@ class Engine:
             if path.exists():
                 shutil.copyfile(path, dest / f"{self.netns}-{path.name}")
 
-    def restart_dockerd(self, *, timeout: float = 60.0, live_restore: bool | None = None,
-                        ) -> None:
+    def restart_dockerd(
+        self,
+        *,
+        timeout: float = 60.0,
+        live_restore: bool | None = None,
+    ) -> None:
         """SIGTERM dockerd (it stops running containers unless live-restore is on, §5.8) and
         start it again; ``live_restore`` (if given) sets :attr:`live_restore` for the new one."""
         self.stop_dockerd()
@@ -818,8 +929,11 @@ class Engine:
 
     def containerd_pids(self) -> list[int]:
         """The containerd daemon(s) in the engine netns (not the shims)."""
-        return sorted(p for p in _pids_in_netns(self.netns)
-                      if _read(f"/proc/{p}/comm").strip() == "containerd")
+        return sorted(
+            p
+            for p in _pids_in_netns(self.netns)
+            if _read(f"/proc/{p}/comm").strip() == "containerd"
+        )
 
     def kill_dockerd(self, *, containerd: bool = False) -> None:
         """SIGKILL dockerd, as a crash would (no container is stopped, no plugin call is
@@ -894,41 +1008,69 @@ class Engine:
     def _docker_cmd(self, *args: str) -> list[str]:
         return ["docker", *args]
 
-    def docker(self, *args: str, check: bool = True, timeout: float = DEFAULT_TIMEOUT,
-               input: str | None = None,
-               ) -> subprocess.CompletedProcess[str]:
+    def docker(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """The docker CLI against this engine (DOCKER_HOST set), output captured."""
-        return run(self._docker_cmd(*args), check=check, timeout=timeout, env=self.env,
-                   input=input)
+        return run(self._docker_cmd(*args), check=check, timeout=timeout, env=self.env, input=input)
 
     def docker_json(self, *args: str, timeout: float = DEFAULT_TIMEOUT) -> Any:
         return json.loads(self.docker(*args, timeout=timeout).stdout)
 
-    def in_engine_ns(self, *cmd: str, check: bool = True, timeout: float = 30.0,
-                     input: str | None = None,
-                     ) -> subprocess.CompletedProcess[str]:
+    def in_engine_ns(
+        self,
+        *cmd: str,
+        check: bool = True,
+        timeout: float = 30.0,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run a host tool inside the engine netns (ip, iptables-save; ``busybox ping``/``nc``/
         ``wget``: the host has no iputils)."""
         return run(nsenter(self.netns, cmd), check=check, timeout=timeout, input=input)
 
-    def in_remote(self, *cmd: str, check: bool = True, timeout: float = 30.0,
-                  input: str | None = None,
-                  ) -> subprocess.CompletedProcess[str]:
+    def in_remote(
+        self,
+        *cmd: str,
+        check: bool = True,
+        timeout: float = 30.0,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run a host tool inside the remote-host netns (198.51.100.2)."""
         return run(nsenter(self.remote_netns, cmd), check=check, timeout=timeout, input=input)
 
     def popen_in_remote(self, *cmd: str) -> subprocess.Popen[str]:
         """Start a long-running command (e.g. a listener) in the remote netns."""
         return subprocess.Popen(
-            nsenter(self.remote_netns, cmd), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            nsenter(self.remote_netns, cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
 
-    def remote_http_get(self, url: str, *, timeout: int = 5, check: bool = True,
-                        ) -> subprocess.CompletedProcess[str]:
+    def remote_http_get(
+        self,
+        url: str,
+        *,
+        timeout: int = 5,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
         """Fetch ``url`` from the remote host (e.g. a published port on 198.51.100.1)."""
-        return self.in_remote("timeout", str(timeout), "busybox", "wget", "-O-", url,
-                              check=check, timeout=timeout + 10)
+        return self.in_remote(
+            "timeout",
+            str(timeout),
+            "busybox",
+            "wget",
+            "-O-",
+            url,
+            check=check,
+            timeout=timeout + 10,
+        )
 
     @contextlib.contextmanager
     def remote_http_server(self, port: int = 8000) -> Iterator[str]:
@@ -941,18 +1083,25 @@ class Engine:
         (root / "cgi-bin").mkdir(parents=True, exist_ok=True)
         (root / "index.html").write_text("remote-ok\n")
         script = root / "cgi-bin" / "ip"
-        script.write_text('#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\n%s\\n" '
-                          '"$REMOTE_ADDR"\n')
+        script.write_text(
+            '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\n%s\\n" "$REMOTE_ADDR"\n'
+        )
         script.chmod(0o755)
         url = f"http://{REMOTE_ADDR}:{port}"
-        proc = self.popen_in_remote("busybox", "httpd", "-f", "-p", f"{REMOTE_ADDR}:{port}",
-                                    "-h", str(root))
+        proc = self.popen_in_remote(
+            "busybox", "httpd", "-f", "-p", f"{REMOTE_ADDR}:{port}", "-h", str(root)
+        )
         try:
             wait_until(
-                lambda: proc.poll() is not None
-                or self.in_remote("timeout", "2", "busybox", "wget", "-O-", f"{url}/",
-                                  check=False).returncode == 0,
-                timeout=10, message=f"remote httpd on {url}",
+                lambda: (
+                    proc.poll() is not None
+                    or self.in_remote(
+                        "timeout", "2", "busybox", "wget", "-O-", f"{url}/", check=False
+                    ).returncode
+                    == 0
+                ),
+                timeout=10,
+                message=f"remote httpd on {url}",
             )
             if proc.poll() is not None:
                 raise RuntimeError(f"remote httpd exited: {proc.communicate()}")
@@ -979,8 +1128,11 @@ class Engine:
     def prefixed_links(self, prefix: str) -> list[str]:
         """Interfaces in the engine netns named like a pouch-driver with ``prefix`` names them
         (bridges, host and container veth ends), e.g. those of a second driver instance."""
-        return sorted(lk["ifname"] for lk in self.links()
-                      if re.match(rf"^{prefix}[bhc][0-9a-z]+$", lk.get("ifname", "")))
+        return sorted(
+            lk["ifname"]
+            for lk in self.links()
+            if re.match(rf"^{prefix}[bhc][0-9a-z]+$", lk.get("ifname", ""))
+        )
 
     def pids_in_netns(self) -> set[int]:
         """Every process in the engine netns (dockerd, containerd, plugins, containers)."""
@@ -999,8 +1151,11 @@ class Engine:
 
 def addresses(link: dict[str, Any], family: str = "inet") -> list[str]:
     """``local/prefixlen`` of each address of ``family`` on a link from :meth:`Engine.links`."""
-    return [f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", [])
-            if a.get("family") == family]
+    return [
+        f"{a['local']}/{a['prefixlen']}"
+        for a in link.get("addr_info", [])
+        if a.get("family") == family
+    ]
 
 
 def link_kind(link: dict[str, Any]) -> str | None:
@@ -1011,6 +1166,7 @@ def link_kind(link: dict[str, Any]) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Per-test scope: what one test creates, removed afterwards
 # --------------------------------------------------------------------------------------------
+
 
 class Scope:
     """The helper tests use. Names get a per-test suffix; everything is removed at teardown."""
@@ -1032,16 +1188,28 @@ class Scope:
     def name(self, base: str) -> str:
         return f"{base}-{self.suffix}"
 
-    def docker(self, *args: str, check: bool = True, timeout: float = DEFAULT_TIMEOUT,
-               ) -> subprocess.CompletedProcess[str]:
+    def docker(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> subprocess.CompletedProcess[str]:
         return self.engine.docker(*args, check=check, timeout=timeout)
 
     # ---- networks ---------------------------------------------------------------------------
 
-    def create_network(self, base: str, *, subnet: str | None = None,
-                       gateway: str | None = None, ipam: bool = True,
-                       options: dict[str, str] | None = None, extra: Sequence[str] = (),
-                       check: bool = True, driver: str | None = None) -> str:
+    def create_network(
+        self,
+        base: str,
+        *,
+        subnet: str | None = None,
+        gateway: str | None = None,
+        ipam: bool = True,
+        options: dict[str, str] | None = None,
+        extra: Sequence[str] = (),
+        check: bool = True,
+        driver: str | None = None,
+    ) -> str:
         """``docker network create -d <plugin> [--ipam-driver <plugin>] ...``; returns the name.
 
         ``driver``: another driver than the session's plugin (e.g. ``name:latest`` of a
@@ -1072,8 +1240,12 @@ class Scope:
     def network_id(self, name: str) -> str:
         return str(self.network_inspect(name)["Id"])
 
-    def remove_network(self, name: str, *, check: bool = True,
-                       ) -> subprocess.CompletedProcess[str]:
+    def remove_network(
+        self,
+        name: str,
+        *,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
         r = self.docker("network", "rm", name, check=check)
         if r.returncode == 0 and name in self.networks:
             self.networks.remove(name)
@@ -1081,9 +1253,16 @@ class Scope:
 
     # ---- containers -------------------------------------------------------------------------
 
-    def run_container(self, network: str, base: str, *cmd: str, ip: str | None = None,
-                      publish: Sequence[str] = (), extra: Sequence[str] = (),
-                      check: bool = True) -> str:
+    def run_container(
+        self,
+        network: str,
+        base: str,
+        *cmd: str,
+        ip: str | None = None,
+        publish: Sequence[str] = (),
+        extra: Sequence[str] = (),
+        check: bool = True,
+    ) -> str:
         """``docker run -d --name <base>-tN --network <network> pouch-test:busybox cmd...``.
 
         The default command (:data:`SLEEPER`) sleeps; returns the container name.
@@ -1099,17 +1278,28 @@ class Scope:
         self.docker(*args, check=check, timeout=90)
         return name
 
-    def exec(self, container: str, *cmd: str, check: bool = True, timeout: float = 30.0,
-             ) -> subprocess.CompletedProcess[str]:
+    def exec(
+        self,
+        container: str,
+        *cmd: str,
+        check: bool = True,
+        timeout: float = 30.0,
+    ) -> subprocess.CompletedProcess[str]:
         return self.docker("exec", container, *cmd, check=check, timeout=timeout)
 
-    def connect(self, network: str, container: str, *, ip: str | None = None,
-                check: bool = True) -> subprocess.CompletedProcess[str]:
+    def connect(
+        self, network: str, container: str, *, ip: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         args = ["network", "connect"] + (["--ip", ip] if ip else []) + [network, container]
         return self.docker(*args, check=check)
 
-    def disconnect(self, network: str, container: str, *, check: bool = True,
-                   ) -> subprocess.CompletedProcess[str]:
+    def disconnect(
+        self,
+        network: str,
+        container: str,
+        *,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
         return self.docker("network", "disconnect", network, container, check=check)
 
     def remove_container(self, name: str, *, check: bool = True) -> None:
@@ -1127,8 +1317,7 @@ class Scope:
             raise AssertionError(f"{container} is not on {network}: {sorted(nets)}")
         ip = str(nets[network]["IPAddress"])
         if not ip:
-            raise AssertionError(f"{container} has no IPv4 address on {network}: "
-                                 f"{nets[network]}")
+            raise AssertionError(f"{container} has no IPv4 address on {network}: {nets[network]}")
         return ip
 
     def container_addrs(self, container: str, *, v6: bool = False) -> dict[str, list[str]]:
@@ -1145,11 +1334,26 @@ class Scope:
                 result.setdefault(parts[1].split("@")[0], []).append(parts[3])
         return result
 
-    def ping(self, container: str, target: str, *, count: int = 1, wait: int = 2,
-             ) -> subprocess.CompletedProcess[str]:
+    def ping(
+        self,
+        container: str,
+        target: str,
+        *,
+        count: int = 1,
+        wait: int = 2,
+    ) -> subprocess.CompletedProcess[str]:
         """One ping from inside ``container``; returns the process (check returncode)."""
-        return self.exec(container, "ping", "-c", str(count), "-W", str(wait), target,
-                         check=False, timeout=count * wait + 15)
+        return self.exec(
+            container,
+            "ping",
+            "-c",
+            str(count),
+            "-W",
+            str(wait),
+            target,
+            check=False,
+            timeout=count * wait + 15,
+        )
 
     def assert_ping(self, container: str, target: str, *, attempts: int = 3) -> None:
         """``container`` reaches ``target`` (a few tries: the first packet may trigger ARP)."""
@@ -1159,18 +1363,30 @@ class Scope:
             if last.returncode == 0:
                 return
         assert last is not None
-        raise AssertionError(
-            f"{container} cannot ping {target}:\n{last.stdout}{last.stderr}"
-        )
+        raise AssertionError(f"{container} cannot ping {target}:\n{last.stdout}{last.stderr}")
 
-    def http_get(self, container: str, url: str, *, timeout: int = 5, check: bool = True,
-                 ) -> subprocess.CompletedProcess[str]:
+    def http_get(
+        self,
+        container: str,
+        url: str,
+        *,
+        timeout: int = 5,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
         """``wget -O- url`` inside ``container``, killed after ``timeout`` s.
 
         (This busybox's wget segfaults with ``-q`` or ``-T``, so the limit is ``timeout``.)
         """
-        return self.exec(container, "timeout", str(timeout), "wget", "-O-", url,
-                         check=check, timeout=timeout + 15)
+        return self.exec(
+            container,
+            "timeout",
+            str(timeout),
+            "wget",
+            "-O-",
+            url,
+            check=check,
+            timeout=timeout + 15,
+        )
 
     def assert_no_ping(self, container: str, target: str) -> None:
         r = self.ping(container, target, count=2, wait=1)

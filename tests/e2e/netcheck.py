@@ -57,8 +57,9 @@ def bridge_ports(engine: Engine, bridge: str) -> list[str]:
 
 def bridges(engine: Engine) -> set[str]:
     """Names of every bridge in the engine netns."""
-    return {lk["ifname"] for lk in engine.links()
-            if lk.get("linkinfo", {}).get("info_kind") == "bridge"}
+    return {
+        lk["ifname"] for lk in engine.links() if lk.get("linkinfo", {}).get("info_kind") == "bridge"
+    }
 
 
 def wait_links_gone(engine: Engine, names: Iterable[str], *, timeout: float = 5.0) -> None:
@@ -88,8 +89,11 @@ def container_ifaces(e2e: Scope, container: str) -> list[str]:
 def container_routes(e2e: Scope, container: str, *, v6: bool = False) -> list[str]:
     """``ip [-6] route`` lines inside the container, whitespace-normalised."""
     args = ["ip", "-6", "route"] if v6 else ["ip", "route"]
-    return [" ".join(line.split()) for line in e2e.exec(container, *args).stdout.splitlines()
-            if line.strip()]
+    return [
+        " ".join(line.split())
+        for line in e2e.exec(container, *args).stdout.splitlines()
+        if line.strip()
+    ]
 
 
 def container_pid(e2e: Scope, container: str) -> int:
@@ -135,8 +139,9 @@ def _verdicts(checks: list[Check], out: str, where: str) -> dict[Check, bool]:
     return result
 
 
-def probe(e2e: Scope, container: str, checks: Iterable[Check], *, port: int = 80,
-          timeout: int = 2) -> dict[Check, bool]:
+def probe(
+    e2e: Scope, container: str, checks: Iterable[Check], *, port: int = 80, timeout: int = 2
+) -> dict[Check, bool]:
     """Which ``(kind, target)`` checks pass from ``container``, all run at once inside it.
 
     ``ping``: three echo requests 0.2 s apart, any answer counts (``ping6`` for IPv6
@@ -149,8 +154,9 @@ def probe(e2e: Scope, container: str, checks: Iterable[Check], *, port: int = 80
     return _verdicts(checks, out, container)
 
 
-def remote_probe(engine: Engine, checks: Iterable[Check], *, port: int = 80,
-                 timeout: int = 2) -> dict[Check, bool]:
+def remote_probe(
+    engine: Engine, checks: Iterable[Check], *, port: int = 80, timeout: int = 2
+) -> dict[Check, bool]:
     """:func:`probe` from the remote host (the host's busybox, in the remote netns)."""
     checks = list(dict.fromkeys(checks))
     script = _probe_script(checks, port, timeout, "busybox ")
@@ -158,20 +164,33 @@ def remote_probe(engine: Engine, checks: Iterable[Check], *, port: int = 80,
     return _verdicts(checks, out, "the remote host")
 
 
-def expect_remote_unreachable(engine: Engine, targets: Iterable[str], *, port: int = 80,
-                              what: str = "") -> None:
+def expect_remote_unreachable(
+    engine: Engine, targets: Iterable[str], *, port: int = 80, what: str = ""
+) -> None:
     """Neither ping nor ``http://target:port/`` from the remote host gets through."""
     got = remote_probe(engine, [(k, t) for t in targets for k in BOTH], port=port)
     leaks = [f"  {k} {t}" for (k, t), ok in got.items() if ok]
     label = f" ({what})" if what else ""
-    assert not leaks, "the remote host reaches, but must not" + label + ":\n" + \
-        "\n".join(leaks) + "\n--- engine netns filter rules (with counters) ---\n" + \
-        _filter_with_counters(engine)
+    assert not leaks, (
+        "the remote host reaches, but must not"
+        + label
+        + ":\n"
+        + "\n".join(leaks)
+        + "\n--- engine netns filter rules (with counters) ---\n"
+        + _filter_with_counters(engine)
+    )
 
 
-def expect_reach(e2e: Scope, container: str, expected: Mapping[str, bool], *,
-                 kind: str | tuple[str, ...] = "ping", port: int = 80, what: str = "",
-                 ping_only: Mapping[str, bool] | None = None) -> None:
+def expect_reach(
+    e2e: Scope,
+    container: str,
+    expected: Mapping[str, bool],
+    *,
+    kind: str | tuple[str, ...] = "ping",
+    port: int = 80,
+    what: str = "",
+    ping_only: Mapping[str, bool] | None = None,
+) -> None:
     """Assert ``container`` reaches exactly the targets marked True, over each of ``kind``
     (``"ping"``, ``"http"`` or :data:`BOTH`), and the ``ping_only`` ones (e.g. gateways,
     which serve no HTTP) by ping; every check at once, in one ``docker exec``.
@@ -188,12 +207,17 @@ def expect_reach(e2e: Scope, container: str, expected: Mapping[str, bool], *,
         got.update(probe(e2e, container, retry, port=port))
     wrong = {c: got[c] for c, ok in want.items() if got[c] != ok}
     if wrong:
-        lines = [f"  {k} {t}: {'REACHED but must not' if ok else 'UNREACHABLE but must be'}"
-                 for (k, t), ok in wrong.items()]
+        lines = [
+            f"  {k} {t}: {'REACHED but must not' if ok else 'UNREACHABLE but must be'}"
+            for (k, t), ok in wrong.items()
+        ]
         label = f" ({what})" if what else ""
-        raise AssertionError(f"from {container}{label}:\n" + "\n".join(lines)
-                             + "\n--- engine netns filter rules (with counters) ---\n"
-                             + _filter_with_counters(e2e.engine))
+        raise AssertionError(
+            f"from {container}{label}:\n"
+            + "\n".join(lines)
+            + "\n--- engine netns filter rules (with counters) ---\n"
+            + _filter_with_counters(e2e.engine)
+        )
 
 
 BOTH = ("ping", "http")
@@ -203,8 +227,11 @@ def _filter_with_counters(engine: Engine) -> str:
     """FORWARD and the plugin's filter chains, with packet counters, for failure reports."""
     p = engine.plugin.prefix.upper()
     out = engine.in_engine_ns("iptables-save", "-c", "-t", "filter", check=False).stdout
-    keep = [line for line in out.splitlines()
-            if line.startswith(":FORWARD") or " FORWARD " in line or f" {p}-" in line]
+    keep = [
+        line
+        for line in out.splitlines()
+        if line.startswith(":FORWARD") or " FORWARD " in line or f" {p}-" in line
+    ]
     return "\n".join(keep)
 
 
@@ -212,13 +239,23 @@ def serve_http(e2e: Scope, container: str, port: int = 80, text: str | None = No
     """Start busybox httpd in ``container`` on ``port``; returns the page text it serves."""
     body = text or f"{container}:{port}"
     root = f"/tmp/www{port}"
-    e2e.exec(container, "sh", "-c",
-             f"mkdir -p {root} && echo {body} > {root}/index.html && httpd -p {port} -h {root}")
+    e2e.exec(
+        container,
+        "sh",
+        "-c",
+        f"mkdir -p {root} && echo {body} > {root}/index.html && httpd -p {port} -h {root}",
+    )
     return body
 
 
-def remote_get(engine: Engine, host: str, port: int, path: str = "/", *, timeout: int = 2,
-               ) -> subprocess.CompletedProcess[str]:
+def remote_get(
+    engine: Engine,
+    host: str,
+    port: int,
+    path: str = "/",
+    *,
+    timeout: int = 2,
+) -> subprocess.CompletedProcess[str]:
     """``wget`` from the remote host; never raises on failure."""
     return engine.remote_http_get(_url(host, port, path), timeout=timeout, check=False)
 
@@ -234,9 +271,7 @@ def assert_remote_gets(engine: Engine, host: str, port: int, text: str) -> None:
 
 def assert_remote_cannot_get(engine: Engine, host: str, port: int) -> None:
     r = remote_get(engine, host, port, timeout=2)
-    assert r.returncode != 0, (
-        f"remote host fetched {_url(host, port)} but must not:\n{r.stdout}"
-    )
+    assert r.returncode != 0, f"remote host fetched {_url(host, port)} but must not:\n{r.stdout}"
 
 
 def seen_source(e2e: Scope, container: str, remote_url: str) -> str:
@@ -296,9 +331,11 @@ def udp_echo(e2e: Scope, container: str, port: int) -> Iterator[None]:
     """
     pid = container_pid(e2e, container)
     proc = subprocess.Popen(
-        ["nsenter", f"--net=/proc/{pid}/ns/net", "--", sys.executable, "-c", _UDP_ECHO,
-         str(port)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ["nsenter", f"--net=/proc/{pid}/ns/net", "--", sys.executable, "-c", _UDP_ECHO, str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     watchdog = threading.Timer(15.0, proc.kill)
     watchdog.start()
@@ -317,17 +354,28 @@ def udp_echo(e2e: Scope, container: str, port: int) -> Iterator[None]:
         proc.communicate(timeout=10)
 
 
-def remote_udp(engine: Engine, host: str, port: int, payload: str = "hello", *,
-               timeout: float = 1.0) -> str | None:
+def remote_udp(
+    engine: Engine, host: str, port: int, payload: str = "hello", *, timeout: float = 1.0
+) -> str | None:
     """Send ``payload`` from the remote host to ``host:port``/udp; the answer, or None."""
-    r = engine.in_remote(sys.executable, "-c", _UDP_ASK, host, str(port), str(timeout),
-                         payload, check=False, timeout=timeout * 3 + 15)
+    r = engine.in_remote(
+        sys.executable,
+        "-c",
+        _UDP_ASK,
+        host,
+        str(port),
+        str(timeout),
+        payload,
+        check=False,
+        timeout=timeout * 3 + 15,
+    )
     return r.stdout.strip() if r.returncode == 0 else None
 
 
 # --------------------------------------------------------------------------------------------
 # Firewall (read with iptables -S in the engine netns)
 # --------------------------------------------------------------------------------------------
+
 
 #: What marks a rule, chain or jump as the plugin's (its chains are ``<PREFIX>-*``).
 def _ours_re(engine: Engine) -> re.Pattern[str]:
@@ -353,8 +401,9 @@ def docker_rules(engine: Engine) -> dict[str, list[str]]:
     chains and rules, in order. Comparing two snapshots shows whether the plugin changed any
     of it."""
     ours = _ours_re(engine)
-    return {t: [r for r in rules(engine, t) if not ours.search(r)]
-            for t in ("filter", "nat", "mangle")}
+    return {
+        t: [r for r in rules(engine, t) if not ours.search(r)] for t in ("filter", "nat", "mangle")
+    }
 
 
 def mentions(engine: Engine, needle: str) -> list[str]:
@@ -368,8 +417,10 @@ def mentions(engine: Engine, needle: str) -> list[str]:
 
 
 def forward_chain(engine: Engine) -> list[str]:
-    return [" ".join(line.split()) for line in
-            engine.in_engine_ns("iptables", "-S", "FORWARD").stdout.splitlines()]
+    return [
+        " ".join(line.split())
+        for line in engine.in_engine_ns("iptables", "-S", "FORWARD").stdout.splitlines()
+    ]
 
 
 def dnat_rules(engine: Engine, container_ip: str) -> list[str]:
@@ -398,8 +449,9 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def docker_api(engine: Engine, method: str, path: str, body: Any = None, *,
-               timeout: float = 60.0) -> tuple[int, Any]:
+def docker_api(
+    engine: Engine, method: str, path: str, body: Any = None, *, timeout: float = 60.0
+) -> tuple[int, Any]:
     """One Engine API call on the engine's socket; returns (status, decoded JSON or text)."""
     conn = _UnixHTTPConnection(str(engine.sock), timeout)
     try:
@@ -416,17 +468,25 @@ def docker_api(engine: Engine, method: str, path: str, body: Any = None, *,
         return resp.status, raw
 
 
-def create_container_api(e2e: Scope, network: str, base: str, config: Mapping[str, Any],
-                         ) -> str:
+def create_container_api(
+    e2e: Scope,
+    network: str,
+    base: str,
+    config: Mapping[str, Any],
+) -> str:
     """``POST /containers/create`` (then ``docker start``) with extra ``Config`` fields.
 
     The 28.x CLI refuses ``--mac-address`` against a 1.41 engine ("requires API version
     1.44"), while the 1.41 API itself takes a container-level ``MacAddress``.
     """
     name = e2e.name(base)
-    spec = {"Image": e2e.engine.image, "Hostname": base,
-            "Cmd": ["sh", "-c", "trap 'exit 0' TERM INT; sleep 86400 & wait"],
-            "HostConfig": {"NetworkMode": network}, **config}
+    spec = {
+        "Image": e2e.engine.image,
+        "Hostname": base,
+        "Cmd": ["sh", "-c", "trap 'exit 0' TERM INT; sleep 86400 & wait"],
+        "HostConfig": {"NetworkMode": network},
+        **config,
+    }
     e2e.containers.append(name)
     status, doc = docker_api(e2e.engine, "POST", f"/containers/create?name={name}", spec)
     assert status == 201, f"container create failed: HTTP {status} {doc}"

@@ -30,13 +30,27 @@ from .harness import Engine, nsenter, run
 REQUEST_RE = re.compile(r"\[[\w-]+\] (/\w+\.\w+) (.*?)-> (\d+) in ")
 
 
-def plugin_cli(engine: Engine, *args: str, timeout: float = 120.0,
-               ) -> subprocess.CompletedProcess[str]:
+def plugin_cli(
+    engine: Engine,
+    *args: str,
+    timeout: float = 120.0,
+) -> subprocess.CompletedProcess[str]:
     """``python -m pouch_driver <command> --socket .. --state-dir .. --prefix .. <args>`` in the
     engine netns; never raises on a non-zero exit."""
     p = engine.plugin
-    cmd = [sys.executable, "-m", "pouch_driver", args[0], "--socket", str(p.socket),
-           "--state-dir", str(p.state_dir), "--prefix", p.prefix, *args[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pouch_driver",
+        args[0],
+        "--socket",
+        str(p.socket),
+        "--state-dir",
+        str(p.state_dir),
+        "--prefix",
+        p.prefix,
+        *args[1:],
+    ]
     return run(nsenter(engine.netns, cmd), check=False, timeout=timeout)
 
 
@@ -74,8 +88,9 @@ def status(engine: Engine) -> dict[str, Any]:
 
 def stored_addresses(engine: Engine) -> dict[str, list[tuple[str, str]]]:
     """Pool ID -> [(address, kind)] straight from the plugin's SQLite store (read-only)."""
-    db = sqlite3.connect(f"file:{engine.plugin.state_dir / 'state.db'}?mode=ro", uri=True,
-                         timeout=10)
+    db = sqlite3.connect(
+        f"file:{engine.plugin.state_dir / 'state.db'}?mode=ro", uri=True, timeout=10
+    )
     try:
         out: dict[str, list[tuple[str, str]]] = {}
         for pool_id, addr, kind in db.execute("SELECT pool_id, address, kind FROM addresses"):
@@ -90,8 +105,10 @@ def stored_addresses(engine: Engine) -> dict[str, list[tuple[str, str]]]:
 def plugin_call(engine: Engine, method: str, body: dict[str, Any]) -> tuple[int, Any]:
     """One request to the plugin's socket, as the engine sends it; (status, decoded body)."""
     data = json.dumps(body).encode()
-    head = (f"POST /{method} HTTP/1.1\r\nHost: plugin.moby.localhost\r\n"
-            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+    head = (
+        f"POST /{method} HTTP/1.1\r\nHost: plugin.moby.localhost\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    ).encode()
     chunks: list[bytes] = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(30)
@@ -123,8 +140,8 @@ def read_http_message(conn: socket.socket, buf: bytearray) -> bytes | None:
         if not chunk:
             return None
         buf += chunk
-    msg = bytes(buf[:head_end + length])
-    del buf[:head_end + length]
+    msg = bytes(buf[: head_end + length])
+    del buf[: head_end + length]
     return msg
 
 
@@ -158,8 +175,9 @@ class EngineNetwork:
 
 def engine_networks(engine: Engine) -> dict[str, EngineNetwork]:
     """Every network of our driver, as the engine reports it."""
-    ids = engine.docker("network", "ls", "-q", "--no-trunc", "--filter",
-                        f"driver={engine.plugin.name}").stdout.split()
+    ids = engine.docker(
+        "network", "ls", "-q", "--no-trunc", "--filter", f"driver={engine.plugin.name}"
+    ).stdout.split()
     out: dict[str, EngineNetwork] = {}
     if not ids:
         return out
@@ -169,7 +187,9 @@ def engine_networks(engine: Engine) -> dict[str, EngineNetwork]:
             continue
         configs = (doc.get("IPAM") or {}).get("Config") or []
         net = EngineNetwork(
-            id=doc["Id"], name=doc["Name"], ipam_driver=(doc.get("IPAM") or {}).get("Driver"),
+            id=doc["Id"],
+            name=doc["Name"],
+            ipam_driver=(doc.get("IPAM") or {}).get("Driver"),
             subnets=[c["Subnet"] for c in configs if c.get("Subnet")],
             aux=[a for c in configs for a in (c.get("AuxiliaryAddresses") or {}).values()],
         )
@@ -206,8 +226,9 @@ def problems_after_settling(engine: Engine, timeout: float, interval: float) -> 
     """The consistency problems left once the plugin's own start-up and sweep have had up to
     ``timeout`` seconds to settle them (empty as soon as there are none)."""
     deadline = time.monotonic() + timeout
-    while (problems := [str(p) for p in consistency_problems(engine)]) and \
-            time.monotonic() < deadline:
+    while (
+        problems := [str(p) for p in consistency_problems(engine)]
+    ) and time.monotonic() < deadline:
         time.sleep(interval)
     return problems
 
@@ -231,12 +252,17 @@ def _network_problems(st: dict[str, Any], nets: dict[str, EngineNetwork]) -> lis
     """The plugin holds exactly the engine's networks of our driver."""
     held = {n["NetworkID"]: n for n in st["Networks"]}
     return [
-        Problem("network-extra", f"plugin holds network {nid[:12]} ({held[nid]['Bridge']}, "
-                f"{','.join(held[nid]['Subnets'])}) that the engine does not know")
+        Problem(
+            "network-extra",
+            f"plugin holds network {nid[:12]} ({held[nid]['Bridge']}, "
+            f"{','.join(held[nid]['Subnets'])}) that the engine does not know",
+        )
         for nid in sorted(set(held) - set(nets))
     ] + [
-        Problem("network-missing",
-                f"engine network {nets[nid].name} ({nid[:12]}) is unknown to the plugin")
+        Problem(
+            "network-missing",
+            f"engine network {nets[nid].name} ({nid[:12]}) is unknown to the plugin",
+        )
         for nid in sorted(set(nets) - set(held))
     ]
 
@@ -249,28 +275,45 @@ def _endpoint_problems(st: dict[str, Any], nets: dict[str, EngineNetwork]) -> li
     engine_eps = {eid: (n, who) for n in nets.values() for eid, who in n.endpoints.items()}
     for eid in sorted(set(held) - set(engine_eps)):
         e = held[eid]
-        problems.append(Problem("endpoint-extra", f"plugin holds endpoint {eid[:12]} "
-                                f"({e['Veth']}, {e['Address']}) that the engine does not know"))
+        problems.append(
+            Problem(
+                "endpoint-extra",
+                f"plugin holds endpoint {eid[:12]} "
+                f"({e['Veth']}, {e['Address']}) that the engine does not know",
+            )
+        )
     for eid in sorted(engine_eps):
         n, (name, ip) = engine_eps[eid]
         if eid not in held:
-            problems.append(Problem("endpoint-missing", f"engine endpoint {eid[:12]} of {name} "
-                                    f"on {n.name} ({ip}) is unknown to the plugin"))
+            problems.append(
+                Problem(
+                    "endpoint-missing",
+                    f"engine endpoint {eid[:12]} of {name} "
+                    f"on {n.name} ({ip}) is unknown to the plugin",
+                )
+            )
         elif ip and (held[eid]["Address"] or "").split("/")[0] != ip:
-            problems.append(Problem("endpoint-address", f"endpoint {eid[:12]} of {name}: "
-                                    f"engine says {ip}, plugin {held[eid]['Address']}"))
+            problems.append(
+                Problem(
+                    "endpoint-address",
+                    f"endpoint {eid[:12]} of {name}: "
+                    f"engine says {ip}, plugin {held[eid]['Address']}",
+                )
+            )
     for n in nets.values():
         seen: dict[str, str] = {}
         for name, ip in n.endpoints.values():
             if ip and ip in seen:
-                problems.append(Problem("shared", f"{name} and {seen[ip]} share {ip} on "
-                                        f"{n.name}"))
+                problems.append(Problem("shared", f"{name} and {seen[ip]} share {ip} on {n.name}"))
             seen[ip] = name
     return problems
 
 
-def _address_problems(engine: Engine, st: dict[str, Any], nets: dict[str, EngineNetwork],
-                      ) -> list[Problem]:
+def _address_problems(
+    engine: Engine,
+    st: dict[str, Any],
+    nets: dict[str, EngineNetwork],
+) -> list[Problem]:
     """The store holds exactly gateways + aux + endpoint addresses of the networks using our
     IPAM, and exactly their pools."""
     stored = stored_addresses(engine)
@@ -284,28 +327,49 @@ def _address_problems(engine: Engine, st: dict[str, Any], nets: dict[str, Engine
         for gw in held_nets.get(nid, {}).get("Gateways", []):
             want[gw.split("/")[0]] = f"gateway of {n.name}"
         want.update(dict.fromkeys(n.aux, f"aux address of {n.name}"))
-        want.update({ip: f"address of {name} on {n.name}"
-                     for name, ip in n.endpoints.values() if ip})
+        want.update(
+            {ip: f"address of {name} on {n.name}" for name, ip in n.endpoints.values() if ip}
+        )
     # Reclaimed addresses (of endpoints the plugin dropped without the engine's word) are
     # parked, reused last: neither in use nor leaked.
     have = {addr for rows in stored.values() for addr, kind in rows if kind != "reclaimed"}
-    problems = [Problem("address-leaked", f"address {a} is allocated in the plugin's IPAM but "
-                        "used by nothing the engine knows (leaked)")
-                for a in sorted(have - set(want))]
-    problems += [Problem("address-unallocated", f"{want[a]} ({a}) is not allocated in the "
-                         "plugin's IPAM (could be handed out twice)")
-                 for a in sorted(set(want) - have)]
+    problems = [
+        Problem(
+            "address-leaked",
+            f"address {a} is allocated in the plugin's IPAM but "
+            "used by nothing the engine knows (leaked)",
+        )
+        for a in sorted(have - set(want))
+    ]
+    problems += [
+        Problem(
+            "address-unallocated",
+            f"{want[a]} ({a}) is not allocated in the plugin's IPAM (could be handed out twice)",
+        )
+        for a in sorted(set(want) - have)
+    ]
     pools = {p["Pool"] for p in st["Pools"]}
-    problems += [Problem("pool-extra", f"pool {p} is held by the plugin's IPAM for no engine "
-                         "network") for p in sorted(pools - want_pools)]
-    problems += [Problem("pool-missing", f"pool {p} of an engine network is not held by the "
-                         "plugin's IPAM") for p in sorted(want_pools - pools)]
+    problems += [
+        Problem("pool-extra", f"pool {p} is held by the plugin's IPAM for no engine network")
+        for p in sorted(pools - want_pools)
+    ]
+    problems += [
+        Problem("pool-missing", f"pool {p} of an engine network is not held by the plugin's IPAM")
+        for p in sorted(want_pools - pools)
+    ]
     used = {p["PoolID"]: (p["Used"], p["Reclaimed"]) for p in st["Pools"]}
-    counts = {pid: (sum(k != "reclaimed" for _, k in rows), sum(k == "reclaimed" for _, k in rows))
-              for pid, rows in stored.items()}
-    problems += [Problem("pool-count", f"status says pool {pid} uses/parks {used.get(pid)}, the "
-                         f"store holds {count}")
-                 for pid, count in counts.items() if used.get(pid) != count]
+    counts = {
+        pid: (sum(k != "reclaimed" for _, k in rows), sum(k == "reclaimed" for _, k in rows))
+        for pid, rows in stored.items()
+    }
+    problems += [
+        Problem(
+            "pool-count",
+            f"status says pool {pid} uses/parks {used.get(pid)}, the store holds {count}",
+        )
+        for pid, count in counts.items()
+        if used.get(pid) != count
+    ]
     return problems
 
 
@@ -317,10 +381,14 @@ def _link_problems(engine: Engine, st: dict[str, Any]) -> list[Problem]:
     }
     must = {n["Bridge"] for n in st["Networks"]} | {e["Veth"] for e in st["Endpoints"]}
     names = {lk["ifname"] for lk in our_links(engine)}
-    problems = [Problem("link-leaked", f"interface {n} belongs to nothing the plugin holds "
-                        "(leaked)") for n in sorted(names - known)]
-    problems += [Problem("link-missing", f"interface {n} of the plugin's store is missing in "
-                         "the kernel") for n in sorted(must - names)]
+    problems = [
+        Problem("link-leaked", f"interface {n} belongs to nothing the plugin holds (leaked)")
+        for n in sorted(names - known)
+    ]
+    problems += [
+        Problem("link-missing", f"interface {n} of the plugin's store is missing in the kernel")
+        for n in sorted(must - names)
+    ]
     if st["PendingDeletes"]:
         problems.append(Problem("pending", f"{st['PendingDeletes']} veth deletions pending"))
     return problems
@@ -335,7 +403,8 @@ def assert_consistent(engine: Engine, *, timeout: float = 10.0) -> None:
         if not problems:
             break
         if time.monotonic() > deadline:
-            raise AssertionError("engine, plugin and kernel disagree:\n  "
-                                 + "\n  ".join(map(str, problems)))
+            raise AssertionError(
+                "engine, plugin and kernel disagree:\n  " + "\n  ".join(map(str, problems))
+            )
         time.sleep(0.5)
     assert_check_clean(engine)

@@ -41,8 +41,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("cmd", nargs="+")
     args = parser.parse_args(argv)
 
-    if os.environ.get("LISTEN_PID") != str(os.getpid()) or \
-            os.environ.get("LISTEN_FDS") != "1":
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
         print("socket_holder: run me under systemd-socket-activate -l SOCKET", file=sys.stderr)
         return 2
     for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
@@ -62,8 +61,9 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     while not stopping:
-        child = subprocess.Popen(["sh", "-c", _EXEC_WITH_LISTEN_PID, "sh", *args.cmd],
-                                 pass_fds=(LISTEN_FD,))
+        child = subprocess.Popen(
+            ["sh", "-c", _EXEC_WITH_LISTEN_PID, "sh", *args.cmd], pass_fds=(LISTEN_FD,)
+        )
         args.pidfile.write_text(f"{child.pid}\n")
         _event("start", child.pid)
         if stopping:  # a signal between Popen and here

@@ -32,9 +32,17 @@ def test_static_ip_ip_range_gateway_and_aux_addresses(e2e: Scope) -> None:
     # them would hand them out first.
     aux = {"10.77.0.128", "10.77.0.129"}
     net = e2e.create_network(
-        "addr", subnet=subnet, gateway=gateway,
-        extra=["--ip-range", ip_range, "--aux-address", "r1=10.77.0.128",
-               "--aux-address", "r2=10.77.0.129"],
+        "addr",
+        subnet=subnet,
+        gateway=gateway,
+        extra=[
+            "--ip-range",
+            ip_range,
+            "--aux-address",
+            "r1=10.77.0.128",
+            "--aux-address",
+            "r2=10.77.0.129",
+        ],
     )
     link = eng.link(eng.bridge_name(e2e.network_id(net)))
     assert link is not None
@@ -62,8 +70,21 @@ def test_static_ip_ip_range_gateway_and_aux_addresses(e2e: Scope) -> None:
     with eng.remote_http_server(8000) as url:
         assert seen_source(e2e, dyn[0], url) == ENGINE_ADDR
     # The static address is taken: a second claim fails.
-    r = e2e.docker("run", "-d", "--name", e2e.name("dup"), "--network", net, "--ip", static,
-                   eng.image, "sleep", "60", check=False, timeout=90)
+    r = e2e.docker(
+        "run",
+        "-d",
+        "--name",
+        e2e.name("dup"),
+        "--network",
+        net,
+        "--ip",
+        static,
+        eng.image,
+        "sleep",
+        "60",
+        check=False,
+        timeout=90,
+    )
     e2e.containers.append(e2e.name("dup"))
     assert r.returncode != 0, "two containers were given the same --ip"
 
@@ -73,14 +94,12 @@ def test_dual_stack_ipv6(e2e: Scope) -> None:
     v6a, v6b = "fd70:e2e::/64", "fd70:e2f::/64"
     check_no_overlap(v6a, v6b)
     n6 = e2e.create_network("v6", subnet="10.78.0.0/24", extra=["--ipv6", "--subnet", v6a])
-    other = e2e.create_network("v6b", subnet="10.78.1.0/24",
-                               extra=["--ipv6", "--subnet", v6b])
+    other = e2e.create_network("v6b", subnet="10.78.1.0/24", extra=["--ipv6", "--subnet", v6b])
     bridge = eng.bridge_name(e2e.network_id(n6))
     link = eng.link(bridge)
     assert link is not None
     assert addresses(link) == ["10.78.0.1/24"]
-    assert [a for a in addresses(link, "inet6") if not a.startswith("fe80:")] == \
-        ["fd70:e2e::1/64"]
+    assert [a for a in addresses(link, "inet6") if not a.startswith("fe80:")] == ["fd70:e2e::1/64"]
 
     a = e2e.run_container(n6, "a")
     b = e2e.run_container(n6, "b", extra=["--ip6", "fd70:e2e::99"])
@@ -95,19 +114,32 @@ def test_dual_stack_ipv6(e2e: Scope) -> None:
     assert six[b] == "fd70:e2e::99"
     assert ipaddress.ip_address(six[a]) in ipaddress.ip_network(v6a)
     routes6 = container_routes(e2e, a, v6=True)
-    assert [r for r in routes6 if r.startswith("default")] == \
-        ["default via fd70:e2e::1 dev eth0 metric 1024"], routes6
+    assert [r for r in routes6 if r.startswith("default")] == [
+        "default via fd70:e2e::1 dev eth0 metric 1024"
+    ], routes6
 
     # The engine netns routes IPv6 for these networks, so the isolation checked below is the
     # firewall's doing, not a side effect of forwarding being off.
     assert eng.sysctl("net/ipv6/conf/all/forwarding") == "1"
     for x in (a, b, c):
         serve_http(e2e, x)
-    expect_reach(e2e, a, {six[b]: True, six[c]: False}, kind=BOTH,
-                 ping_only={"fd70:e2e::1": True}, what="IPv6")
+    expect_reach(
+        e2e,
+        a,
+        {six[b]: True, six[c]: False},
+        kind=BOTH,
+        ping_only={"fd70:e2e::1": True},
+        what="IPv6",
+    )
     expect_reach(e2e, b, {six[a]: True}, kind=BOTH, what="IPv6")
-    expect_reach(e2e, c, {six[a]: False, six[b]: False}, kind=BOTH,
-                 ping_only={"fd70:e2f::1": True}, what="IPv6")
+    expect_reach(
+        e2e,
+        c,
+        {six[a]: False, six[b]: False},
+        kind=BOTH,
+        ping_only={"fd70:e2f::1": True},
+        what="IPv6",
+    )
 
     for x in (a, b, c):
         e2e.remove_container(x)

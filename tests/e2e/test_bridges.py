@@ -100,9 +100,20 @@ def test_existing_non_bridge_name_is_refused(e2e: Scope) -> None:
     try:
         net = e2e.name("notbr")
         e2e.networks.append(net)
-        r = e2e.docker("network", "create", "-d", e2e.driver, "--ipam-driver", e2e.driver,
-                       "--subnet", "10.61.2.0/24", "-o", f"{OPT_NAME}={name}", net,
-                       check=False)
+        r = e2e.docker(
+            "network",
+            "create",
+            "-d",
+            e2e.driver,
+            "--ipam-driver",
+            e2e.driver,
+            "--subnet",
+            "10.61.2.0/24",
+            "-o",
+            f"{OPT_NAME}={name}",
+            net,
+            check=False,
+        )
         assert r.returncode != 0, "a network was made on a veth named as its bridge"
         assert OPT_NAME in r.stderr and name in r.stderr, r.stderr
         assert e2e.docker("network", "inspect", net, check=False).returncode != 0

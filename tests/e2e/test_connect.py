@@ -23,8 +23,7 @@ pytestmark = pytest.mark.docker
 
 
 def _gateway(e2e: Scope, container: str, network: str) -> str:
-    return str(e2e.container_inspect(container)["NetworkSettings"]["Networks"][network]
-               ["Gateway"])
+    return str(e2e.container_inspect(container)["NetworkSettings"]["Networks"][network]["Gateway"])
 
 
 def test_connect_and_disconnect_running_container(e2e: Scope) -> None:
@@ -43,16 +42,23 @@ def test_connect_and_disconnect_running_container(e2e: Scope) -> None:
     assert e2e.container_addrs(a).get("eth1") == [f"{ip_a2}/24"]
     veth = host_veth(eng, endpoint_id(e2e, a, n2))
     assert veth in bridge_ports(eng, br2)
-    expect_reach(e2e, a, {ip_c: True, c: True}, kind=BOTH, ping_only={"10.80.0.1": True},
-                 what="after connect")
+    expect_reach(
+        e2e,
+        a,
+        {ip_c: True, c: True},
+        kind=BOTH,
+        ping_only={"10.80.0.1": True},
+        what="after connect",
+    )
     expect_reach(e2e, c, {ip_a2: True}, what="after connect")
 
     e2e.disconnect(n2, a)
     assert container_ifaces(e2e, a) == ["eth0", "lo"]
     wait_links_gone(eng, [veth])
     assert sorted(e2e.container_inspect(a)["NetworkSettings"]["Networks"]) == [n1]
-    expect_reach(e2e, a, {ip_c: False}, kind=BOTH, ping_only={"10.80.0.1": True},
-                 what="after disconnect")
+    expect_reach(
+        e2e, a, {ip_c: False}, kind=BOTH, ping_only={"10.80.0.1": True}, what="after disconnect"
+    )
 
 
 def test_connect_and_disconnect_stopped_container(e2e: Scope) -> None:
@@ -130,8 +136,9 @@ def test_network_container_mode_shares_interfaces(e2e: Scope) -> None:
     links_before = eng.plugin_links()
     y = e2e.name("y")
     e2e.containers.append(y)
-    e2e.docker("run", "-d", "--name", y, "--network", f"container:{x}", eng.image, *SLEEPER,
-               timeout=90)
+    e2e.docker(
+        "run", "-d", "--name", y, "--network", f"container:{x}", eng.image, *SLEEPER, timeout=90
+    )
     assert e2e.container_addrs(y) == e2e.container_addrs(x)
     assert sysfs(e2e, y, "eth0", "address") == sysfs(e2e, x, "eth0", "address")
     assert eng.plugin_links() == links_before, "a shared netns got an endpoint of its own"

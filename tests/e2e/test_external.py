@@ -52,8 +52,12 @@ def test_outbound_masquerade_and_enable_ip_masquerade_false(e2e: Scope) -> None:
     for x in (a, c):
         serve_http(e2e, x)
     for ip in (ip_a, ip_c):  # control: the servers are up
-        assert eng.in_engine_ns("timeout", "3", "busybox", "wget", "-O-", f"http://{ip}/",
-                                check=False).returncode == 0
+        assert (
+            eng.in_engine_ns(
+                "timeout", "3", "busybox", "wget", "-O-", f"http://{ip}/", check=False
+            ).returncode
+            == 0
+        )
     expect_remote_unreachable(eng, [ip_a, ip_c], what="unsolicited, nothing published")
 
 
@@ -82,8 +86,9 @@ def test_internal_network_has_no_way_out(e2e: Scope) -> None:
         assert seen_source(e2e, e, url) == ENGINE_ADDR  # control: the way out works
         r = e2e.http_get(i2, f"{url}/cgi-bin/ip", timeout=2, check=False)
         assert r.returncode != 0, f"internal container reached the remote host: {r.stdout}"
-    expect_reach(e2e, i2, {ip_e: False}, kind=BOTH, ping_only={REMOTE_ADDR: False},
-                 what="internal -> out")
+    expect_reach(
+        e2e, i2, {ip_e: False}, kind=BOTH, ping_only={REMOTE_ADDR: False}, what="internal -> out"
+    )
     expect_reach(e2e, e, {ip_i1: False}, kind=BOTH, what="other network -> internal")
     expect_remote_unreachable(eng, [ip_i1, ip_i2], what="into an internal network")
     assert masquerade_rules(eng, "10.70.2.0/24") == []
@@ -110,8 +115,9 @@ def test_rules_coexist_with_dockers_and_go_with_the_network(e2e: Scope) -> None:
 
     forward = forward_chain(eng)
     assert "-P FORWARD DROP" in forward
-    assert _docker_user_first(forward), "DOCKER-USER is not the first rule of FORWARD:\n" + \
-        "\n".join(forward)
+    assert _docker_user_first(forward), (
+        "DOCKER-USER is not the first rule of FORWARD:\n" + "\n".join(forward)
+    )
     ours = our_rules(eng) + our_rules(eng, "nat")
     assert [r for r in ours if bridge in r], "no rule of ours for the bridge"
     assert [r for r in ours if f"{ip_a}:80" in r], "no DNAT for the published port"
@@ -179,8 +185,12 @@ def test_docker_user_stays_first_when_plugin_restores_its_jumps(e2e: Scope) -> N
     comment = f"{eng.plugin.prefix}-driver"
 
     eng.plugin.stop()
-    jumps = [(t, r) for t in ("filter", "nat", "mangle") for r in rules(eng, t)
-             if r.startswith("-A ") and comment in r]
+    jumps = [
+        (t, r)
+        for t in ("filter", "nat", "mangle")
+        for r in rules(eng, t)
+        if r.startswith("-A ") and comment in r
+    ]
     assert len(jumps) >= 3, jumps
     for table, r in jumps:
         eng.in_engine_ns("iptables", "-t", table, *shlex.split("-D" + r[2:]))

@@ -60,10 +60,10 @@ def test_isolated_from_dockers_own_bridge_network(e2e: Scope) -> None:
     gw_q = e2e.container_inspect(q)["NetworkSettings"]["Networks"]["bridge"]["Gateway"]
     serve_http(e2e, p)
     serve_http(e2e, q)
-    expect_reach(e2e, p, {ip_q: False}, kind=BOTH, ping_only={"10.67.3.1": True},
-                 what="pouch -> docker0")
-    expect_reach(e2e, q, {ip_p: False}, kind=BOTH, ping_only={gw_q: True},
-                 what="docker0 -> pouch")
+    expect_reach(
+        e2e, p, {ip_q: False}, kind=BOTH, ping_only={"10.67.3.1": True}, what="pouch -> docker0"
+    )
+    expect_reach(e2e, q, {ip_p: False}, kind=BOTH, ping_only={gw_q: True}, what="docker0 -> pouch")
 
 
 def test_isolated_from_docker_networks_made_later_whatever_their_bridge_name(
@@ -82,13 +82,26 @@ def test_isolated_from_docker_networks_made_later_whatever_their_bridge_name(
         ("dockc", "10.67.5.0/24", {"com.docker.network.bridge.name": "dkrcustom0"}),
         ("dockd", "10.67.6.0/24", {}),
     ):
-        docker_net = e2e.create_network(base, subnet=subnet, driver="bridge", ipam=False,
-                                        options=options)
+        docker_net = e2e.create_network(
+            base, subnet=subnet, driver="bridge", ipam=False, options=options
+        )
         q = e2e.run_container(docker_net, f"q{base}")
         ip_q = e2e.container_ip(q, docker_net)
         serve_http(e2e, q)
         gw_q = subnet.replace(".0/24", ".1")
-        expect_reach(e2e, p, {ip_q: False}, kind=BOTH, ping_only={"10.67.4.1": True},
-                     what=f"pouch -> Docker network {base}")
-        expect_reach(e2e, q, {ip_p: False}, kind=BOTH, ping_only={gw_q: True},
-                     what=f"Docker network {base} -> pouch")
+        expect_reach(
+            e2e,
+            p,
+            {ip_q: False},
+            kind=BOTH,
+            ping_only={"10.67.4.1": True},
+            what=f"pouch -> Docker network {base}",
+        )
+        expect_reach(
+            e2e,
+            q,
+            {ip_p: False},
+            kind=BOTH,
+            ping_only={gw_q: True},
+            what=f"Docker network {base} -> pouch",
+        )

@@ -62,8 +62,10 @@ class Managed:
 def _docker_tools_needed() -> None:
     missing = [t for t in ("debootstrap", "tar", "flock") if shutil.which(t) is None]
     if missing:
-        pytest.fail(f"the managed-plugin test needs {', '.join(missing)} "
-                    "(scripts/setup --test installs them)")
+        pytest.fail(
+            f"the managed-plugin test needs {', '.join(missing)} "
+            "(scripts/setup --test installs them)"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -72,21 +74,37 @@ def managed(engine: Engine) -> Iterator[Managed]:
     _docker_tools_needed()
     env = dict(engine.env, PYTHON=sys.executable)
     t0 = time.monotonic()
-    run([str(REPO / "scripts" / "build-base"), "--tag", BASE_IMAGE], env=env,
-        timeout=BUILD_TIMEOUT)
+    run([str(REPO / "scripts" / "build-base"), "--tag", BASE_IMAGE], env=env, timeout=BUILD_TIMEOUT)
     engine.timings["build-base"] = time.monotonic() - t0  # shown in the session summary
     t0 = time.monotonic()
-    run([str(REPO / "scripts" / "build-plugin"), "--name", PLUGIN, "--base", BASE_IMAGE,
-         "--workdir", str(engine.base / "plugin-build"), "--replace"],
-        env=env, timeout=BUILD_TIMEOUT)
+    run(
+        [
+            str(REPO / "scripts" / "build-plugin"),
+            "--name",
+            PLUGIN,
+            "--base",
+            BASE_IMAGE,
+            "--workdir",
+            str(engine.base / "plugin-build"),
+            "--replace",
+        ],
+        env=env,
+        timeout=BUILD_TIMEOUT,
+    )
     engine.timings["build-plugin"] = time.monotonic() - t0
     shutil.rmtree(engine.base / "plugin-build", ignore_errors=True)
     plugin_id = engine.docker("plugin", "inspect", "--format", "{{.Id}}", PLUGIN).stdout.strip()
     engine.note_managed_plugin(plugin_id)
     state = engine.base / "managed-state"
     state.mkdir()  # a bind mount's source must exist
-    engine.docker("plugin", "set", PLUGIN, f"state.source={state}",
-                  f"POUCH_DRIVER_PREFIX={PREFIX}", "POUCH_DRIVER_LOG_LEVEL=debug")
+    engine.docker(
+        "plugin",
+        "set",
+        PLUGIN,
+        f"state.source={state}",
+        f"POUCH_DRIVER_PREFIX={PREFIX}",
+        "POUCH_DRIVER_LOG_LEVEL=debug",
+    )
     engine.docker("plugin", "enable", PLUGIN, timeout=60)
     try:
         yield Managed(engine, plugin_id, state)
@@ -107,8 +125,10 @@ def test_managed_plugin_networks_and_containers(managed: Managed, e2e: Scope) ->
     info = eng.docker_json("plugin", "inspect", PLUGIN)[0]
     assert info["Name"] == DRIVER
     assert info["Enabled"] is True
-    assert sorted(info["Config"]["Interface"]["Types"]) == ["docker.ipamdriver/1.0",
-                                                           "docker.networkdriver/1.0"]
+    assert sorted(info["Config"]["Interface"]["Types"]) == [
+        "docker.ipamdriver/1.0",
+        "docker.networkdriver/1.0",
+    ]
     assert f"POUCH_DRIVER_PREFIX={PREFIX}" in info["Settings"]["Env"]
 
     # What the engine made of config.json: the socket in the plugin's own dir, a process in
@@ -164,8 +184,13 @@ def test_managed_plugin_sets_net_sysctls(managed: Managed, e2e: Scope) -> None:
     before = eng.sysctl(key)
     eng.in_engine_ns("sh", "-c", f"echo 0 > /proc/sys/{key}")
     try:
-        net = e2e.create_network("mnet6", subnet="10.36.0.0/24", driver=DRIVER, check=False,
-                                 extra=["--ipv6", "--subnet", "fd71:6d::/64"])
+        net = e2e.create_network(
+            "mnet6",
+            subnet="10.36.0.0/24",
+            driver=DRIVER,
+            check=False,
+            extra=["--ipv6", "--subnet", "fd71:6d::/64"],
+        )
         created = eng.docker("network", "inspect", net, check=False).returncode == 0
         assert created, f"IPv6 network on the managed plugin failed:\n{tail(eng.log_path, 15)}"
         assert eng.sysctl(key) == "1"

@@ -54,8 +54,9 @@ def test_mtu_option_sets_bridge_veths_and_container(e2e: Scope) -> None:
     assert sysfs(e2e, c, "eth1", "mtu") == "1400"
     assert _mtu(e2e, host_veth(eng, endpoint_id(e2e, c, net))) == 1400
     # Full-size frames pass (1372 + 8 ICMP + 20 IP = 1400).
-    r = e2e.exec(a, "ping", "-c", "2", "-W", "2", "-s", "1372", e2e.container_ip(b, net),
-                 check=False)
+    r = e2e.exec(
+        a, "ping", "-c", "2", "-W", "2", "-s", "1372", e2e.container_ip(b, net), check=False
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -71,10 +72,8 @@ def test_icc_false_isolates_containers_but_not_gateway_or_outside(e2e: Scope) ->
     r = eng.in_engine_ns("timeout", "3", "busybox", "wget", "-O-", f"http://{ip_b}/")
     assert text_b in r.stdout
 
-    expect_reach(e2e, a, {ip_b: False}, kind=BOTH, ping_only={"10.63.2.1": True},
-                 what="icc=false")
-    expect_reach(e2e, b, {ip_a: False}, kind=BOTH, ping_only={"10.63.2.1": True},
-                 what="icc=false")
+    expect_reach(e2e, a, {ip_b: False}, kind=BOTH, ping_only={"10.63.2.1": True}, what="icc=false")
+    expect_reach(e2e, b, {ip_a: False}, kind=BOTH, ping_only={"10.63.2.1": True}, what="icc=false")
     # ...and by name through the embedded DNS: resolved, but not reached.
     r = e2e.exec(a, "nslookup", b, check=False)
     assert ip_b in r.stdout, f"embedded DNS does not resolve {b}: {r.stdout}{r.stderr}"
@@ -83,24 +82,42 @@ def test_icc_false_isolates_containers_but_not_gateway_or_outside(e2e: Scope) ->
         assert seen_source(e2e, b, url) == ENGINE_ADDR
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("foo", "bar"),
-    (OPT_MTU, "abc"),
-    (OPT_MTU, "10"),
-    (OPT_ICC, "maybe"),
-    (OPT_MASQ, "yes please"),
-    (OPT_HOST_IP, "not-an-ip"),
-])
-def test_bad_option_fails_naming_it_and_leaves_nothing(e2e: Scope, key: str, value: str,
-                                                       ) -> None:
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("foo", "bar"),
+        (OPT_MTU, "abc"),
+        (OPT_MTU, "10"),
+        (OPT_ICC, "maybe"),
+        (OPT_MASQ, "yes please"),
+        (OPT_HOST_IP, "not-an-ip"),
+    ],
+)
+def test_bad_option_fails_naming_it_and_leaves_nothing(
+    e2e: Scope,
+    key: str,
+    value: str,
+) -> None:
     eng = e2e.engine
     subnet = "10.63.3.0/24"
     bridges_before = bridges(eng)
     links_before = eng.plugin_links()
     name = e2e.name("bad")
     e2e.networks.append(name)  # removed at teardown should the create wrongly succeed
-    r = e2e.docker("network", "create", "-d", e2e.driver, "--ipam-driver", e2e.driver,
-                   "--subnet", subnet, "-o", f"{key}={value}", name, check=False)
+    r = e2e.docker(
+        "network",
+        "create",
+        "-d",
+        e2e.driver,
+        "--ipam-driver",
+        e2e.driver,
+        "--subnet",
+        subnet,
+        "-o",
+        f"{key}={value}",
+        name,
+        check=False,
+    )
     assert r.returncode != 0, f"-o {key}={value} was accepted"
     assert key in r.stderr, f"the error does not name the option {key}: {r.stderr}"
     assert name not in e2e.docker("network", "ls", "--format", "{{.Name}}").stdout.split()

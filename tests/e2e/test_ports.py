@@ -104,8 +104,9 @@ def test_published_port_from_same_network_and_engine_host(e2e: Scope) -> None:
     text = serve_http(e2e, a)
     r = e2e.http_get(b, f"http://{ENGINE_ADDR}:8087/", timeout=3, check=False)
     assert r.returncode == 0 and text in r.stdout, f"b -> {ENGINE_ADDR}:8087: {r.stderr}"
-    r = eng.in_engine_ns("timeout", "3", "busybox", "wget", "-O-",
-                         f"http://{ENGINE_ADDR}:8087/", check=False)
+    r = eng.in_engine_ns(
+        "timeout", "3", "busybox", "wget", "-O-", f"http://{ENGINE_ADDR}:8087/", check=False
+    )
     assert r.returncode == 0 and text in r.stdout, f"engine host -> :8087: {r.stderr}"
 
 
@@ -117,16 +118,14 @@ def test_container_reaches_its_own_published_port(e2e: Scope) -> None:
     text = serve_http(e2e, a)
     r = e2e.http_get(a, f"http://{ENGINE_ADDR}:8088/", timeout=3, check=False)
     assert r.returncode == 0 and text in r.stdout, (
-        f"a cannot reach its own published port {ENGINE_ADDR}:8088 (rc {r.returncode}): "
-        f"{r.stderr}"
+        f"a cannot reach its own published port {ENGINE_ADDR}:8088 (rc {r.returncode}): {r.stderr}"
     )
 
 
 def test_host_binding_ipv4_and_explicit_host_ip(e2e: Scope) -> None:
     eng = e2e.engine
     with engine_address(eng, f"{SECOND_ADDR}/24"):
-        bound = e2e.create_network("hb", subnet="10.74.2.0/24",
-                                   options={OPT_HOST_IP: SECOND_ADDR})
+        bound = e2e.create_network("hb", subnet="10.74.2.0/24", options={OPT_HOST_IP: SECOND_ADDR})
         anyaddr = e2e.create_network("hbany", subnet="10.74.5.0/24")
         d = e2e.run_container(bound, "d", publish=["8090:80", f"{ENGINE_ADDR}:8091:80"])
         e = e2e.run_container(anyaddr, "e", publish=["8092:80"])
@@ -156,8 +155,9 @@ def test_loopback_published_port(e2e: Scope) -> None:
     assert len(found) == 1, f"no single loopback DNAT to {ip_a}:80: {dnat_rules(eng, ip_a)}"
     port = found[0][2]
     assert_remote_cannot_get(eng, ENGINE_ADDR, port)
-    r = eng.in_engine_ns("timeout", "3", "busybox", "wget", "-O-", f"http://127.0.0.1:{port}/",
-                         check=False)
+    r = eng.in_engine_ns(
+        "timeout", "3", "busybox", "wget", "-O-", f"http://127.0.0.1:{port}/", check=False
+    )
     assert r.returncode == 0 and text in r.stdout, (
         f"127.0.0.1:{port} on the engine host does not reach the container (rc "
         f"{r.returncode}): {r.stderr}"
@@ -171,16 +171,17 @@ V6_ENGINE, V6_REMOTE = "2001:db8:74::1", "2001:db8:74::2"
 @contextlib.contextmanager
 def ipv6_uplink(eng: Engine) -> Iterator[None]:
     """IPv6 on the link between the engine host and the remote host, for the duration."""
-    eng.in_engine_ns("ip", "-6", "addr", "add", f"{V6_ENGINE}/64", "dev", ENGINE_UPLINK,
-                     "nodad")
+    eng.in_engine_ns("ip", "-6", "addr", "add", f"{V6_ENGINE}/64", "dev", ENGINE_UPLINK, "nodad")
     eng.in_remote("ip", "-6", "addr", "add", f"{V6_REMOTE}/64", "dev", REMOTE_UPLINK, "nodad")
     try:
         yield
     finally:
-        eng.in_remote("ip", "-6", "addr", "del", f"{V6_REMOTE}/64", "dev", REMOTE_UPLINK,
-                      check=False)
-        eng.in_engine_ns("ip", "-6", "addr", "del", f"{V6_ENGINE}/64", "dev", ENGINE_UPLINK,
-                         check=False)
+        eng.in_remote(
+            "ip", "-6", "addr", "del", f"{V6_REMOTE}/64", "dev", REMOTE_UPLINK, check=False
+        )
+        eng.in_engine_ns(
+            "ip", "-6", "addr", "del", f"{V6_ENGINE}/64", "dev", ENGINE_UPLINK, check=False
+        )
 
 
 def test_published_ports_on_ipv6(e2e: Scope) -> None:
@@ -189,8 +190,9 @@ def test_published_ports_on_ipv6(e2e: Scope) -> None:
     without IPv6, an IPv6 host address is refused with an error that says why."""
     eng = e2e.engine
     with ipv6_uplink(eng):
-        net = e2e.create_network("p6", subnet="10.74.6.0/24",
-                                 extra=["--ipv6", "--subnet", "fd71:74:6::/64"])
+        net = e2e.create_network(
+            "p6", subnet="10.74.6.0/24", extra=["--ipv6", "--subnet", "fd71:74:6::/64"]
+        )
         a = e2e.run_container(net, "a", publish=["8093:80", f"[{V6_ENGINE}]:8094:80"])
         text = serve_http(e2e, a)
         assert_remote_gets(eng, V6_ENGINE, 8093, text)
@@ -203,8 +205,19 @@ def test_published_ports_on_ipv6(e2e: Scope) -> None:
         v4only = e2e.create_network("p4", subnet="10.74.7.0/24")
         name = e2e.name("b")
         e2e.containers.append(name)
-        r = e2e.docker("run", "-d", "--name", name, "--network", v4only,
-                       "-p", f"[{V6_ENGINE}]:8095:80", eng.image, *SLEEPER, check=False,
-                       timeout=90)
+        r = e2e.docker(
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            v4only,
+            "-p",
+            f"[{V6_ENGINE}]:8095:80",
+            eng.image,
+            *SLEEPER,
+            check=False,
+            timeout=90,
+        )
         assert r.returncode != 0, r.stdout
         assert "has no IPv6 address on this network" in r.stderr, r.stderr

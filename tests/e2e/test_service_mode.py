@@ -117,37 +117,67 @@ class Service:
 
     def environment(self) -> dict[str, str]:
         """What /etc/default/pouch-driver would hold for this instance."""
-        return {"POUCH_DRIVER_SOCKET": str(self.socket),
-                "POUCH_DRIVER_STATE_DIR": str(self.state_dir),
-                "POUCH_DRIVER_PREFIX": PREFIX, "POUCH_DRIVER_LOG_LEVEL": "debug",
-                "PYTHONUNBUFFERED": "1"}
+        return {
+            "POUCH_DRIVER_SOCKET": str(self.socket),
+            "POUCH_DRIVER_STATE_DIR": str(self.state_dir),
+            "POUCH_DRIVER_PREFIX": PREFIX,
+            "POUCH_DRIVER_LOG_LEVEL": "debug",
+            "PYTHONUNBUFFERED": "1",
+        }
 
     def command(self) -> list[str]:
         # systemd-socket-activate hands its child only PATH, HOME, USER, TERM and -E values.
         setenv = [f"--setenv={k}={v}" for k, v in self.environment().items()]
-        return nsenter(self.engine.netns, [
-            "systemd-socket-activate", "-l", str(self.socket), *setenv, "--",
-            sys.executable, str(HOLDER), "--restart-sec", str(RESTART_SEC),
-            "--pidfile", str(self.pidfile), "--", *exec_start(),
-        ])
+        return nsenter(
+            self.engine.netns,
+            [
+                "systemd-socket-activate",
+                "-l",
+                str(self.socket),
+                *setenv,
+                "--",
+                sys.executable,
+                str(HOLDER),
+                "--restart-sec",
+                str(RESTART_SEC),
+                "--pidfile",
+                str(self.pidfile),
+                "--",
+                *exec_start(),
+            ],
+        )
 
     def start(self) -> None:
         self.state_dir.mkdir(parents=True)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("POUCH_DRIVER_", "LISTEN_"))}
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("POUCH_DRIVER_", "LISTEN_"))
+        }
         with self.events_path.open("ab") as out, self.log_path.open("ab") as err:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=err, env=env, start_new_session=True)
-        wait_until(lambda: self.exited() or self.socket.is_socket(), timeout=10,
-                   message="the socket to be bound")
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=env,
+                start_new_session=True,
+            )
+        wait_until(
+            lambda: self.exited() or self.socket.is_socket(),
+            timeout=10,
+            message="the socket to be bound",
+        )
         # The first connection makes systemd-socket-activate exec the holder, which starts
         # the daemon: on-demand start, as with the .socket unit.
-        wait_until(lambda: self.exited() or socket_answers(self.socket), timeout=30,
-                   message="the daemon to answer")
+        wait_until(
+            lambda: self.exited() or socket_answers(self.socket),
+            timeout=30,
+            message="the daemon to answer",
+        )
         assert not self.exited(), f"exited:\n{self.log()}"
         # It runs with this instance's settings (not the defaults: the host's state dir).
-        assert f"pouch-driver {self.name} serving on {self.socket} (socket from systemd)" \
-            in self.log(), self.log()
+        assert (
+            f"pouch-driver {self.name} serving on {self.socket} (socket from systemd)" in self.log()
+        ), self.log()
         assert (self.state_dir / "state.db").is_file()
 
     def exited(self) -> bool:
@@ -202,8 +232,9 @@ def service(engine: Engine) -> Iterator[Service]:
         svc.stop()
 
 
-def _restart_while_request(e2e: Scope, svc: Service, sig: signal.Signals, *, net: str,
-                           container: str, peer: str) -> None:
+def _restart_while_request(
+    e2e: Scope, svc: Service, sig: signal.Signals, *, net: str, container: str, peer: str
+) -> None:
     """Stop the daemon with ``sig``, start a container on ``net`` while none runs; the
     container's endpoint requests wait for the restarted daemon and succeed."""
     eng = e2e.engine
@@ -212,19 +243,41 @@ def _restart_while_request(e2e: Scope, svc: Service, sig: signal.Signals, *, net
     inode = svc.socket.stat().st_ino
     dockerd_from = file_size(eng.log_path)
     os.kill(old, sig)
-    wait_until(lambda: any(e[1] == "exit" and e[2] == old for e in svc.events()),
-               timeout=40, message=f"daemon {old} to exit after {sig.name}")
+    wait_until(
+        lambda: any(e[1] == "exit" and e[2] == old for e in svc.events()),
+        timeout=40,
+        message=f"daemon {old} to exit after {sig.name}",
+    )
     assert svc.daemon_pid() is None
     assert svc.socket.stat().st_ino == inode  # the same socket, still there ...
     sent = time.time()  # ... and the engine sends its requests to it now
     e2e.containers.append(e2e.name(container))
     run = subprocess.Popen(
-        ["docker", "run", "-d", "--name", e2e.name(container), "--network", net,
-         eng.image, "sh", "-c", "trap 'exit 0' TERM; sleep 86400 & wait"],
-        env=eng.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            "docker",
+            "run",
+            "-d",
+            "--name",
+            e2e.name(container),
+            "--network",
+            net,
+            eng.image,
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; sleep 86400 & wait",
+        ],
+        env=eng.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # The engine's request is there, waiting in the accept queue, while no daemon runs.
-    wait_until(lambda: svc.queued() > 0 or run.poll() is not None, timeout=RESTART_SEC / 2,
-               interval=0.02, message="the engine's connection to queue in the socket")
+    wait_until(
+        lambda: svc.queued() > 0 or run.poll() is not None,
+        timeout=RESTART_SEC / 2,
+        interval=0.02,
+        message="the engine's connection to queue in the socket",
+    )
     assert run.poll() is None, f"docker run ended while the daemon was down: {run.communicate()}"
     assert svc.daemon_pid() is None, "the daemon came back too early for this test"
     out, err = run.communicate(timeout=120)
@@ -249,7 +302,8 @@ def test_service_unit_socket_activated_survives_restarts(service: Service, e2e: 
     eng = e2e.engine
     argv = exec_start()
     assert argv[1:] == ["serve"], (
-        f"ExecStart should take every setting from the environment: {argv}")
+        f"ExecStart should take every setting from the environment: {argv}"
+    )
     log_from = file_size(service.log_path)
     net = e2e.create_network("snet", subnet="10.37.0.0/24", driver=service.name)
     info = e2e.network_inspect(net)

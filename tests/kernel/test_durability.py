@@ -29,23 +29,45 @@ def eid(i: int) -> str:
 
 async def make_network(c: EngineClient) -> None:
     await c.call("IpamDriver.RequestPool", POOL)
-    gw = await c.call("IpamDriver.RequestAddress", {
-        "PoolID": POOL_ID, "Address": "",
-        "Options": {"RequestAddressType": "com.docker.network.gateway"}})
-    await c.call("NetworkDriver.CreateNetwork", {
-        "NetworkID": NID, "Options": {"com.docker.network.generic": {}},
-        "IPv4Data": [{"AddressSpace": "PouchLocal", "Pool": POOL["Pool"],
-                      "Gateway": gw["Address"]}]})
+    gw = await c.call(
+        "IpamDriver.RequestAddress",
+        {
+            "PoolID": POOL_ID,
+            "Address": "",
+            "Options": {"RequestAddressType": "com.docker.network.gateway"},
+        },
+    )
+    await c.call(
+        "NetworkDriver.CreateNetwork",
+        {
+            "NetworkID": NID,
+            "Options": {"com.docker.network.generic": {}},
+            "IPv4Data": [
+                {"AddressSpace": "PouchLocal", "Pool": POOL["Pool"], "Gateway": gw["Address"]}
+            ],
+        },
+    )
 
 
 async def start_endpoint(c: EngineClient, i: int) -> str:
-    addr = (await c.call("IpamDriver.RequestAddress",
-                         {"PoolID": POOL_ID, "Address": "", "Options": None}))["Address"]
-    await c.call("NetworkDriver.CreateEndpoint", {
-        "NetworkID": NID, "EndpointID": eid(i),
-        "Interface": {"Address": addr, "AddressIPv6": "", "MacAddress": ""}, "Options": {}})
-    await c.call("NetworkDriver.Join", {"NetworkID": NID, "EndpointID": eid(i),
-                                        "SandboxKey": f"/var/run/docker/netns/{i:012x}"})
+    addr = (
+        await c.call(
+            "IpamDriver.RequestAddress", {"PoolID": POOL_ID, "Address": "", "Options": None}
+        )
+    )["Address"]
+    await c.call(
+        "NetworkDriver.CreateEndpoint",
+        {
+            "NetworkID": NID,
+            "EndpointID": eid(i),
+            "Interface": {"Address": addr, "AddressIPv6": "", "MacAddress": ""},
+            "Options": {},
+        },
+    )
+    await c.call(
+        "NetworkDriver.Join",
+        {"NetworkID": NID, "EndpointID": eid(i), "SandboxKey": f"/var/run/docker/netns/{i:012x}"},
+    )
     return addr
 
 
@@ -72,16 +94,23 @@ async def test_kill_9_then_restart_keeps_everything(plugin: PluginProcess, netns
     plugin.start()
     async with EngineClient(plugin.socket_path) as c:
         # The first request after the restart can be anything: here, a Join made before.
-        j = await c.call("NetworkDriver.Join", {"NetworkID": NID, "EndpointID": eid(2),
-                                                "SandboxKey": "/var/run/docker/netns/x"})
+        j = await c.call(
+            "NetworkDriver.Join",
+            {"NetworkID": NID, "EndpointID": eid(2), "SandboxKey": "/var/run/docker/netns/x"},
+        )
         assert j["InterfaceName"]["SrcName"] == "pkc" + eid(2)[:12]
         for a in addrs:  # every answered address is still held
             with pytest.raises(CallError) as exc:
-                await c.call("IpamDriver.RequestAddress", {
-                    "PoolID": POOL_ID, "Address": a.split("/")[0], "Options": None})
+                await c.call(
+                    "IpamDriver.RequestAddress",
+                    {"PoolID": POOL_ID, "Address": a.split("/")[0], "Options": None},
+                )
             assert exc.value.status == 409
-        fresh = (await c.call("IpamDriver.RequestAddress",
-                              {"PoolID": POOL_ID, "Address": "", "Options": None}))["Address"]
+        fresh = (
+            await c.call(
+                "IpamDriver.RequestAddress", {"PoolID": POOL_ID, "Address": "", "Options": None}
+            )
+        )["Address"]
         assert fresh not in addrs
         assert len(veths(netns)) == 12
         await c.call("NetworkDriver.DeleteEndpoint", {"NetworkID": NID, "EndpointID": eid(0)})
@@ -102,9 +131,14 @@ async def test_sigterm_shuts_down_gracefully(plugin: PluginProcess) -> None:
     assert not plugin.socket_path.exists(), "the socket file is removed on shutdown"
     plugin.start()
     async with EngineClient(plugin.socket_path) as c:
-        doc = await c.call("NetworkDriver.CreateEndpoint", {
-            "NetworkID": NID, "EndpointID": eid(1),
-            "Interface": {"Address": "10.66.0.9/16", "AddressIPv6": "", "MacAddress": ""}})
+        doc = await c.call(
+            "NetworkDriver.CreateEndpoint",
+            {
+                "NetworkID": NID,
+                "EndpointID": eid(1),
+                "Interface": {"Address": "10.66.0.9/16", "AddressIPv6": "", "MacAddress": ""},
+            },
+        )
         assert doc["Interface"]["MacAddress"]
 
 
@@ -127,8 +161,10 @@ async def test_kill_9_at_a_random_instant_of_a_churn(
             await c.call("NetworkDriver.Leave", {"NetworkID": NID, "EndpointID": eid(i)})
             await c.call("NetworkDriver.DeleteEndpoint", {"NetworkID": NID, "EndpointID": eid(i)})
             released.add(answered[i])  # once sent, the release may have happened
-            await c.call("IpamDriver.ReleaseAddress",
-                         {"PoolID": POOL_ID, "Address": answered[i].split("/")[0]})
+            await c.call(
+                "IpamDriver.ReleaseAddress",
+                {"PoolID": POOL_ID, "Address": answered[i].split("/")[0]},
+            )
 
     async with EngineClient(plugin.socket_path) as c:
         tasks = [asyncio.create_task(churn(c, i)) for i in range(80)]

@@ -19,11 +19,18 @@ from .conftest import Netns
 iface = ipaddress.ip_interface
 
 BRIDGE = BridgeSpec(
-    name="pkbtest0000001", mtu=1400,
-    addresses=(iface("10.77.0.1/24"), iface("fd70:77::1/64")), mac="02:51:00:00:00:01",
+    name="pkbtest0000001",
+    mtu=1400,
+    addresses=(iface("10.77.0.1/24"), iface("fd70:77::1/64")),
+    mac="02:51:00:00:00:01",
 )
-VETH = VethSpec(host="pkhtest0000001", peer="pkctest0000001", bridge=BRIDGE.name, mtu=1400,
-                peer_mac="02:50:0a:4d:00:02")
+VETH = VethSpec(
+    host="pkhtest0000001",
+    peer="pkctest0000001",
+    bridge=BRIDGE.name,
+    mtu=1400,
+    peer_mac="02:50:0a:4d:00:02",
+)
 
 
 async def test_ensure_bridge_is_idempotent_and_complete(links: NetlinkLinks, netns: Netns) -> None:
@@ -138,8 +145,13 @@ async def test_reads_match_ip_json(links: NetlinkLinks, netns: Netns) -> None:
 async def test_many_concurrent_veths(links: NetlinkLinks, netns: Netns) -> None:
     await links.ensure_bridge(BRIDGE)
     specs = [
-        VethSpec(host=f"pkh{i:012d}", peer=f"pkc{i:012d}", bridge=BRIDGE.name, mtu=None,
-                 peer_mac=f"02:50:00:00:00:{i:02x}")
+        VethSpec(
+            host=f"pkh{i:012d}",
+            peer=f"pkc{i:012d}",
+            bridge=BRIDGE.name,
+            mtu=None,
+            peer_mac=f"02:50:00:00:00:{i:02x}",
+        )
         for i in range(40)
     ]
     await asyncio.gather(*(links.ensure_veth(s) for s in specs))
@@ -193,15 +205,21 @@ async def test_bridge_ports_are_in_hairpin_mode(links: NetlinkLinks, netns: Netn
 
 
 async def test_a_full_bridge_is_a_clear_error(
-    links: NetlinkLinks, netns: Netns, tmp_path: Path,
+    links: NetlinkLinks,
+    netns: Netns,
+    tmp_path: Path,
 ) -> None:
     """A bridge takes 1,023 ports (port 0 is reserved) and the kernel says "Exchange full"
     past that. The service counts its own endpoints, but a user's bridge may hold ports of
     others: the kernel's refusal must still read as what it is, and leave no veth behind."""
     await links.ensure_bridge(BRIDGE)
     batch = tmp_path / "ports.batch"
-    batch.write_text("".join(f"link add pkd{i} type veth peer name pke{i}\n"
-                             f"link set pkd{i} master {BRIDGE.name}\n" for i in range(1023)))
+    batch.write_text(
+        "".join(
+            f"link add pkd{i} type veth peer name pke{i}\nlink set pkd{i} master {BRIDGE.name}\n"
+            for i in range(1023)
+        )
+    )
     netns.sh("ip", "-batch", str(batch))  # the ports of others (veths: no dummy module here)
     assert len([n for n in netns.names() if n.startswith("pkd")]) == 1023
     with pytest.raises(Exhausted, match=rf"bridge {BRIDGE.name} is full: Linux allows 1023"):

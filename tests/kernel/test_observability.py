@@ -17,20 +17,27 @@ from .test_durability import NID, make_network, start_endpoint
 
 async def test_json_logs_and_metrics(netns: Netns, short_tmp: Path) -> None:
     metrics_sock = short_tmp / "m.sock"
-    p = PluginProcess(socket_path=short_tmp / "pd.sock", state_dir=short_tmp / "state",
-                      netns=netns.name, prefix="pk",
-                      extra_args=["--metrics", f"unix:{metrics_sock}", "--log-format", "json"])
+    p = PluginProcess(
+        socket_path=short_tmp / "pd.sock",
+        state_dir=short_tmp / "state",
+        netns=netns.name,
+        prefix="pk",
+        extra_args=["--metrics", f"unix:{metrics_sock}", "--log-format", "json"],
+    )
     p.start()
     async with EngineClient(p.socket_path) as c:
         await make_network(c)
         await start_endpoint(c, 7)
         with contextlib.suppress(CallError):  # an unknown network: one error to count
-            await c.call("NetworkDriver.CreateEndpoint", {"NetworkID": "f" * 64,
-                                                          "EndpointID": "e" * 64})
+            await c.call(
+                "NetworkDriver.CreateEndpoint", {"NetworkID": "f" * 64, "EndpointID": "e" * 64}
+            )
     try:
         conn = aiohttp.UnixConnector(path=str(metrics_sock))
-        async with aiohttp.ClientSession(connector=conn) as s, \
-                s.get("http://localhost/metrics") as r:
+        async with (
+            aiohttp.ClientSession(connector=conn) as s,
+            s.get("http://localhost/metrics") as r,
+        ):
             text = await r.text()
         assert r.status == 200
         assert 'pouch_driver_request_seconds_count{call="NetworkDriver.CreateEndpoint"} 2' in text
@@ -49,9 +56,23 @@ async def test_json_logs_and_metrics(netns: Netns, short_tmp: Path) -> None:
 
 def test_metrics_only_on_loopback_or_a_socket(short_tmp: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "pouch_driver", "serve", "--socket", str(short_tmp / "x.sock"),
-         "--state-dir", str(short_tmp / "s"), "--metrics", "0.0.0.0:9105"],
-        capture_output=True, text=True, timeout=30, check=False)
+        [
+            sys.executable,
+            "-m",
+            "pouch_driver",
+            "serve",
+            "--socket",
+            str(short_tmp / "x.sock"),
+            "--state-dir",
+            str(short_tmp / "s"),
+            "--metrics",
+            "0.0.0.0:9105",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert out.returncode == 2
     assert "not loopback" in out.stderr
     assert not (short_tmp / "x.sock").exists()

@@ -29,26 +29,44 @@ NOBODY = 65534
 @pytest.fixture
 def daemon(netns: Netns, short_tmp: Path) -> Iterator[PluginProcess]:
     """A daemon not yet started; stopped (if running) at the end."""
-    p = PluginProcess(socket_path=short_tmp / "run" / "pd.sock",
-                      state_dir=short_tmp / "state", netns=netns.name, prefix="pk")
+    p = PluginProcess(
+        socket_path=short_tmp / "run" / "pd.sock",
+        state_dir=short_tmp / "state",
+        netns=netns.name,
+        prefix="pk",
+    )
     yield p
     p.stop()
 
 
 def run_to_exit(p: PluginProcess, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Start the daemon in the foreground and wait for it to give up."""
-    return subprocess.run(p.argv(), capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    return subprocess.run(p.argv(), capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def connect_as(uid: int, gid: int, path: Path) -> subprocess.CompletedProcess[str]:
     """connect() to ``path`` as uid:gid with no supplementary groups."""
-    code = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\n"
-            "try:\n s.connect(sys.argv[1]); print('connected')\n"
-            "except OSError as e:\n print(type(e).__name__)\n")
+    code = (
+        "import socket,sys\ns=socket.socket(socket.AF_UNIX)\n"
+        "try:\n s.connect(sys.argv[1]); print('connected')\n"
+        "except OSError as e:\n print(type(e).__name__)\n"
+    )
     return subprocess.run(
-        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", sys.executable, "-c",
-         code, str(path)], capture_output=True, text=True, timeout=30, check=False)
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={gid}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            code,
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def open_for_others(path: Path) -> None:
@@ -117,9 +135,7 @@ def test_symlink_at_the_socket_path_refuses_to_start(
 
 
 @pytest.mark.parametrize("kind", ["file", "directory", "fifo"])
-def test_non_socket_at_the_socket_path_refuses_to_start(
-    daemon: PluginProcess, kind: str
-) -> None:
+def test_non_socket_at_the_socket_path_refuses_to_start(daemon: PluginProcess, kind: str) -> None:
     path = daemon.socket_path
     path.parent.mkdir(parents=True)
     if kind == "file":
@@ -140,8 +156,12 @@ def test_second_instance_on_a_live_socket_refuses_to_start(
 ) -> None:
     daemon.start()
     first_inode = daemon.socket_path.stat().st_ino
-    second = PluginProcess(socket_path=daemon.socket_path, state_dir=short_tmp / "state2",
-                           netns=daemon.netns, prefix="pq")
+    second = PluginProcess(
+        socket_path=daemon.socket_path,
+        state_dir=short_tmp / "state2",
+        netns=daemon.netns,
+        prefix="pq",
+    )
     t0 = time.monotonic()
     out = run_to_exit(second)
     print(f"\nsecond instance gave up in {time.monotonic() - t0:.2f}s")
@@ -155,8 +175,12 @@ def test_second_instance_on_the_same_state_dir_refuses_to_start(
     daemon: PluginProcess, short_tmp: Path
 ) -> None:
     daemon.start()
-    second = PluginProcess(socket_path=short_tmp / "other.sock", state_dir=daemon.state_dir,
-                           netns=daemon.netns, prefix="pk")
+    second = PluginProcess(
+        socket_path=short_tmp / "other.sock",
+        state_dir=daemon.state_dir,
+        netns=daemon.netns,
+        prefix="pk",
+    )
     out = run_to_exit(second)
     assert out.returncode != 0
     assert str(daemon.state_dir) in out.stderr, out.stderr[-2000:]
@@ -193,11 +217,16 @@ def test_no_tcp_or_udp_listener(daemon: PluginProcess, netns: Netns) -> None:
         rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
         assert [r for r in rows if r.split()[3] == "0A"] == [], f"{table} listener"
     # And every socket the process holds is a Unix one, or a netlink one (pyroute2).
-    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
-              for fd in os.listdir(f"/proc/{pid}/fd")
-              if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
-    inet = {line.split()[9] for table in ("tcp", "tcp6", "udp", "udp6")
-            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]}
+    inodes = {
+        os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
+        for fd in os.listdir(f"/proc/{pid}/fd")
+        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")
+    }
+    inet = {
+        line.split()[9]
+        for table in ("tcp", "tcp6", "udp", "udp6")
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+    }
     assert inodes and not (inodes & inet), "the daemon holds an IP socket"
 
 

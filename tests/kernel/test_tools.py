@@ -14,10 +14,25 @@ from .test_durability import NID, eid, make_network, start_endpoint
 def cli(plugin: PluginProcess, *args: str) -> subprocess.CompletedProcess[str]:
     assert plugin.netns is not None
     return subprocess.run(
-        ["nsenter", f"--net=/run/netns/{plugin.netns}", sys.executable, "-m", "pouch_driver",
-         args[0], "--socket", str(plugin.socket_path), "--state-dir", str(plugin.state_dir),
-         "--prefix", plugin.prefix, *args[1:]],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            "nsenter",
+            f"--net=/run/netns/{plugin.netns}",
+            sys.executable,
+            "-m",
+            "pouch_driver",
+            args[0],
+            "--socket",
+            str(plugin.socket_path),
+            "--state-dir",
+            str(plugin.state_dir),
+            "--prefix",
+            plugin.prefix,
+            *args[1:],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -38,8 +53,9 @@ async def test_status_check_gc_live_and_offline(plugin: PluginProcess, netns: Ne
     assert cli(plugin, "check").returncode == 0
     # Drift: a veth vanished (its sandbox died unannounced), an orphan and a lost rule appear.
     netns.sh("ip", "link", "del", "pkh" + eid(1)[:12])
-    netns.sh("ip", "link", "add", "pkhfeed00000000", "type", "veth", "peer", "name",
-             "pkcfeed00000000")
+    netns.sh(
+        "ip", "link", "add", "pkhfeed00000000", "type", "veth", "peer", "name", "pkcfeed00000000"
+    )
     netns.sh("iptables", "-F", "PK-FORWARD")
     check = cli(plugin, "check")
     assert check.returncode == 1

@@ -204,8 +204,9 @@ def test_property_no_duplicates_and_no_reserved(
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.integers(min_value=0, max_value=2**16 - 1), min_size=1, max_size=40,
-                unique=True))
+@given(
+    st.lists(st.integers(min_value=0, max_value=2**16 - 1), min_size=1, max_size=40, unique=True)
+)
 def test_property_explicit_ipv6_and_dynamic_never_collide(offsets: list[int]) -> None:
     ipam = make()
     pool = ipam.request_pool(LOCAL, net("fd70:1::/64"), None, True)

@@ -42,8 +42,10 @@ def _unit(name: str) -> dict[str, dict[str, list[str]]]:
 
 def test_plugin_config_interface_and_privileges() -> None:
     cfg = _config()
-    assert sorted(cfg["interface"]["types"]) == ["docker.ipamdriver/1.0",
-                                                 "docker.networkdriver/1.0"]
+    assert sorted(cfg["interface"]["types"]) == [
+        "docker.ipamdriver/1.0",
+        "docker.networkdriver/1.0",
+    ]
     sock = cfg["interface"]["socket"]
     assert "/" not in sock
     # /run/docker/plugins/<64 hex>/<socket> must stay under the 108-byte sun_path limit.
@@ -63,13 +65,16 @@ def test_plugin_config_mounts_and_env_match_the_daemon() -> None:
     assert mounts["state"]["source"] == str(defaults.state_dir)
     assert mounts["state"]["settable"] == ["source"]
     env = {e["name"]: e for e in cfg["env"]}
-    assert env["POUCH_DRIVER_SYSCTL_DIR"]["value"] + "/net" == \
-        mounts["sysctl-net"]["destination"]
+    assert env["POUCH_DRIVER_SYSCTL_DIR"]["value"] + "/net" == mounts["sysctl-net"]["destination"]
     assert mounts["sysctl-net"]["source"] == "/proc/sys/net"
     settable = {k: e["value"] for k, e in env.items() if e.get("settable") == ["value"]}
-    assert set(settable) == {"POUCH_DRIVER_LOG_LEVEL", "POUCH_DRIVER_LOG_FORMAT",
-                             "POUCH_DRIVER_POOLS_V4", "POUCH_DRIVER_POOLS_V6",
-                             "POUCH_DRIVER_PREFIX"}
+    assert set(settable) == {
+        "POUCH_DRIVER_LOG_LEVEL",
+        "POUCH_DRIVER_LOG_FORMAT",
+        "POUCH_DRIVER_POOLS_V4",
+        "POUCH_DRIVER_POOLS_V6",
+        "POUCH_DRIVER_PREFIX",
+    }
     # The values shown by `docker plugin inspect` are the daemon's defaults.
     assert settable["POUCH_DRIVER_LOG_LEVEL"] == defaults.log_level
     assert settable["POUCH_DRIVER_LOG_FORMAT"] == defaults.log_format
@@ -103,7 +108,13 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
         # verify insists that the program exists: point it at the installed one.
         text = text.replace("ExecStart=/usr/local/bin/pouch-driver", f"ExecStart={program}")
         (tmp_path / unit.name).write_text(text)
-    r = subprocess.run([analyze, "verify", *sorted(str(p) for p in tmp_path.iterdir())],
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [analyze, "verify", *sorted(str(p) for p in tmp_path.iterdir())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), (
-        f"systemd-analyze verify:\n{r.stdout}{r.stderr}")
+        f"systemd-analyze verify:\n{r.stdout}{r.stderr}"
+    )

@@ -24,12 +24,17 @@ from pouch_driver.naming import (
 from pouch_driver.options import parse_bool, parse_network_options
 
 
-@given(st.text(alphabet="0123456789abcdefghijklmnopqrstuvwxyz", min_size=12, max_size=64),
-       st.sampled_from(["p", "pd", "pdx"]))
+@given(
+    st.text(alphabet="0123456789abcdefghijklmnopqrstuvwxyz", min_size=12, max_size=64),
+    st.sampled_from(["p", "pd", "pdx"]),
+)
 def test_generated_names_fit_ifnamsiz_and_are_recognised(ident: str, prefix: str) -> None:
     names = Names(prefix)
-    for name, kind in ((names.bridge(ident), "bridge"), (names.host_veth(ident), "host"),
-                       (names.container_veth(ident), "container")):
+    for name, kind in (
+        (names.bridge(ident), "bridge"),
+        (names.host_veth(ident), "host"),
+        (names.container_veth(ident), "container"),
+    ):
         assert len(name.encode()) <= IFNAMSIZ
         assert names.owned_kind(name) == kind
     assert Names("zz").owned_kind(names.bridge(ident)) is None or prefix.startswith("zz")
@@ -57,27 +62,40 @@ def test_macs() -> None:
 
 
 def test_network_options() -> None:
-    opts = parse_network_options({
-        "com.docker.network.bridge.name": "br0", "com.docker.network.driver.mtu": "9000",
-        "com.docker.network.bridge.enable_icc": "False",
-        "com.docker.network.bridge.enable_ip_masquerade": "0",
-        "com.docker.network.bridge.host_binding_ipv4": "127.0.0.1",
-    }, enable_ipv6=False, internal=True)
+    opts = parse_network_options(
+        {
+            "com.docker.network.bridge.name": "br0",
+            "com.docker.network.driver.mtu": "9000",
+            "com.docker.network.bridge.enable_icc": "False",
+            "com.docker.network.bridge.enable_ip_masquerade": "0",
+            "com.docker.network.bridge.host_binding_ipv4": "127.0.0.1",
+        },
+        enable_ipv6=False,
+        internal=True,
+    )
     assert (opts.bridge_name, opts.mtu, opts.enable_icc, opts.enable_masquerade) == (
-        "br0", 9000, False, False)
+        "br0",
+        9000,
+        False,
+        False,
+    )
     assert str(opts.host_binding_ipv4) == "127.0.0.1" and opts.internal
-    assert parse_network_options({"com.docker.network.enable_ipv6": "true"},
-                                 enable_ipv6=False, internal=False).enable_ipv6
+    assert parse_network_options(
+        {"com.docker.network.enable_ipv6": "true"}, enable_ipv6=False, internal=False
+    ).enable_ipv6
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("com.docker.network.driver.mtu", "12"),
-    ("com.docker.network.driver.mtu", "1e3"),
-    ("com.docker.network.bridge.host_binding_ipv4", "::1"),
-    ("com.docker.network.bridge.enable_icc", "yes"),
-    ("com.docker.network.enable_ipv4", "false"),
-    ("com.docker.network.bridge.gateway_mode_ipv4", "routed"),
-])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("com.docker.network.driver.mtu", "12"),
+        ("com.docker.network.driver.mtu", "1e3"),
+        ("com.docker.network.bridge.host_binding_ipv4", "::1"),
+        ("com.docker.network.bridge.enable_icc", "yes"),
+        ("com.docker.network.enable_ipv4", "false"),
+        ("com.docker.network.bridge.gateway_mode_ipv4", "routed"),
+    ],
+)
 def test_bad_network_options_name_the_option(key: str, value: str) -> None:
     with pytest.raises(InvalidOption, match=key):
         parse_network_options({key: value}, enable_ipv6=False, internal=False)
@@ -88,8 +106,14 @@ def test_parse_bool_reads_go_booleans() -> None:
 
 
 def test_settings_from_environment_and_flags() -> None:
-    s = from_environ({"POUCH_DRIVER_SOCKET": "/tmp/x.sock", "POUCH_DRIVER_LOG_LEVEL": "DEBUG",
-                      "POUCH_DRIVER_POOLS_V4": "10.50.0.0/16:26"}, state_dir=Path("/tmp/st"))
+    s = from_environ(
+        {
+            "POUCH_DRIVER_SOCKET": "/tmp/x.sock",
+            "POUCH_DRIVER_LOG_LEVEL": "DEBUG",
+            "POUCH_DRIVER_POOLS_V4": "10.50.0.0/16:26",
+        },
+        state_dir=Path("/tmp/st"),
+    )
     assert s.socket == Path("/tmp/x.sock") and s.driver_name == "x"
     assert s.log_level == "debug" and s.state_dir == Path("/tmp/st")
     assert s.pools_v4[0].size == 26
@@ -101,8 +125,9 @@ def test_settings_from_environment_and_flags() -> None:
         Settings(socket=Path("/" + "x" * 120))
 
 
-@pytest.mark.parametrize("bad", ["10.0.0.0/8", "10.0.0.0/8:7", "10.0.0.1/8:24", "fd00::/48:64",
-                                 "x:24", "10.0.0.0/8:31"])
+@pytest.mark.parametrize(
+    "bad", ["10.0.0.0/8", "10.0.0.0/8:7", "10.0.0.1/8:24", "fd00::/48:64", "x:24", "10.0.0.0/8:31"]
+)
 def test_bad_pool_settings(bad: str) -> None:
     with pytest.raises(ValueError, match=r"pool|IPv|does not appear|has host bits"):
         parse_pools(bad, v6=False)
@@ -110,19 +135,28 @@ def test_bad_pool_settings(bad: str) -> None:
 
 def test_schema_errors_name_nested_fields() -> None:
     with pytest.raises(ValidationError) as exc:
-        schemas.CreateEndpointRequest().load({
-            "NetworkID": "a" * 64, "EndpointID": "b" * 64,
-            "Interface": {"Address": "fd70::1/64", "MacAddress": "nope"},
-        })
+        schemas.CreateEndpointRequest().load(
+            {
+                "NetworkID": "a" * 64,
+                "EndpointID": "b" * 64,
+                "Interface": {"Address": "fd70::1/64", "MacAddress": "nope"},
+            }
+        )
     flat = schemas.flatten_errors(exc.value.messages)
     assert any(line.startswith("Interface.MacAddress:") for line in flat)
     assert any(line.startswith("Interface.Address:") for line in flat)
 
 
 def test_responses_go_through_schemas() -> None:
-    out = schemas.JoinResponse().dump({
-        "interface_name": {"src_name": "pdc1", "dst_prefix": "eth"}, "gateway": "10.0.0.1",
-        "disable_gateway_service": False,
-    })
-    assert out == {"InterfaceName": {"SrcName": "pdc1", "DstPrefix": "eth"},
-                   "Gateway": "10.0.0.1", "DisableGatewayService": False}
+    out = schemas.JoinResponse().dump(
+        {
+            "interface_name": {"src_name": "pdc1", "dst_prefix": "eth"},
+            "gateway": "10.0.0.1",
+            "disable_gateway_service": False,
+        }
+    )
+    assert out == {
+        "InterfaceName": {"SrcName": "pdc1", "DstPrefix": "eth"},
+        "Gateway": "10.0.0.1",
+        "DisableGatewayService": False,
+    }

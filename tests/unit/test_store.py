@@ -22,20 +22,38 @@ from pouch_driver.model import (
 )
 
 NET = Network(
-    network_id="a" * 64, bridge="pdbaaaaaaaaaaaa", bridge_owned=True,
-    options=NetworkOptions(mtu=1450, enable_icc=False, host_binding_ipv4=ipaddress.IPv4Address(
-        "127.0.0.1"), enable_ipv6=True),
-    ipv4=(IPAMData("PouchLocal", ipaddress.ip_network("10.1.0.0/24"),
-                   ipaddress.ip_interface("10.1.0.1/24"),
-                   (("router", ipaddress.ip_interface("10.1.0.254/24")),)),),
-    ipv6=(IPAMData("PouchLocal", ipaddress.ip_network("fd70::/64"),
-                   ipaddress.ip_interface("fd70::1/64")),),
+    network_id="a" * 64,
+    bridge="pdbaaaaaaaaaaaa",
+    bridge_owned=True,
+    options=NetworkOptions(
+        mtu=1450,
+        enable_icc=False,
+        host_binding_ipv4=ipaddress.IPv4Address("127.0.0.1"),
+        enable_ipv6=True,
+    ),
+    ipv4=(
+        IPAMData(
+            "PouchLocal",
+            ipaddress.ip_network("10.1.0.0/24"),
+            ipaddress.ip_interface("10.1.0.1/24"),
+            (("router", ipaddress.ip_interface("10.1.0.254/24")),),
+        ),
+    ),
+    ipv6=(
+        IPAMData(
+            "PouchLocal", ipaddress.ip_network("fd70::/64"), ipaddress.ip_interface("fd70::1/64")
+        ),
+    ),
 )
 EP = Endpoint(
-    endpoint_id="b" * 64, network_id="a" * 64, host_ifname="pdhbbbbbbbbbbbb",
-    container_ifname="pdcbbbbbbbbbbbb", mac="02:50:0a:01:00:02",
+    endpoint_id="b" * 64,
+    network_id="a" * 64,
+    host_ifname="pdhbbbbbbbbbbbb",
+    container_ifname="pdcbbbbbbbbbbbb",
+    mac="02:50:0a:01:00:02",
     address=ipaddress.IPv4Interface("10.1.0.2/24"),
-    address_v6=ipaddress.IPv6Interface("fd70::2/64"), sandbox_key="/var/run/docker/netns/x",
+    address_v6=ipaddress.IPv6Interface("fd70::2/64"),
+    sandbox_key="/var/run/docker/netns/x",
     port_bindings=(PortBinding(Proto.TCP, 80, 8080, 8080, ipaddress.ip_address("10.0.0.1")),),
 )
 POOL = Pool("PouchLocal/fd70::/64", "PouchLocal", ipaddress.ip_network("fd70::/64"))
@@ -59,10 +77,21 @@ async def test_round_trip_of_every_record(tmp_path: Path) -> None:
 async def test_deletes(tmp_path: Path) -> None:
     s = st.Store(tmp_path / "state.db")
     await s.open()
-    await s.commit([st.PutNetwork(NET), st.PutEndpoint(EP), st.PutPool(POOL),
-                    st.PutAddress(POOL.pool_id, 5, 6, "address", 6)])
-    await s.commit([st.DeleteEndpoint(EP.endpoint_id), st.DeleteNetwork(NET.network_id),
-                    st.DeleteAddress(POOL.pool_id, 5, 6)])
+    await s.commit(
+        [
+            st.PutNetwork(NET),
+            st.PutEndpoint(EP),
+            st.PutPool(POOL),
+            st.PutAddress(POOL.pool_id, 5, 6, "address", 6),
+        ]
+    )
+    await s.commit(
+        [
+            st.DeleteEndpoint(EP.endpoint_id),
+            st.DeleteNetwork(NET.network_id),
+            st.DeleteAddress(POOL.pool_id, 5, 6),
+        ]
+    )
     await s.commit([st.DeletePool(POOL.pool_id)])
     await s.close()
     again = st.Store(tmp_path / "state.db")
@@ -75,9 +104,9 @@ async def test_concurrent_commits_share_transactions(tmp_path: Path) -> None:
     await s.open()
     await s.commit([st.PutPool(POOL)])
     before = s.commits
-    await asyncio.gather(*(
-        s.commit([st.PutAddress(POOL.pool_id, i, 6, "address", i + 1)]) for i in range(1, 201)
-    ))
+    await asyncio.gather(
+        *(s.commit([st.PutAddress(POOL.pool_id, i, 6, "address", i + 1)]) for i in range(1, 201))
+    )
     groups = s.commits - before
     await s.close()
     assert groups < 200, "commits arriving together must be grouped"
@@ -92,13 +121,19 @@ async def test_a_failing_op_fails_only_its_request(tmp_path: Path) -> None:
     await s.open()
     assert s._db is not None
     # A trigger stands in for any SQLite failure of one op (disk errors are not injectable).
-    await asyncio.get_running_loop().run_in_executor(s._executor, lambda: s._db.execute(  # type: ignore[union-attr]
-        "CREATE TRIGGER boom BEFORE INSERT ON networks WHEN NEW.network_id LIKE 'f%' "
-        "BEGIN SELECT RAISE(ABORT, 'boom'); END"))
+    await asyncio.get_running_loop().run_in_executor(
+        s._executor,
+        lambda: s._db.execute(  # type: ignore[union-attr]
+            "CREATE TRIGGER boom BEFORE INSERT ON networks WHEN NEW.network_id LIKE 'f%' "
+            "BEGIN SELECT RAISE(ABORT, 'boom'); END"
+        ),
+    )
     bad = Network(**{**NET.__dict__, "network_id": "f" * 64})
     results = await asyncio.gather(
-        s.commit([st.PutEndpoint(EP)]), s.commit([st.PutNetwork(bad), st.PutPool(POOL)]),
-        s.commit([st.PutNetwork(NET)]), return_exceptions=True,
+        s.commit([st.PutEndpoint(EP)]),
+        s.commit([st.PutNetwork(bad), st.PutPool(POOL)]),
+        s.commit([st.PutNetwork(NET)]),
+        return_exceptions=True,
     )
     assert results[0] is None and results[2] is None
     assert isinstance(results[1], StoreError) and "boom" in str(results[1])
