@@ -26,6 +26,7 @@ from collections.abc import Generator, Iterator
 import pytest
 
 from .harness import (
+    ENGINES,
     PLUGIN_LOG_NOISE,
     Engine,
     Scope,
@@ -74,17 +75,37 @@ def _e2e_prerequisites() -> None:
         pytest.fail(f"e2e tests need {', '.join(missing)} on PATH")
 
 
+def _engine_names() -> list[str]:
+    """The engines the session drives: ``PDE2E_ENGINES`` (comma-separated), else all."""
+    wanted = [n for n in os.environ.get("PDE2E_ENGINES", "").split(",") if n]
+    unknown = [n for n in wanted if n not in ENGINES]
+    if unknown:
+        raise pytest.UsageError(
+            f"PDE2E_ENGINES: unknown engine {unknown[0]} (have {list(ENGINES)})"
+        )
+    return wanted or list(ENGINES)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Every e2e test runs once per engine; pytest groups them so each engine starts once.
+    if "engine_kind" in metafunc.fixturenames:
+        metafunc.parametrize("engine_kind", _engine_names(), scope="session")
+
+
 @pytest.fixture(scope="session")
-def engine(_e2e_prerequisites: None) -> Iterator[Engine]:
-    """The session's dockerd + plugin + remote host (see harness.Engine)."""
+def engine(_e2e_prerequisites: None, engine_kind: str) -> Iterator[Engine]:
+    """The session's dockerd + plugin + remote host (see harness.Engine), one per engine."""
     global _engine  # noqa: PLW0603
+    kind = ENGINES[engine_kind]
+    if kind.bin_dir is not None and not (kind.bin_dir / "dockerd").exists():
+        pytest.fail(f"engine {kind.name}: {kind.bin_dir} has no dockerd (run scripts/fetch-engine)")
     lock = SessionLock()
     # Sessions queue (benchmarks and parallel work share one machine): wait for the lock.
     lock.acquire(timeout=float(os.environ.get("PDE2E_LOCK_WAIT", "1800")))
     try:
         t0 = time.monotonic()
         cleanup_leftovers(log=lambda msg: print(f"[pde2e] {msg}"))
-        eng = Engine()
+        eng = Engine(kind=kind)
         eng.timings["leftover cleanup"] = time.monotonic() - t0
         try:
             eng.start()
@@ -110,7 +131,7 @@ def engine(_e2e_prerequisites: None) -> Iterator[Engine]:
             try:
                 eng.close()
             finally:
-                _timings.update(eng.timings)
+                _timings.update({f"{kind.name} {k}": v for k, v in eng.timings.items()})
     finally:
         lock.release()
 
@@ -163,4 +184,4 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _timings:
         terminalreporter.write_sep("-", "pde2e engine timings")
         for k, v in _timings.items():
-            terminalreporter.write_line(f"{k:>18}: {v:6.2f}s")
+            terminalreporter.write_line(f"{k:>26}: {v:6.2f}s")

@@ -93,6 +93,54 @@ _OUR_COMMS = frozenset(
 )
 
 DEFAULT_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class EngineKind:
+    """Which dockerd a session drives.
+
+    ``bin_dir`` None: the system's dockerd (Debian 12's 20.10), which starts its own
+    containerd. Otherwise a folder made by scripts/fetch-engine: dockerd, containerd 2.x,
+    docker-proxy, docker-init and the system's runc, put first on dockerd's PATH; containerd
+    2.x is started by the harness itself (dockerd only connects to it).
+    """
+
+    name: str
+    bin_dir: Path | None = None
+
+
+ENGINE_28_DIR = Path(os.environ.get("PDE2E_ENGINE28", "/var/cache/pouch-driver/engine-28.5.2"))
+ENGINES = {
+    "20.10": EngineKind("20.10"),
+    "28.5.2": EngineKind("28.5.2", ENGINE_28_DIR / "bin"),
+}
+
+#: containerd 2.x's configuration: every path under the session's base dir, the CRI plugins
+#: (Kubernetes only) off.
+CONTAINERD_CONFIG = """\
+version = 3
+root = "{base}/containerd/root"
+state = "{base}/containerd/state"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime",
+  "io.containerd.podsandbox.controller.v1.podsandbox",
+  "io.containerd.grpc.v1.sandbox-controllers", "io.containerd.nri.v1.nri",
+  "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.blockfile",
+  "io.containerd.snapshotter.v1.erofs", "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+[grpc]
+  address = "{base}/ctd.sock"
+[ttrpc]
+  address = "{base}/ctd.sock.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{base}/containerd/opt"
+"""
 #: Default container command: sleeps, but exits at once on SIGTERM (a bare ``sleep`` as PID 1
 #: ignores it, which makes every ``docker stop`` and dockerd shutdown wait 10 s).
 SLEEPER = ("sh", "-c", "trap 'exit 0' TERM INT; sleep 86400 & wait")
@@ -502,11 +550,20 @@ def setup_namespaces(engine_ns: str, remote_ns: str) -> None:
         ["ip", "-n", remote_ns, "link", "set", REMOTE_UPLINK, "up"],
         ["ip", "-n", engine_ns, "route", "add", "default", "via", REMOTE_ADDR],
         ["ip", "-n", remote_ns, "route", "add", "default", "via", ENGINE_ADDR],
-        # ip_forward stays 0 here on purpose: dockerd sets it to 1 itself, and only when it
-        # does so does it also set the FORWARD policy to DROP, as on a real Docker host.
+        # Forwarding off, whatever the machine has (a new namespace may copy the host's
+        # value, and every Docker host forwards): dockerd turns it on itself, and only when it
+        # does so does it set the FORWARD policy to DROP, as on a fresh Docker host.
+        nsenter(engine_ns, ["sysctl", "-qw", *ENGINE_NS_SYSCTLS]),
     ]
     for cmd in steps:
         run(cmd, timeout=30)
+
+
+ENGINE_NS_SYSCTLS = (
+    "net.ipv4.ip_forward=0",
+    "net.ipv6.conf.all.forwarding=0",
+    "net.ipv6.conf.default.forwarding=0",
+)
 
 
 def delete_namespace(ns: str) -> None:
@@ -526,6 +583,17 @@ def _pids_in_netns(ns: str) -> set[int]:
 # --------------------------------------------------------------------------------------------
 # The plugin process
 # --------------------------------------------------------------------------------------------
+
+
+def socket_accepts(path: Path) -> bool:
+    """True if a connect() to Unix socket ``path`` succeeds."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
 
 
 def socket_answers(path: Path, *, timeout: float = 2.0) -> bool:
@@ -648,13 +716,7 @@ class Plugin:
 
     def accepts(self) -> bool:
         """True if a connect() on the socket succeeds."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(1.0)
-            try:
-                s.connect(str(self.socket))
-            except OSError:
-                return False
-            return True
+        return socket_accepts(self.socket)
 
     @property
     def running(self) -> bool:
@@ -714,7 +776,14 @@ class Plugin:
 class Engine:
     """One dockerd in its own netns, the plugin next to it, and a remote-host netns."""
 
-    def __init__(self, *, tag: str | None = None, plugin_name: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        tag: str | None = None,
+        plugin_name: str | None = None,
+        kind: EngineKind = ENGINES["20.10"],
+    ) -> None:
+        self.kind = kind
         self.tag = tag or random_tag()
         self.base = TMP / f"{PREFIX}-{self.tag}"
         self.netns = f"{PREFIX}-{self.tag}"
@@ -731,6 +800,8 @@ class Engine:
             log_path=self.base / "plugin.log",
         )
         self.proc: subprocess.Popen[bytes] | None = None
+        self.containerd: subprocess.Popen[bytes] | None = None  # ours, with kind.bin_dir
+        self.server_version = ""
         #: Start dockerd with ``--live-restore`` (see :meth:`restart_dockerd`).
         self.live_restore = False
         self.timings: dict[str, float] = {}
@@ -791,18 +862,84 @@ class Engine:
                 "--log-level",
                 "debug",
                 *(["--live-restore"] if self.live_restore else []),
+                *self._own_binaries(),
             ],
         )
 
+    def _own_binaries(self) -> list[str]:
+        """dockerd flags that point at the fetched engine's containerd, proxy and init."""
+        bin_dir = self.kind.bin_dir
+        if bin_dir is None:
+            return []
+        return [
+            "--containerd",
+            str(self.base / "ctd.sock"),
+            "--userland-proxy-path",
+            str(bin_dir / "docker-proxy"),
+            "--init-path",
+            str(bin_dir / "docker-init"),
+        ]
+
+    def daemon_env(self) -> dict[str, str]:
+        """dockerd's and containerd's environment: no DOCKER_* of ours, the engine's PATH."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
+        if self.kind.bin_dir is not None:
+            env["PATH"] = f"{self.kind.bin_dir}:{env.get('PATH', '/usr/sbin:/usr/bin')}"
+        return env
+
+    def start_containerd(self, *, timeout: float = 30.0) -> None:
+        """Start the fetched engine's containerd in the engine netns (once per dockerd start
+        that finds it gone: a crash test may have killed it)."""
+        if self.kind.bin_dir is None or (self.containerd and self.containerd.poll() is None):
+            return
+        config = self.base / "containerd.toml"
+        config.write_text(CONTAINERD_CONFIG.format(base=self.base))
+        sock = self.base / "ctd.sock"
+        with contextlib.suppress(OSError):
+            sock.unlink()
+        with (self.base / "containerd.log").open("ab") as log:
+            self.containerd = subprocess.Popen(
+                nsenter(self.netns, ["containerd", "--config", str(config)]),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=self.daemon_env(),
+                start_new_session=True,
+            )
+        wait_until(
+            lambda: (
+                self.containerd is not None
+                and (self.containerd.poll() is not None or socket_accepts(sock))
+            ),
+            timeout=timeout,
+            message="containerd to listen",
+        )
+        if self.containerd.poll() is not None:
+            raise RuntimeError(
+                f"containerd exited with {self.containerd.returncode}\n"
+                f"--- containerd log ---\n{tail(self.base / 'containerd.log', 40)}"
+            )
+
+    def stop_containerd(self, *, timeout: float = 20.0) -> None:
+        if self.containerd is None or self.containerd.poll() is not None:
+            return
+        self.containerd.send_signal(signal.SIGTERM)
+        try:
+            self.containerd.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.containerd.kill()
+            self.containerd.wait(10)
+
     def start_dockerd(self, *, timeout: float = 60.0) -> None:
         """Start dockerd in the engine netns; return once ``docker version`` answers."""
+        self.start_containerd()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.dockerd_command(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env={k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")},
+                env=self.daemon_env(),
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
@@ -875,7 +1012,13 @@ class Engine:
         """Stop everything and remove every trace; safe to call on a half-started engine."""
         t0 = time.monotonic()
         errors: list[str] = []
-        for step in (self._remove_all_containers, self.stop_dockerd, self.plugin.stop):
+        steps = (
+            self._remove_all_containers,
+            self.stop_dockerd,
+            self.stop_containerd,
+            self.plugin.stop,
+        )
+        for step in steps:
             try:
                 step()
             except Exception as exc:  # noqa: BLE001 - keep tearing down, report at the end

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
-from .harness import ENGINE_ADDR, ENGINE_UPLINK, REMOTE_ADDR, Scope
+from .harness import ENGINE_ADDR, ENGINE_UPLINK, REMOTE_ADDR, Engine, Scope
 
 pytestmark = pytest.mark.docker
 
@@ -31,6 +32,8 @@ def test_engine_is_isolated_in_its_own_netns(e2e: Scope) -> None:
     assert eng.forward_policy() == "DROP"
     assert eng.sysctl("net/ipv4/ip_forward") == "1"
     assert eng.sysctl("net/bridge/bridge-nf-call-iptables") == "1"
+    # The engine is the one this run of the suite is for.
+    assert eng.server_version.startswith(eng.kind.name), eng.server_version
     # The driver socket answers, and dockerd knows the image.
     assert eng.plugin.accepts()
     assert eng.docker("image", "inspect", eng.image).returncode == 0
@@ -50,3 +53,20 @@ def test_default_container_stops_fast(e2e: Scope) -> None:
     t0 = time.monotonic()
     e2e.docker("stop", a)
     assert time.monotonic() - t0 < 5
+
+
+def test_a_fresh_engine_is_a_docker_host_where_forwarding_is_already_on(e2e: Scope) -> None:
+    """Every Docker host forwards, and a new namespace copies the host's IPv4 forwarding: the
+    harness must still give dockerd a namespace with forwarding off, or dockerd leaves the
+    FORWARD policy at ACCEPT and the engine is no Docker host (check_docker_host refuses)."""
+    host_forwarding = Path("/proc/sys/net/ipv4/ip_forward")
+    before = host_forwarding.read_text().strip()
+    other = Engine(kind=e2e.engine.kind)
+    try:
+        host_forwarding.write_text("1\n")
+        other.start()  # runs check_docker_host: forwarding 1, FORWARD policy DROP
+        assert other.forward_policy() == "DROP"
+    finally:
+        host_forwarding.write_text(before + "\n")
+        other.close()
+    assert host_forwarding.read_text().strip() == before
