@@ -364,11 +364,13 @@ def test_dockerd_restart_with_live_restore(e2e: Scope, revive: None) -> None:
         after = {k: (endpoint_id(e2e, *k), e2e.container_ip(*k)) for k in keys}
         assert after == before
         assert got == sent and sent > 0, f"ping lost packets across the restart:\n{out}"
-        # Restoring the live sandboxes loads the driver: the v1 handshake, and nothing else
-        # (no CreateNetwork/CreateEndpoint/Join replay, no IPAM replay: RequiresRequestReplay
-        # is false).
+        # Restoring the live sandboxes loads the driver: the v1 handshake, and nothing that
+        # changes anything (no CreateNetwork/CreateEndpoint/Join replay, no IPAM replay:
+        # RequiresRequestReplay is false). Engine 28 also reads each restored endpoint's
+        # EndpointOperInfo (docs/protocol.md §3.5).
         reqs = requests_since(eng, offset)
-        assert {p for p, _, _ in reqs} <= set(HANDSHAKE), (
+        allowed = {*HANDSHAKE, "/NetworkDriver.EndpointOperInfo"}
+        assert {p for p, _, _ in reqs} <= allowed, (
             f"the engine called the plugin across a live-restore: {reqs}"
         )
         e2e.assert_ping(a, before[(b, net)][1])
