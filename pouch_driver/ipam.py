@@ -26,9 +26,11 @@ from .model import (
 GATEWAY = "gateway"
 ADDRESS = "address"
 #: The address of an endpoint we dropped without the engine's word (its veth was gone). The
-#: engine may still send its ReleaseAddress later; if the address had been handed to a new
-#: endpoint by then, that release would free the new owner's address. So it is parked: given
-#: out again only when asked for by name, or when nothing else is free.
+#: engine still counts it as held and may send its ReleaseAddress at any time; that release
+#: names only the pool and the address, so it cannot be told apart from one for a new holder.
+#: A parked address is therefore given to nobody, not by name and not to a full pool, until
+#: that release frees it: otherwise it would free a live address, and the next request would
+#: hand it out a second time.
 RECLAIMED = "reclaimed"
 
 
@@ -102,17 +104,6 @@ class PoolState:
         """Addresses this pool can hand out."""
         return self.hi - self.lo + 1 - len(self.reserved)
 
-    def oldest_reclaimed(self) -> int | None:
-        """Allocations keep their insertion order, so the first is the longest parked."""
-        return next(
-            (
-                a
-                for a, kind in self.allocated.items()
-                if kind == RECLAIMED and self.lo <= a <= self.hi
-            ),
-            None,
-        )
-
     def next_free(self) -> int:
         """Round-robin from the cursor, so a released address is not reused at once.
 
@@ -132,7 +123,6 @@ class AddressGrant:
     address: IPInterface
     kind: str
     cursor: int
-    was_parked: bool = False  # it was a RECLAIMED address: an undo parks it again
 
 
 class Ipam:
@@ -248,25 +238,42 @@ class Ipam:
             if addr in state.reserved:
                 what = "network" if addr == int(net.network_address) else "broadcast"
                 raise InvalidRequest(f"Address {address} is the {what} address of pool {net}")
-            if state.allocated.get(addr, RECLAIMED) != RECLAIMED:
+            if state.allocated.get(addr) == RECLAIMED:
+                raise Conflict(
+                    f"Address {address} in pool {net} is parked: its endpoint is gone but the "
+                    "engine has not released it yet (docker network disconnect -f clears a "
+                    "stale endpoint)"
+                )
+            if addr in state.allocated:
                 raise Conflict(f"Address {address} is already in use in pool {net}")
         elif gateway and (first := self._first_host(state)) is not None:
             addr = first
         elif state.free > 0:
             addr = state.next_free()
             state.cursor = state.lo if addr >= state.hi else addr + 1
-        elif (parked := state.oldest_reclaimed()) is not None:
-            addr = parked
         else:
-            where = f"range {state.pool.sub_pool}" if state.pool.sub_pool else f"pool {net}"
-            raise Exhausted(f"no free address left in {where}")
-        parked = addr in state.allocated
+            raise Exhausted(self._no_free_address(state))
+        state.take(addr, kind)
+        return AddressGrant(pool_id, _interface(addr, net), kind, state.cursor)
+
+    @staticmethod
+    def _no_free_address(state: PoolState) -> str:
+        net = state.pool.network
+        where = (
+            f"range {state.pool.sub_pool} of pool {net}" if state.pool.sub_pool else f"pool {net}"
+        )
+        text = f"no free address left in {where}"
+        parked = sum(
+            1
+            for a, kind in state.allocated.items()
+            if kind == RECLAIMED and state.lo <= a <= state.hi
+        )
         if parked:
-            del state.allocated[addr]
-            state.allocated[addr] = kind
-        else:
-            state.take(addr, kind)
-        return AddressGrant(pool_id, _interface(addr, net), kind, state.cursor, parked)
+            text += (
+                f"; {parked} parked address(es) of endpoints that are gone wait for the "
+                "engine to release them"
+            )
+        return text
 
     @staticmethod
     def _first_host(state: PoolState) -> int | None:
@@ -289,7 +296,6 @@ class Ipam:
         state = self.pools.get(pool_id)
         if state is None or state.allocated.get(int(address)) != kind:
             return False
-        del state.allocated[int(address)]  # to the end of the order: parked last, reused last
         state.allocated[int(address)] = RECLAIMED
         return True
 

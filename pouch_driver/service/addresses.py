@@ -100,22 +100,14 @@ class AddressService:
             log.warning("address %s: adopted the reservation a lost answer left", address)
             prefix = self.ipam.pools[pool_id].pool.network.prefixlen
             return ipaddress.ip_interface((address, prefix))
+        # Only a free address is ever granted (a parked one is not: ipam.RECLAIMED), so the
+        # grant is never one of the records from before this start.
         grant = self.ipam.request_address(pool_id, address, gateway)
-        # Granted in this run (a parked address can be from before): no longer a reservation a
-        # lost answer could have left, even for a request racing this one.
-        key = (pool_id, int(grant.address.ip))
-        was_before = key in self._before.addresses
-        self._before.addresses.discard(key)
-
-        def undo() -> None:
-            if grant.was_parked:
-                self.ipam.reclaim(pool_id, grant.address.ip, grant.kind)
-                if was_before:
-                    self._before.addresses.add(key)
-            else:
-                self.ipam.release_address(pool_id, grant.address.ip)
-
-        await durably(self._store, [_put_address(grant)], undo=undo)
+        await durably(
+            self._store,
+            [_put_address(grant)],
+            undo=lambda: self.ipam.release_address(pool_id, grant.address.ip),
+        )
         return grant.address
 
     async def release_address(self, pool_id: str, address: IPAddress) -> None:
