@@ -148,7 +148,11 @@ class Ipam:
         sub_pool: IPNetwork | None,
         v6: bool,
         host_routes: Sequence[IPNetwork] = (),
+        *,
+        size: int | None = None,
     ) -> Pool:
+        """``pool`` None picks a free pool of the configured size, or of ``size`` (a prefix
+        length) when given: the engine's "any pool this big" (docs/protocol.md §4.3)."""
         if address_space not in (LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE):
             raise InvalidRequest(
                 f"AddressSpace {address_space!r} is unknown; use {LOCAL_ADDRESS_SPACE} "
@@ -157,7 +161,7 @@ class Ipam:
         if pool is None:
             if sub_pool is not None:
                 raise InvalidRequest("SubPool (--ip-range) needs an explicit Pool (--subnet)")
-            pool = self._pick_pool(6 if v6 else 4, host_routes)
+            pool = self._pick_pool(6 if v6 else 4, host_routes, size)
         else:
             if (pool.version == 6) != v6:
                 raise InvalidRequest(
@@ -180,12 +184,18 @@ class Ipam:
         self.pools[pool_id] = PoolState(pool=new)
         return new
 
-    def _pick_pool(self, version: int, host_routes: Sequence[IPNetwork]) -> IPNetwork:
+    def _pick_pool(
+        self, version: int, host_routes: Sequence[IPNetwork], size: int | None = None
+    ) -> IPNetwork:
         """The first candidate overlapping neither a pool we hold nor a host route.
 
         Held pools count, so each repeated empty request gets a *different* pool: the
-        engine holds a pool it finds overlapping and asks again (libnetwork#1386).
+        engine holds a pool it finds overlapping and asks again (docs/protocol.md §4.3).
+        ``size`` overrides the candidates' own size; ranges smaller than it are skipped.
         """
+        candidates = self._candidates[version]
+        if size is not None:
+            candidates = self._candidates_for(version, size)
         blocked = sorted(
             _span(n)
             for n in (*(s.pool.network for s in self.pools.values()), *host_routes)
@@ -199,8 +209,9 @@ class Ipam:
                 merged.append((lo, hi))
         starts = [lo for lo, _ in merged]
         bits = 32 if version == 4 else 128
-        for cand in self._candidates[version]:
-            step = 1 << (bits - cand.size)
+        for cand in candidates:
+            prefixlen = cand.size if size is None else size
+            step = 1 << (bits - prefixlen)
             c, end = _span(cand.base)
             while c + step - 1 <= end:
                 i = bisect.bisect_right(starts, c + step - 1) - 1
@@ -208,12 +219,31 @@ class Ipam:
                     # Skip past the blocker, staying aligned to the pool size.
                     c = (merged[i][1] // step + 1) * step
                     continue
-                return _network(c, cand.size, version)
+                return _network(c, prefixlen, version)
         raise Exhausted(
-            f"no free IPv{version} pool left in "
-            + ", ".join(f"{c.base} (/{c.size})" for c in self._candidates[version])
+            f"no free IPv{version} pool"
+            + ("" if size is None else f" of size /{size}")
+            + " left in "
+            + ", ".join(f"{c.base} (/{c.size if size is None else size})" for c in candidates)
             + "; remove unused networks or configure more pools"
         )
+
+    def _candidates_for(self, version: int, size: int) -> tuple[PoolCandidate, ...]:
+        """The configured ranges that can hold a pool of prefix length ``size``."""
+        anywhere = ipaddress.IPv4Address(0) if version == 4 else ipaddress.IPv6Address(0)
+        field = f"Pool {anywhere}/{size}"
+        bits = 32 if version == 4 else 128
+        if size > bits - 2:
+            raise InvalidRequest(f"{field}: a /{size} has no room for a gateway and an address")
+        fit = tuple(c for c in self._candidates[version] if c.base.prefixlen <= size)
+        if not fit:
+            ranges = ", ".join(str(c.base) for c in self._candidates[version])
+            widest = min(c.base.prefixlen for c in self._candidates[version])
+            raise InvalidRequest(
+                f"{field}: the IPv{version} pool ranges ({ranges}) cannot give a /{size}; "
+                f"ask for /{widest} to /{bits - 2}, or configure a larger range"
+            )
+        return fit
 
     def release_pool(self, pool_id: str) -> bool:
         return self.pools.pop(pool_id, None) is not None

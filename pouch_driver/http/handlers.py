@@ -145,9 +145,12 @@ async def address_spaces(driver: Driver, _: None) -> m.AddressSpacesResponse:
 
 
 async def request_pool(driver: Driver, req: m.RequestPoolRequest) -> m.RequestPoolResponse:
-    """§4.3: an empty Pool asked again must get a different pool, or the engine spins."""
+    """§4.3: an empty Pool asked again must get a different pool, or the engine spins; a
+    Pool of "0.0.0.0/N" or "::/N" asks for any free pool of that size."""
     opts.parse_ipam_options(req.options)
-    pool = await driver.addresses.request_pool(req.address_space, req.pool, req.sub_pool, req.v6)
+    pool = await driver.addresses.request_pool(
+        req.address_space, req.pool, req.sub_pool, req.v6, size=req.size
+    )
     return m.RequestPoolResponse(pool_id=pool.pool_id, pool=str(pool.network))
 
 

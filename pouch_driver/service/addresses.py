@@ -58,8 +58,16 @@ class AddressService:
         return LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE
 
     async def request_pool(
-        self, address_space: str, pool: IPNetwork | None, sub_pool: IPNetwork | None, v6: bool
+        self,
+        address_space: str,
+        pool: IPNetwork | None,
+        sub_pool: IPNetwork | None,
+        v6: bool,
+        *,
+        size: int | None = None,
     ) -> Pool:
+        """``pool`` None: any free pool, of ``size`` (a prefix length) if given. Picked
+        pools avoid our host's routes, as the engine checks none for a size-only request."""
         space = address_space or LOCAL_ADDRESS_SPACE
         if pool is not None and (
             left := leftovers.leftover_pool(
@@ -70,7 +78,7 @@ class AddressService:
             log.warning("pool %s: adopted the reservation a lost answer left", left.pool_id)
             return left
         routes = await self._host_routes() if pool is None else []
-        new = self.ipam.request_pool(space, pool, sub_pool, v6, routes)
+        new = self.ipam.request_pool(space, pool, sub_pool, v6, routes, size=size)
         await durably(
             self._store, [st.PutPool(new)], undo=lambda: self.ipam.release_pool(new.pool_id)
         )

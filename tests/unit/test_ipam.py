@@ -64,6 +64,29 @@ def test_overlapping_explicit_pool_is_a_conflict_naming_the_holder() -> None:
         ipam.request_pool(LOCAL, net("10.1.2.0/24"), None, False)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=22, max_value=30), min_size=1, max_size=12),
+    route=st.integers(min_value=0, max_value=3),
+)
+def test_property_pools_of_a_given_size(sizes: list[int], route: int) -> None:
+    """Engine 29's "any pool of /N" (docs/protocol.md §4.3): of that size, inside our
+    ranges, aligned, and clear of every held pool and host route."""
+    ipam = make()  # 10.200.0.0/22 for IPv4
+    routes = [net(f"10.200.{route}.0/25")]
+    held = []
+    for size in sizes:
+        try:
+            got = ipam.request_pool(LOCAL, None, None, False, routes, size=size).network
+        except Exhausted:
+            blocks = net("10.200.0.0/22").subnets(new_prefix=size)
+            assert all(any(b.overlaps(n) for n in (*held, *routes)) for b in blocks)
+            continue
+        assert got.prefixlen == size and got.subnet_of(net("10.200.0.0/22"))
+        assert not any(got.overlaps(n) for n in (*held, *routes))
+        held.append(got)
+
+
 @pytest.mark.parametrize(
     ("pool", "sub", "v6", "message"),
     [
