@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import logging
 import re
 
 import pytest
@@ -22,8 +23,11 @@ NID = E["CreateNetwork"]["NetworkID"]
 EID = E["CreateEndpoint"]["EndpointID"]
 
 
-async def test_size_only_network_lifecycle(plugin: Plugin) -> None:
-    """`--subnet 0.0.0.0/26`, run, run --ip, rm, rm: the whole sequence on the picked pool."""
+async def test_size_only_network_lifecycle(
+    plugin: Plugin, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--subnet 0.0.0.0/26`, run (the endpoint named in RequestAddress), run --ip, rm, rm."""
+    caplog.set_level(logging.DEBUG, logger="pouch_driver.http.handlers")
     assert await plugin.call("IpamDriver.GetDefaultAddressSpaces")  # 27+: before each pool
     pool = await plugin.call("IpamDriver.RequestPool", E["RequestPool"])
     assert pool == {"PoolID": "PouchLocal/10.200.0.0/26", "Pool": "10.200.0.0/26", "Data": {}}
@@ -33,6 +37,7 @@ async def test_size_only_network_lifecycle(plugin: Plugin) -> None:
 
     web = await plugin.call("IpamDriver.RequestAddress", E["RequestAddressEndpoint"])
     assert web["Address"] == "10.200.0.2/26"
+    assert "RequestAddress in pool PouchLocal/10.200.0.0/26 for endpoint 'web'" in caplog.text
     assert "Interface" in await plugin.call("NetworkDriver.CreateEndpoint", E["CreateEndpoint"])
     joined = await plugin.call("NetworkDriver.Join", E["Join"])
     assert joined["Gateway"] == "10.200.0.1"
@@ -42,6 +47,7 @@ async def test_size_only_network_lifecycle(plugin: Plugin) -> None:
     assert "Value" in await plugin.call("NetworkDriver.EndpointOperInfo", E["EndpointOperInfo"])
     db = await plugin.call("IpamDriver.RequestAddress", E["RequestAddressPinned"])
     assert db["Address"] == "10.200.0.10/26"
+    assert "for endpoint 'db'" in caplog.text
 
     for call in ("RevokeExternalConnectivity", "Leave", "DeleteEndpoint"):
         assert await plugin.call(f"NetworkDriver.{call}", E[call]) == {}
