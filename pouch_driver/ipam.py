@@ -26,9 +26,11 @@ from .model import (
 GATEWAY = "gateway"
 ADDRESS = "address"
 #: The address of an endpoint we dropped without the engine's word (its veth was gone). The
-#: engine may still send its ReleaseAddress later; if the address had been handed to a new
-#: endpoint by then, that release would free the new owner's address. So it is parked: given
-#: out again only when asked for by name, or when nothing else is free.
+#: engine still counts it as held and may send its ReleaseAddress at any time; that release
+#: names only the pool and the address, so it cannot be told apart from one for a new holder.
+#: A parked address is therefore given to nobody, not by name and not to a full pool, until
+#: that release frees it: otherwise it would free a live address, and the next request would
+#: hand it out a second time.
 RECLAIMED = "reclaimed"
 
 
@@ -102,17 +104,6 @@ class PoolState:
         """Addresses this pool can hand out."""
         return self.hi - self.lo + 1 - len(self.reserved)
 
-    def oldest_reclaimed(self) -> int | None:
-        """Allocations keep their insertion order, so the first is the longest parked."""
-        return next(
-            (
-                a
-                for a, kind in self.allocated.items()
-                if kind == RECLAIMED and self.lo <= a <= self.hi
-            ),
-            None,
-        )
-
     def next_free(self) -> int:
         """Round-robin from the cursor, so a released address is not reused at once.
 
@@ -132,7 +123,6 @@ class AddressGrant:
     address: IPInterface
     kind: str
     cursor: int
-    was_parked: bool = False  # it was a RECLAIMED address: an undo parks it again
 
 
 class Ipam:
@@ -158,7 +148,11 @@ class Ipam:
         sub_pool: IPNetwork | None,
         v6: bool,
         host_routes: Sequence[IPNetwork] = (),
+        *,
+        size: int | None = None,
     ) -> Pool:
+        """``pool`` None picks a free pool of the configured size, or of ``size`` (a prefix
+        length) when given: the engine's "any pool this big" (docs/protocol.md §4.3)."""
         if address_space not in (LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE):
             raise InvalidRequest(
                 f"AddressSpace {address_space!r} is unknown; use {LOCAL_ADDRESS_SPACE} "
@@ -167,7 +161,7 @@ class Ipam:
         if pool is None:
             if sub_pool is not None:
                 raise InvalidRequest("SubPool (--ip-range) needs an explicit Pool (--subnet)")
-            pool = self._pick_pool(6 if v6 else 4, host_routes)
+            pool = self._pick_pool(6 if v6 else 4, host_routes, size)
         else:
             if (pool.version == 6) != v6:
                 raise InvalidRequest(
@@ -190,12 +184,18 @@ class Ipam:
         self.pools[pool_id] = PoolState(pool=new)
         return new
 
-    def _pick_pool(self, version: int, host_routes: Sequence[IPNetwork]) -> IPNetwork:
+    def _pick_pool(
+        self, version: int, host_routes: Sequence[IPNetwork], size: int | None = None
+    ) -> IPNetwork:
         """The first candidate overlapping neither a pool we hold nor a host route.
 
         Held pools count, so each repeated empty request gets a *different* pool: the
-        engine holds a pool it finds overlapping and asks again (libnetwork#1386).
+        engine holds a pool it finds overlapping and asks again (docs/protocol.md §4.3).
+        ``size`` overrides the candidates' own size; ranges smaller than it are skipped.
         """
+        candidates = self._candidates[version]
+        if size is not None:
+            candidates = self._candidates_for(version, size)
         blocked = sorted(
             _span(n)
             for n in (*(s.pool.network for s in self.pools.values()), *host_routes)
@@ -209,8 +209,9 @@ class Ipam:
                 merged.append((lo, hi))
         starts = [lo for lo, _ in merged]
         bits = 32 if version == 4 else 128
-        for cand in self._candidates[version]:
-            step = 1 << (bits - cand.size)
+        for cand in candidates:
+            prefixlen = cand.size if size is None else size
+            step = 1 << (bits - prefixlen)
             c, end = _span(cand.base)
             while c + step - 1 <= end:
                 i = bisect.bisect_right(starts, c + step - 1) - 1
@@ -218,12 +219,31 @@ class Ipam:
                     # Skip past the blocker, staying aligned to the pool size.
                     c = (merged[i][1] // step + 1) * step
                     continue
-                return _network(c, cand.size, version)
+                return _network(c, prefixlen, version)
         raise Exhausted(
-            f"no free IPv{version} pool left in "
-            + ", ".join(f"{c.base} (/{c.size})" for c in self._candidates[version])
+            f"no free IPv{version} pool"
+            + ("" if size is None else f" of size /{size}")
+            + " left in "
+            + ", ".join(f"{c.base} (/{c.size if size is None else size})" for c in candidates)
             + "; remove unused networks or configure more pools"
         )
+
+    def _candidates_for(self, version: int, size: int) -> tuple[PoolCandidate, ...]:
+        """The configured ranges that can hold a pool of prefix length ``size``."""
+        anywhere = ipaddress.IPv4Address(0) if version == 4 else ipaddress.IPv6Address(0)
+        field = f"Pool {anywhere}/{size}"
+        bits = 32 if version == 4 else 128
+        if size > bits - 2:
+            raise InvalidRequest(f"{field}: a /{size} has no room for a gateway and an address")
+        fit = tuple(c for c in self._candidates[version] if c.base.prefixlen <= size)
+        if not fit:
+            ranges = ", ".join(str(c.base) for c in self._candidates[version])
+            widest = min(c.base.prefixlen for c in self._candidates[version])
+            raise InvalidRequest(
+                f"{field}: the IPv{version} pool ranges ({ranges}) cannot give a /{size}; "
+                f"ask for /{widest} to /{bits - 2}, or configure a larger range"
+            )
+        return fit
 
     def release_pool(self, pool_id: str) -> bool:
         return self.pools.pop(pool_id, None) is not None
@@ -248,25 +268,42 @@ class Ipam:
             if addr in state.reserved:
                 what = "network" if addr == int(net.network_address) else "broadcast"
                 raise InvalidRequest(f"Address {address} is the {what} address of pool {net}")
-            if state.allocated.get(addr, RECLAIMED) != RECLAIMED:
+            if state.allocated.get(addr) == RECLAIMED:
+                raise Conflict(
+                    f"Address {address} in pool {net} is parked: its endpoint is gone but the "
+                    "engine has not released it yet (docker network disconnect -f clears a "
+                    "stale endpoint)"
+                )
+            if addr in state.allocated:
                 raise Conflict(f"Address {address} is already in use in pool {net}")
         elif gateway and (first := self._first_host(state)) is not None:
             addr = first
         elif state.free > 0:
             addr = state.next_free()
             state.cursor = state.lo if addr >= state.hi else addr + 1
-        elif (parked := state.oldest_reclaimed()) is not None:
-            addr = parked
         else:
-            where = f"range {state.pool.sub_pool}" if state.pool.sub_pool else f"pool {net}"
-            raise Exhausted(f"no free address left in {where}")
-        parked = addr in state.allocated
+            raise Exhausted(self._no_free_address(state))
+        state.take(addr, kind)
+        return AddressGrant(pool_id, _interface(addr, net), kind, state.cursor)
+
+    @staticmethod
+    def _no_free_address(state: PoolState) -> str:
+        net = state.pool.network
+        where = (
+            f"range {state.pool.sub_pool} of pool {net}" if state.pool.sub_pool else f"pool {net}"
+        )
+        text = f"no free address left in {where}"
+        parked = sum(
+            1
+            for a, kind in state.allocated.items()
+            if kind == RECLAIMED and state.lo <= a <= state.hi
+        )
         if parked:
-            del state.allocated[addr]
-            state.allocated[addr] = kind
-        else:
-            state.take(addr, kind)
-        return AddressGrant(pool_id, _interface(addr, net), kind, state.cursor, parked)
+            text += (
+                f"; {parked} parked address(es) of endpoints that are gone wait for the "
+                "engine to release them"
+            )
+        return text
 
     @staticmethod
     def _first_host(state: PoolState) -> int | None:
@@ -289,7 +326,6 @@ class Ipam:
         state = self.pools.get(pool_id)
         if state is None or state.allocated.get(int(address)) != kind:
             return False
-        del state.allocated[int(address)]  # to the end of the order: parked last, reused last
         state.allocated[int(address)] = RECLAIMED
         return True
 

@@ -32,6 +32,8 @@ OPT_PORTMAP = "com.docker.network.portmap"
 # --- IPAM ---------------------------------------------------------------------------------------
 REQUEST_ADDRESS_TYPE = "RequestAddressType"
 GATEWAY_ADDRESS_TYPE = "com.docker.network.gateway"
+#: [29+] on every endpoint's RequestAddress: informational (docs/protocol.md §4.5)
+ENDPOINT_NAME = "com.docker.network.endpoint.name"
 LOCAL_ADDRESS_SPACE = "PouchLocal"
 GLOBAL_ADDRESS_SPACE = "PouchGlobal"
 

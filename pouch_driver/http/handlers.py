@@ -6,6 +6,7 @@ and touch neither the kernel nor the store. Sections cite docs/protocol.md.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,12 +15,14 @@ from marshmallow import Schema, ValidationError
 
 from .. import options as opts
 from ..errors import InvalidRequest
-from ..model import GATEWAY_ADDRESS_TYPE, OPT_PORTMAP, REQUEST_ADDRESS_TYPE
+from ..model import ENDPOINT_NAME, GATEWAY_ADDRESS_TYPE, OPT_PORTMAP, REQUEST_ADDRESS_TYPE
 from ..service.audit import audit
 from ..service.driver import Driver
 from ..service.status import Status
 from . import messages as m
 from . import schemas as s
+
+log = logging.getLogger(__name__)
 
 EMPTY = m.Empty()
 
@@ -145,9 +148,12 @@ async def address_spaces(driver: Driver, _: None) -> m.AddressSpacesResponse:
 
 
 async def request_pool(driver: Driver, req: m.RequestPoolRequest) -> m.RequestPoolResponse:
-    """§4.3: an empty Pool asked again must get a different pool, or the engine spins."""
+    """§4.3: an empty Pool asked again must get a different pool, or the engine spins; a
+    Pool of "0.0.0.0/N" or "::/N" asks for any free pool of that size."""
     opts.parse_ipam_options(req.options)
-    pool = await driver.addresses.request_pool(req.address_space, req.pool, req.sub_pool, req.v6)
+    pool = await driver.addresses.request_pool(
+        req.address_space, req.pool, req.sub_pool, req.v6, size=req.size
+    )
     return m.RequestPoolResponse(pool_id=pool.pool_id, pool=str(pool.network))
 
 
@@ -157,7 +163,10 @@ async def release_pool(driver: Driver, req: m.ReleasePoolRequest) -> m.Empty:
 
 
 async def request_address(driver: Driver, req: m.RequestAddressRequest) -> m.RequestAddressResponse:
-    """§4.5: answers in CIDR form; the gateway request is marked by RequestAddressType."""
+    """§4.5: answers in CIDR form; the gateway request is marked by RequestAddressType, and
+    an endpoint's name (engine 29) is only logged. Other keys are ignored."""
+    if name := req.options.get(ENDPOINT_NAME):
+        log.debug("RequestAddress in pool %s for endpoint %r", req.pool_id, name)
     kind = req.options.get(REQUEST_ADDRESS_TYPE)
     if kind not in (None, "", GATEWAY_ADDRESS_TYPE):
         raise InvalidRequest(f"Options.{REQUEST_ADDRESS_TYPE}: {kind!r} is not supported")

@@ -88,10 +88,11 @@ class DiscoveryNotification:
 @dataclass(frozen=True)
 class RequestPoolRequest:
     address_space: str
-    pool: IPNetwork | None
+    pool: IPNetwork | None  # None: any free pool
     sub_pool: IPNetwork | None
     options: Mapping[str, str]
     v6: bool
+    size: int | None = None  # with pool None: the prefix length asked for ("0.0.0.0/N")
 
 
 @dataclass(frozen=True)

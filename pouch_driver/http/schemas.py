@@ -27,6 +27,7 @@ from ..model import (
     OPT_GENERIC,
     OPT_INTERNAL,
     IPAMData,
+    IPNetwork,
     PortBinding,
     Proto,
 )
@@ -354,12 +355,15 @@ class RequestPoolRequest(Request):
 
     @post_load
     def _make(self, data: dict[str, Any], **kwargs: Any) -> m.RequestPoolRequest:
+        pool: IPNetwork | None = data.get("pool")
+        v6, size = bool(data["v6"]), None
+        if pool is not None and pool.network_address.is_unspecified:
+            # "0.0.0.0/N" or "::/N" is a size, not a subnet (docs/protocol.md §4.3); the
+            # family is the one written, whatever V6 says.
+            v6, size = pool.version == 6, pool.prefixlen
+            pool = None
         return m.RequestPoolRequest(
-            data["address_space"],
-            data.get("pool"),
-            data.get("sub_pool"),
-            data.get("options") or {},
-            bool(data["v6"]),
+            data["address_space"], pool, data.get("sub_pool"), data.get("options") or {}, v6, size
         )
 
 

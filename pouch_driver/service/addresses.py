@@ -58,8 +58,16 @@ class AddressService:
         return LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE
 
     async def request_pool(
-        self, address_space: str, pool: IPNetwork | None, sub_pool: IPNetwork | None, v6: bool
+        self,
+        address_space: str,
+        pool: IPNetwork | None,
+        sub_pool: IPNetwork | None,
+        v6: bool,
+        *,
+        size: int | None = None,
     ) -> Pool:
+        """``pool`` None: any free pool, of ``size`` (a prefix length) if given. Picked
+        pools avoid our host's routes, as the engine checks none for a size-only request."""
         space = address_space or LOCAL_ADDRESS_SPACE
         if pool is not None and (
             left := leftovers.leftover_pool(
@@ -70,7 +78,7 @@ class AddressService:
             log.warning("pool %s: adopted the reservation a lost answer left", left.pool_id)
             return left
         routes = await self._host_routes() if pool is None else []
-        new = self.ipam.request_pool(space, pool, sub_pool, v6, routes)
+        new = self.ipam.request_pool(space, pool, sub_pool, v6, routes, size=size)
         await durably(
             self._store, [st.PutPool(new)], undo=lambda: self.ipam.release_pool(new.pool_id)
         )
@@ -100,22 +108,14 @@ class AddressService:
             log.warning("address %s: adopted the reservation a lost answer left", address)
             prefix = self.ipam.pools[pool_id].pool.network.prefixlen
             return ipaddress.ip_interface((address, prefix))
+        # Only a free address is ever granted (a parked one is not: ipam.RECLAIMED), so the
+        # grant is never one of the records from before this start.
         grant = self.ipam.request_address(pool_id, address, gateway)
-        # Granted in this run (a parked address can be from before): no longer a reservation a
-        # lost answer could have left, even for a request racing this one.
-        key = (pool_id, int(grant.address.ip))
-        was_before = key in self._before.addresses
-        self._before.addresses.discard(key)
-
-        def undo() -> None:
-            if grant.was_parked:
-                self.ipam.reclaim(pool_id, grant.address.ip, grant.kind)
-                if was_before:
-                    self._before.addresses.add(key)
-            else:
-                self.ipam.release_address(pool_id, grant.address.ip)
-
-        await durably(self._store, [_put_address(grant)], undo=undo)
+        await durably(
+            self._store,
+            [_put_address(grant)],
+            undo=lambda: self.ipam.release_address(pool_id, grant.address.ip),
+        )
         return grant.address
 
     async def release_address(self, pool_id: str, address: IPAddress) -> None:

@@ -46,7 +46,7 @@ class PoolUse:
     sub_pool: str | None
     address_space: str
     used: int
-    reclaimed: int  # parked after their endpoint was dropped; reused last
+    reclaimed: int  # parked after their endpoint was dropped; reused once the engine releases
     size: int
 
 

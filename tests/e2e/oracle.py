@@ -331,7 +331,7 @@ def _address_problems(
             {ip: f"address of {name} on {n.name}" for name, ip in n.endpoints.values() if ip}
         )
     # Reclaimed addresses (of endpoints the plugin dropped without the engine's word) are
-    # parked, reused last: neither in use nor leaked.
+    # parked until the engine releases them: neither in use nor leaked.
     have = {addr for rows in stored.values() for addr, kind in rows if kind != "reclaimed"}
     problems = [
         Problem(

@@ -124,7 +124,8 @@ async def test_endpoint_address_outside_the_network_is_refused_before_the_kernel
 
 async def test_overlapping_pools_and_networks(plugin: Plugin) -> None:
     await small_network(plugin)
-    for subnet in ("10.9.0.0/24", "10.9.0.4/30", "10.0.0.0/8", "0.0.0.0/0"):
+    # (0.0.0.0/0 is a size since engine 29, not a subnet: tests/http/test_engine29.py)
+    for subnet in ("10.9.0.0/24", "10.9.0.4/30", "10.0.0.0/8"):
         doc = await plugin.call(
             "IpamDriver.RequestPool", {"AddressSpace": "PouchLocal", "Pool": subnet}, status=409
         )

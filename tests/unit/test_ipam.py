@@ -64,6 +64,29 @@ def test_overlapping_explicit_pool_is_a_conflict_naming_the_holder() -> None:
         ipam.request_pool(LOCAL, net("10.1.2.0/24"), None, False)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=22, max_value=30), min_size=1, max_size=12),
+    route=st.integers(min_value=0, max_value=3),
+)
+def test_property_pools_of_a_given_size(sizes: list[int], route: int) -> None:
+    """Engine 29's "any pool of /N" (docs/protocol.md §4.3): of that size, inside our
+    ranges, aligned, and clear of every held pool and host route."""
+    ipam = make()  # 10.200.0.0/22 for IPv4
+    routes = [net(f"10.200.{route}.0/25")]
+    held = []
+    for size in sizes:
+        try:
+            got = ipam.request_pool(LOCAL, None, None, False, routes, size=size).network
+        except Exhausted:
+            blocks = net("10.200.0.0/22").subnets(new_prefix=size)
+            assert all(any(b.overlaps(n) for n in (*held, *routes)) for b in blocks)
+            continue
+        assert got.prefixlen == size and got.subnet_of(net("10.200.0.0/22"))
+        assert not any(got.overlaps(n) for n in (*held, *routes))
+        held.append(got)
+
+
 @pytest.mark.parametrize(
     ("pool", "sub", "v6", "message"),
     [
@@ -136,7 +159,10 @@ def test_exhaustion_then_release_allows_one_more() -> None:
     assert ipam.request_address(pool.pool_id, None).address.ip == got[3]
 
 
-def test_reclaimed_addresses_are_reused_last_and_oldest_first() -> None:
+def test_parked_addresses_are_never_handed_out_until_released() -> None:
+    """A parked address still belongs to the engine's dead endpoint, whose ReleaseAddress may
+    come at any time: granting it to anyone, even when the pool is otherwise full, would let
+    that release free a live address (issue 12 item 7)."""
     ipam = make()
     pool = ipam.request_pool(LOCAL, net("10.1.0.0/29"), None, False)
     got = [ipam.request_address(pool.pool_id, None).address.ip for _ in range(6)]
@@ -144,26 +170,68 @@ def test_reclaimed_addresses_are_reused_last_and_oldest_first() -> None:
     assert not ipam.reclaim(pool.pool_id, got[1])  # already parked
     assert not ipam.reclaim(pool.pool_id, addr("10.1.0.7"))  # never handed out
     ipam.release_address(pool.pool_id, got[2])
-    assert ipam.request_address(pool.pool_id, None).address.ip == got[2]  # free beats parked
-    first = ipam.request_address(pool.pool_id, None)
-    second = ipam.request_address(pool.pool_id, None)
-    assert (first.address.ip, second.address.ip) == (got[4], got[1])  # parked first, first
-    assert first.was_parked and first.kind == "address"
-    with pytest.raises(Exhausted):
+    assert ipam.request_address(pool.pool_id, None).address.ip == got[2]
+    with pytest.raises(Exhausted, match=r"no free address left in pool 10\.1\.0\.0/29.*2 parked"):
+        ipam.request_address(pool.pool_id, None)
+    assert ipam.release_address(pool.pool_id, got[4])  # the engine's late release
+    assert ipam.request_address(pool.pool_id, None).address.ip == got[4]
+    with pytest.raises(Exhausted, match="1 parked"):
         ipam.request_address(pool.pool_id, None)
 
 
-def test_a_reclaimed_address_is_free_by_name_and_to_release() -> None:
+def test_a_parked_address_is_refused_by_name_and_freed_by_its_release() -> None:
+    """By name (--ip, --gateway) is no way around it: the late release would free it too."""
     ipam = make()
     pool = ipam.request_pool(LOCAL, net("10.1.0.0/24"), None, False)
     a, b = (ipam.request_address(pool.pool_id, None).address.ip for _ in range(2))
     ipam.reclaim(pool.pool_id, a)
     ipam.reclaim(pool.pool_id, b)
-    assert ipam.request_address(pool.pool_id, a).was_parked
-    with pytest.raises(Conflict):
-        ipam.request_address(pool.pool_id, a)
+    for gateway in (False, True):
+        with pytest.raises(Conflict, match=r"Address 10\.1\.0\.1 .*parked"):
+            ipam.request_address(pool.pool_id, a, gateway=gateway)
     assert ipam.release_address(pool.pool_id, b) is True
-    assert ipam.pools[pool.pool_id].free == 253  # 254 hosts, minus a
+    assert ipam.request_address(pool.pool_id, b).address.ip == b
+    assert ipam.pools[pool.pool_id].free == 252  # 254 hosts: b is held again, a stays parked
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["get", "get_named", "park", "release"]),
+            st.integers(min_value=0, max_value=15),
+        ),
+        max_size=60,
+    )
+)
+def test_property_no_two_engine_holders_share_an_address(ops: list[tuple[str, int]]) -> None:
+    """Any interleaving of requests (dynamic or by name), endpoints dying (their address
+    parked) and releases (including late ones for dead endpoints): every address the engine
+    holds, it holds once, and our pool holds exactly those."""
+    ipam = make()
+    network = net("10.7.0.0/29")
+    pool = ipam.request_pool(LOCAL, network, None, False)
+    engine: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []  # every grant not released
+    parked: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    for op, k in ops:
+        if op in ("get", "get_named"):
+            want = network[k % 8] if op == "get_named" else None
+            try:
+                got = ipam.request_address(pool.pool_id, want).address.ip
+            except (Exhausted, Conflict, InvalidRequest):
+                continue
+            engine.append(got)
+        elif op == "park" and (alive := [a for a in engine if a not in parked]):
+            victim = alive[k % len(alive)]
+            assert ipam.reclaim(pool.pool_id, victim)
+            parked.add(victim)
+        elif op == "release" and engine:
+            victim = engine.pop(k % len(engine))
+            ipam.release_address(pool.pool_id, victim)
+            if victim not in engine:
+                parked.discard(victim)
+        assert len(engine) == len(set(engine)), f"an address has two holders: {engine}"
+        assert {addr(a) for a in ipam.pools[pool.pool_id].allocated} == set(engine)
 
 
 @settings(max_examples=60, deadline=None)

@@ -357,7 +357,7 @@ async def test_a_late_release_for_a_forgotten_endpoint_spares_the_next_owner(
 ) -> None:
     """The sweep drops an endpoint whose veth died; the engine's ReleaseAddress for it may
     still come. Until then its address goes to nobody, so that release cannot free the
-    address of a new endpoint; asked for by name (``--ip``), it is given back at once."""
+    address of a new endpoint."""
     svc = await make_service()
     small = IPAMData(
         "PouchLocal", ipaddress.ip_network("10.5.0.0/29"), ipaddress.ip_interface("10.5.0.1/29")
@@ -376,16 +376,52 @@ async def test_a_late_release_for_a_forgotten_endpoint_spares_the_next_owner(
     assert int(dead.ip) not in svc.ipam.pools[pool_id].allocated
 
 
-async def test_a_reclaimed_address_asked_for_by_name_is_given(make_service: Factory) -> None:
+async def test_a_full_pool_never_hands_out_a_parked_address(make_service: Factory) -> None:
+    """Issue 12 item 7. With only a parked address free, handing it to a new endpoint let the
+    engine's late ReleaseAddress for the dead one free it under the new holder, and the next
+    request got it a third time: two live holders. A full pool refuses instead, naming the
+    pool, across a restart; the late release then frees the address for exactly one holder."""
+    svc = await make_service()
+    small = IPAMData(
+        "PouchLocal", ipaddress.ip_network("10.5.0.0/29"), ipaddress.ip_interface("10.5.0.1/29")
+    )
+    pool_id, dead = await network_with_endpoint(svc, small)  # .1 gateway, .2 the endpoint
+    live = [await svc.addresses.request_address(pool_id, None, gateway=False) for _ in range(4)]
+    await svc.links.ensure_link_absent(svc.state.endpoints[EID].host_ifname)
+    await sweep(svc)  # .2 is parked; .3-.6 are held
+    svc = await restart(svc, make_service)
+    for _ in range(2):
+        with pytest.raises(
+            Exhausted, match=r"no free address left in pool 10\.5\.0\.0/29.*1 parked"
+        ):
+            await svc.addresses.request_address(pool_id, None, gateway=False)
+    await svc.addresses.release_address(pool_id, dead.ip)  # the engine's late release
+    again = await svc.addresses.request_address(pool_id, None, gateway=False)
+    assert again.ip == dead.ip
+    with pytest.raises(Exhausted):
+        await svc.addresses.request_address(pool_id, None, gateway=False)
+    holders = [a.ip for a in (*live, again)]
+    assert len(holders) == len(set(holders)) == 5
+
+
+async def test_a_reclaimed_address_asked_for_by_name_is_refused_until_released(
+    make_service: Factory,
+) -> None:
+    """``docker run --ip`` of a parked address: granted, the late release would free it under
+    the new holder just the same. Refused (naming the address and why), also after a restart,
+    until the engine's release comes."""
     svc = await make_service()
     pool_id, dead = await network_with_endpoint(svc)
     await svc.links.ensure_link_absent(svc.state.endpoints[EID].host_ifname)
     await sweep(svc)
     svc = await restart(svc, make_service)
-    again = await svc.addresses.request_address(pool_id, dead.ip, gateway=False)  # docker run --ip
+    with pytest.raises(Conflict, match=r"Address 10\.5\.0\.2 in pool 10\.5\.0\.0/24 is parked"):
+        await svc.addresses.request_address(pool_id, dead.ip, gateway=False)
+    assert svc.ipam.pools[pool_id].allocated[int(dead.ip)] == RECLAIMED
+    await svc.addresses.release_address(pool_id, dead.ip)
+    again = await svc.addresses.request_address(pool_id, dead.ip, gateway=False)
     assert again == dead
-    assert svc.ipam.pools[pool_id].allocated[int(dead.ip)] == "address"
-    with pytest.raises(Conflict):
+    with pytest.raises(Conflict, match="already in use"):
         await svc.addresses.request_address(pool_id, dead.ip, gateway=False)
 
 
