@@ -68,6 +68,10 @@ class NetworkRules:
     icc: bool
     masquerade: bool
     internal: bool
+    #: Published ports are the only way in from outside (gateway mode nat): the raw table
+    #: drops what is routed straight to a publishing container's address. Off for gateway
+    #: modes that leave the containers reachable (routed, nat-unprotected).
+    protect_ports: bool = True
 
 
 @dataclass(frozen=True)

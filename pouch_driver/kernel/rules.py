@@ -20,6 +20,11 @@ Where our rules sit, and why:
   28 Docker's ``DOCKER-FORWARD`` (ahead of our jump) drops what enters its bridges unpublished,
   and 29 deletes STAGE-2 at start, which our reference would make fail: there we take none
   (``has_docker_isolation``).
+* ``<P>-RAW`` (raw, from PREROUTING) hardens published ports as Engine 28 does, before
+  conntrack or NAT see a packet: a packet routed straight to a publishing container's address
+  from anywhere but its bridge is dropped (on a masqueraded network that protects its ports),
+  and so is one for a port published on a loopback address that did not come in on ``lo``
+  (our DNAT would otherwise forward a neighbour's packet for 127.0.0.1:PORT to the container).
 * ``<P>-POSTROUTING`` (nat) masquerades our subnets leaving through another interface, and
   hairpins published ports; ``<P>-DNAT`` (nat, from PREROUTING and OUTPUT for local
   destinations) publishes ports.
@@ -31,7 +36,7 @@ from ..errors import KernelError
 from ..naming import Names
 from . import FirewallPlan, NetworkRules
 
-MANGLE, FILTER, NAT = "mangle", "filter", "nat"
+MANGLE, FILTER, NAT, RAW = "mangle", "filter", "nat", "raw"
 # Bridges Docker names for its own networks (docker0, br-<id>): kept out even where Docker runs
 # without its iptables chains. Custom bridge names are covered by the conntrack rule (inbound)
 # and by Docker's own rules (outbound: DOCKER-ISOLATION-STAGE-2 up to 27, DOCKER-FORWARD from 28,
@@ -51,6 +56,7 @@ def tables(names: Names) -> dict[str, list[str]]:
         MANGLE: [names.chain_isolation, names.chain_isolation2],
         FILTER: [names.chain_forward],
         NAT: [names.chain_postrouting, names.chain_dnat],
+        RAW: [names.chain_raw],
     }
 
 
@@ -63,6 +69,7 @@ def jumps(names: Names, version: int) -> list[tuple[str, str, str, str]]:
         (MANGLE, "FORWARD", "-I FORWARD 1", f"{c} -j {n.chain_isolation}"),
         (FILTER, "FORWARD", "-A FORWARD", f"{c} -j {n.chain_forward}"),
         (NAT, "POSTROUTING", "-A POSTROUTING", f"{c} -j {n.chain_postrouting}"),
+        (RAW, "PREROUTING", "-A PREROUTING", f"{c} -j {n.chain_raw}"),
         (NAT, "PREROUTING", "-A PREROUTING", f"-m addrtype --dst-type LOCAL {c} -j {n.chain_dnat}"),
         # IPv4 includes 127.0.0.0/8 (-p 127.0.0.1::80); ::1 cannot be DNAT'd out.
         (
@@ -105,6 +112,8 @@ def render(
     chains: dict[str, list[str]] = {c: [] for c in n.all_chains()}
     iso, iso2 = chains[n.chain_isolation], chains[n.chain_isolation2]
     fwd, post, dnat = chains[n.chain_forward], chains[n.chain_postrouting], chains[n.chain_dnat]
+    raw = chains[n.chain_raw]
+    protected = {net.bridge for net in plan.networks if net.protect_ports and net.masquerade}
 
     def family(nets: NetworkRules) -> list[str]:
         return [str(s) for s in nets.subnets if s.version == version]
@@ -174,6 +183,15 @@ def render(
             f"-A {n.chain_postrouting} -s {cip} -d {cip} "
             f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j MASQUERADE"
         )
+        hardening: list[str] = []
+        if f.bridge in protected:
+            hardening.append(f"-A {n.chain_raw} -d {cip} ! -i {f.bridge} -j DROP")
+        if f.host_ip is not None and f.host_ip.is_loopback:  # ::1 is refused upstream
+            hardening.append(
+                f"-A {n.chain_raw} -d {f.host_ip}/{f.host_ip.max_prefixlen} ! -i lo "
+                f"-p {f.proto} -m {f.proto} --dport {f.host_port} -j DROP"
+            )
+        raw.extend(r for r in hardening if r not in raw)
     return chains
 
 
