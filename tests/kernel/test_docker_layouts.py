@@ -7,11 +7,18 @@ The layouts are the ones /work/shared/ENGINES.md §3 lists; only their shape mat
 
 from __future__ import annotations
 
+import ipaddress
+import re
+import shutil
 import subprocess
 
+import pytest
+
+from pouch_driver.kernel import FirewallPlan, NetworkRules
 from pouch_driver.kernel.iptables import IptablesFirewall
 
 from .conftest import Netns
+from .packets import Lab, reaches
 from .test_firewall import NET_A, PLAN, rules
 
 STAGE2 = "DOCKER-ISOLATION-STAGE-2"
@@ -142,3 +149,106 @@ async def test_docker_27_to_28_while_we_run_drops_the_jump_at_the_next_repair(
     assert await firewall.differences(PLAN) == [f"IPv4 missing rule: {JUMP}"]
     await firewall.apply(PLAN)
     assert JUMP in rules(netns.iptables_save())
+
+
+# Engine 29 with --firewall-backend=nftables: its own tables, no iptables chain; each base
+# chain accepts by policy and drops only what enters a Docker bridge unpublished.
+DOCKER_NFT = """
+table {family} docker-bridges {{
+    chain filter-forward-in__docker0 {{
+        ct state established,related counter accept
+        iifname "docker0" counter accept comment "ICC"
+        counter drop comment "UNPUBLISHED PORT DROP"
+    }}
+    chain filter-forward-out__docker0 {{
+        ct state established,related counter accept
+        counter accept comment "OUTGOING"
+    }}
+    chain filter-FORWARD {{
+        type filter hook forward priority filter; policy accept;
+        counter
+        oifname vmap {{ "docker0" : jump filter-forward-in__docker0 }}
+        iifname vmap {{ "docker0" : jump filter-forward-out__docker0 }}
+    }}
+    chain raw-PREROUTING {{
+        type filter hook prerouting priority raw; policy accept;
+    }}
+}}
+"""
+
+NET_C = NetworkRules(
+    bridge="pkbcccccccccccc",
+    subnets=(ipaddress.ip_network("10.63.0.0/24"),),
+    icc=True,
+    masquerade=True,
+    internal=False,
+)
+
+
+def nft(netns: Netns, *args: str, stdin: str | None = None) -> str:
+    return subprocess.run(
+        ["nsenter", f"--net=/run/netns/{netns.name}", "nft", *args],
+        input=stdin,
+        text=True,
+        check=True,
+        capture_output=True,
+        timeout=30,
+    ).stdout
+
+
+def engine_29_nftables_start(netns: Netns) -> None:
+    """Engine 27 (iptables) restarted as 29 with the nftables backend: its tables appear,
+    and its iptables chains go, except STAGE-2, which our jump holds (flushed, left behind)."""
+    for family in ("ip", "ip6"):
+        nft(netns, "-f", "-", stdin=DOCKER_NFT.format(family=family))
+    for rule in (
+        ["-j", "DOCKER-ISOLATION-STAGE-1"],
+        ["-o", "docker0", "-j", "DOCKER"],
+        ["-i", "docker0", "!", "-o", "docker0", "-j", "ACCEPT"],
+    ):
+        netns.sh("iptables", "-D", "FORWARD", *rule)
+    for chain in ("DOCKER", "DOCKER-ISOLATION-STAGE-1", STAGE2):
+        netns.sh("iptables", "-F", chain)
+    for chain in ("DOCKER", "DOCKER-ISOLATION-STAGE-1"):
+        netns.sh("iptables", "-X", chain)
+    assert netns.sh("iptables", "-X", STAGE2, check=False).returncode != 0
+
+
+async def test_beside_dockers_nftables_backend(firewall: IptablesFirewall, netns: Netns) -> None:
+    """Docker's nftables tables and our iptables(-nft) chains are separate base chains on the
+    same hooks: a packet must pass both, and Docker's accept by policy. Our rules install,
+    stay exact and idempotent, and isolate our networks as before; the STAGE-2 chain left from
+    Docker's iptables days is not treated as isolation (it is empty), so our jump goes and
+    Docker's next start can delete it."""
+    if shutil.which("nft") is None:
+        pytest.skip("needs nft: scripts/setup --test installs nftables")
+    plan = FirewallPlan(networks=(NET_A, NET_C))
+    restore(netns, LAYOUT_27)
+    await firewall.apply(plan)
+    assert JUMP in rules(netns.iptables_save())
+    engine_29_nftables_start(netns)
+    diffs = await firewall.differences(plan)
+    assert f"IPv4 unexpected rule: {JUMP}" in diffs, diffs
+    await firewall.apply(plan)
+    first = netns.iptables_save()
+    assert not any("-j DOCKER" in r for r in rules(first) if "PK-" in r)
+    assert netns.sh("iptables", "-X", STAGE2, check=False).returncode == 0
+    await firewall.apply(plan)
+    assert rules(netns.iptables_save()) == rules(first)
+    assert await firewall.differences(plan) == []
+    assert "docker-bridges" in nft(netns, "list", "tables")  # untouched by us
+    with Lab(netns) as lab:
+        lab.bridge(NET_A.bridge, "10.61.0.1/24")
+        lab.bridge(NET_C.bridge, "10.63.0.1/24")
+        a1 = lab.container(NET_A.bridge, "10.61.0.2/24", "10.61.0.1")
+        a2 = lab.container(NET_A.bridge, "10.61.0.3/24", "10.61.0.1")
+        c1 = lab.container(NET_C.bridge, "10.63.0.2/24", "10.63.0.1")
+        lab.serve(a2, 80)
+        lab.serve(c1, 80)
+        assert reaches(a1, "10.61.0.3", 80)  # one network: allowed
+        assert not reaches(a1, "10.63.0.2", 80)  # two of ours: isolated both ways
+        assert not reaches(c1, "10.61.0.3", 80)
+    # The packets went through Docker's base chain too (its counter moved).
+    forward = nft(netns, "list", "chain", "ip", "docker-bridges", "filter-FORWARD")
+    counted = re.search(r"counter packets (\d+)", forward)
+    assert counted and int(counted.group(1)) > 0, forward
