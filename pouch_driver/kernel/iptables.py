@@ -58,6 +58,11 @@ class IptablesFirewall:
         return (4, 6) if self._has_ip6tables else (4,)
 
     # --- verbs ------------------------------------------------------------------------------
+    async def ensure_bridge_netfilter(self) -> None:
+        # Checked at start and by CreateNetwork, never by apply: a host without br_netfilter
+        # must not stop the rules of the networks that exist (or their deletion).
+        await self._sysctls.ensure_bridge_netfilter()
+
     async def apply(self, plan: FirewallPlan) -> None:
         rules.check_plan(plan)
         async with self._lock:
@@ -74,8 +79,6 @@ class IptablesFirewall:
                 await self._sysctls.write(
                     f"net/ipv4/conf/{bridge}/route_localnet", "1", missing_ok=True
                 )
-            if any(not net.icc for net in plan.networks):
-                await self._sysctls.ensure_bridge_netfilter()
             await self._apply_family(plan, 4)
             if self._has_ip6tables and (plan.needs_ipv6() or self._v6_used):
                 if any(
