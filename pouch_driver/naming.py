@@ -77,6 +77,7 @@ class Names:
         self.chain_isolation2 = f"{chain}-ISOLATION-2"
         self.chain_postrouting = f"{chain}-POSTROUTING"
         self.chain_dnat = f"{chain}-DNAT"
+        self.chain_raw = f"{chain}-RAW"
         self.comment = f"{prefix}-driver"
 
     def bridge(self, network_id: str) -> str:
@@ -102,6 +103,7 @@ class Names:
             self.chain_isolation2,
             self.chain_postrouting,
             self.chain_dnat,
+            self.chain_raw,
         )
 
 

@@ -68,6 +68,10 @@ class NetworkRules:
     icc: bool
     masquerade: bool
     internal: bool
+    #: Published ports are the only way in from outside (gateway mode nat): the raw table
+    #: drops what is routed straight to a publishing container's address. Off for gateway
+    #: modes that leave the containers reachable (routed, nat-unprotected).
+    protect_ports: bool = True
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,10 @@ class FirewallPlan:
 
 
 class Firewall(Protocol):
+    async def ensure_bridge_netfilter(self) -> None:
+        """Bridged traffic passes iptables, or a ``KernelError`` saying how to get there."""
+        ...
+
     async def apply(self, plan: FirewallPlan) -> None: ...
     async def differences(self, plan: FirewallPlan) -> list[str]: ...
     async def remove_all(self) -> None: ...

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from ..errors import KernelError
 from ..model import IPInterface, IPNetwork
 from . import BridgeSpec, FirewallPlan, LinkInfo, VethSpec
+from .sysctl import BR_NETFILTER_FIX
 
 
 @dataclass
@@ -137,6 +138,12 @@ class FakeFirewall:
     def __init__(self) -> None:
         self.plan = FirewallPlan()
         self.faults = Faults()
+        #: False: a host without br_netfilter that the driver cannot load it on.
+        self.bridge_netfilter = True
+
+    async def ensure_bridge_netfilter(self) -> None:
+        if not self.bridge_netfilter:
+            raise KernelError(f"bridged traffic cannot pass iptables (fake); {BR_NETFILTER_FIX}")
 
     async def apply(self, plan: FirewallPlan) -> None:
         await self.faults.check("firewall_apply")

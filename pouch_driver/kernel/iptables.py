@@ -34,7 +34,7 @@ class IptablesFirewall:
         # Known to hold nothing of ours (after an empty plan): further empty plans cost no
         # exec. Unknown at start, so the first empty plan clears what an earlier run left.
         self._absent = False
-        # Families where Docker's isolation chain existed at the last iptables-save.
+        # Families where Docker's isolation chain was in force at the last iptables-save.
         self._docker_isolation: set[int] = set()
         self._has_ip6tables = shutil.which("ip6tables-restore") is not None
 
@@ -42,8 +42,9 @@ class IptablesFirewall:
         return await process.run(argv, stdin, netns=self._netns)
 
     async def _read(self, version: int) -> rules.Saved:
-        """One family's iptables-save, parsed; notes whether Docker's isolation chain is there
-        (every look at the firewall keeps that knowledge current)."""
+        """One family's iptables-save, parsed; notes whether Docker's isolation chain is in
+        force (every look at the firewall keeps that knowledge current, so a Docker upgraded
+        under us is followed by the next repair)."""
         present = rules.parse_saved(
             await self._exec(["iptables-save" if version == 4 else "ip6tables-save"])
         )
@@ -57,6 +58,11 @@ class IptablesFirewall:
         return (4, 6) if self._has_ip6tables else (4,)
 
     # --- verbs ------------------------------------------------------------------------------
+    async def ensure_bridge_netfilter(self) -> None:
+        # Checked at start and by CreateNetwork, never by apply: a host without br_netfilter
+        # must not stop the rules of the networks that exist (or their deletion).
+        await self._sysctls.ensure_bridge_netfilter()
+
     async def apply(self, plan: FirewallPlan) -> None:
         rules.check_plan(plan)
         async with self._lock:
@@ -73,8 +79,6 @@ class IptablesFirewall:
                 await self._sysctls.write(
                     f"net/ipv4/conf/{bridge}/route_localnet", "1", missing_ok=True
                 )
-            if any(not net.icc for net in plan.networks):
-                await self._sysctls.ensure_bridge_netfilter()
             await self._apply_family(plan, 4)
             if self._has_ip6tables and (plan.needs_ipv6() or self._v6_used):
                 if any(

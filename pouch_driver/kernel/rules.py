@@ -14,9 +14,17 @@ Where our rules sit, and why:
   name, made before or after ours, gets no way in), so putting it first weakens nothing.
 * ``<P>-FORWARD`` is appended to FORWARD, after Docker's DOCKER-USER, so an operator's
   DOCKER-USER policy applies to our networks as it does to Docker's. It accepts our bridges'
-  traffic, which a Docker host's FORWARD policy (DROP) would otherwise drop; traffic leaving
-  for another network first goes through Docker's own ``DOCKER-ISOLATION-STAGE-2`` when that
-  chain exists (it drops towards every Docker bridge, whatever its name).
+  traffic, which a Docker host's FORWARD policy (DROP) would otherwise drop; on Docker 20.10-27
+  traffic leaving for another network first goes through Docker's own
+  ``DOCKER-ISOLATION-STAGE-2`` (it drops towards every Docker bridge, whatever its name). From
+  28 Docker's ``DOCKER-FORWARD`` (ahead of our jump) drops what enters its bridges unpublished,
+  and 29 deletes STAGE-2 at start, which our reference would make fail: there we take none
+  (``has_docker_isolation``).
+* ``<P>-RAW`` (raw, from PREROUTING) hardens published ports as Engine 28 does, before
+  conntrack or NAT see a packet: a packet routed straight to a publishing container's address
+  from anywhere but its bridge is dropped (on a masqueraded network that protects its ports),
+  and so is one for a port published on a loopback address that did not come in on ``lo``
+  (our DNAT would otherwise forward a neighbour's packet for 127.0.0.1:PORT to the container).
 * ``<P>-POSTROUTING`` (nat) masquerades our subnets leaving through another interface, and
   hairpins published ports; ``<P>-DNAT`` (nat, from PREROUTING and OUTPUT for local
   destinations) publishes ports.
@@ -28,13 +36,16 @@ from ..errors import KernelError
 from ..naming import Names
 from . import FirewallPlan, NetworkRules
 
-MANGLE, FILTER, NAT = "mangle", "filter", "nat"
+MANGLE, FILTER, NAT, RAW = "mangle", "filter", "nat", "raw"
 # Bridges Docker names for its own networks (docker0, br-<id>): kept out even where Docker runs
 # without its iptables chains. Custom bridge names are covered by the conntrack rule (inbound)
-# and DOCKER-ISOLATION-STAGE-2 (outbound).
+# and by Docker's own rules (outbound: DOCKER-ISOLATION-STAGE-2 up to 27, DOCKER-FORWARD from 28,
+# its docker-bridges nftables table on the nftables backend).
 DOCKER_BRIDGES = ("docker0", "br-+")
 #: Docker (20.10-27) keeps here one "-o <bridge> -j DROP" per bridge network it manages.
 DOCKER_ISOLATION = "DOCKER-ISOLATION-STAGE-2"
+#: Docker 28+ (iptables backend): its FORWARD rules live here; its presence marks that layout.
+DOCKER_FORWARD = "DOCKER-FORWARD"
 
 Saved = dict[str, list[str]]  # table -> its ":CHAIN ..." and "-A ..." lines
 
@@ -45,6 +56,7 @@ def tables(names: Names) -> dict[str, list[str]]:
         MANGLE: [names.chain_isolation, names.chain_isolation2],
         FILTER: [names.chain_forward],
         NAT: [names.chain_postrouting, names.chain_dnat],
+        RAW: [names.chain_raw],
     }
 
 
@@ -57,6 +69,7 @@ def jumps(names: Names, version: int) -> list[tuple[str, str, str, str]]:
         (MANGLE, "FORWARD", "-I FORWARD 1", f"{c} -j {n.chain_isolation}"),
         (FILTER, "FORWARD", "-A FORWARD", f"{c} -j {n.chain_forward}"),
         (NAT, "POSTROUTING", "-A POSTROUTING", f"{c} -j {n.chain_postrouting}"),
+        (RAW, "PREROUTING", "-A PREROUTING", f"{c} -j {n.chain_raw}"),
         (NAT, "PREROUTING", "-A PREROUTING", f"-m addrtype --dst-type LOCAL {c} -j {n.chain_dnat}"),
         # IPv4 includes 127.0.0.0/8 (-p 127.0.0.1::80); ::1 cannot be DNAT'd out.
         (
@@ -92,12 +105,15 @@ def render(
 ) -> dict[str, list[str]]:
     """The rules of each of our chains, in ``iptables-save`` syntax, for one family.
 
-    ``docker_isolation``: Docker's isolation chain exists in this family's filter table.
+    ``docker_isolation``: Docker's isolation chain is in force in this family's filter table
+    (``has_docker_isolation``).
     """
     n = names
     chains: dict[str, list[str]] = {c: [] for c in n.all_chains()}
     iso, iso2 = chains[n.chain_isolation], chains[n.chain_isolation2]
     fwd, post, dnat = chains[n.chain_forward], chains[n.chain_postrouting], chains[n.chain_dnat]
+    raw = chains[n.chain_raw]
+    protected = {net.bridge for net in plan.networks if net.protect_ports and net.masquerade}
 
     def family(nets: NetworkRules) -> list[str]:
         return [str(s) for s in nets.subnets if s.version == version]
@@ -167,6 +183,15 @@ def render(
             f"-A {n.chain_postrouting} -s {cip} -d {cip} "
             f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j MASQUERADE"
         )
+        hardening: list[str] = []
+        if f.bridge in protected:
+            hardening.append(f"-A {n.chain_raw} -d {cip} ! -i {f.bridge} -j DROP")
+        if f.host_ip is not None and f.host_ip.is_loopback:  # ::1 is refused upstream
+            hardening.append(
+                f"-A {n.chain_raw} -d {f.host_ip}/{f.host_ip.max_prefixlen} ! -i lo "
+                f"-p {f.proto} -m {f.proto} --dport {f.host_port} -j DROP"
+            )
+        raw.extend(r for r in hardening if r not in raw)
     return chains
 
 
@@ -300,7 +325,17 @@ def parse_saved(saved: str) -> Saved:
 
 
 def has_docker_isolation(present: Saved) -> bool:
-    return any(r.startswith(f":{DOCKER_ISOLATION} ") for r in present.get(FILTER, []))
+    """Docker's isolation chain is the one that isolates its bridges: there, holding rules,
+    and Docker not on its 28+ layout.
+
+    On 28+ ``DOCKER-FORWARD`` already drops what enters a Docker bridge unpublished, whatever
+    it comes from, and 29 (or a switch to its nftables backend) flushes STAGE-2 and deletes it
+    at start: a jump of ours would make that delete fail, and the empty chain linger. 20.10-27
+    always end the chain with a RETURN, so an empty one is such a leftover.
+    """
+    filter_ = present.get(FILTER, [])
+    in_use = any(r.startswith(f"-A {DOCKER_ISOLATION} ") for r in filter_)
+    return in_use and not any(r.startswith(f":{DOCKER_FORWARD} ") for r in filter_)
 
 
 def normalize(rule: str) -> str:

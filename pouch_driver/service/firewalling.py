@@ -12,6 +12,7 @@ from .state import State
 class FirewallSync:
     def __init__(self, firewall: Firewall, state: State, *, enabled: bool = True) -> None:
         self._enabled = enabled
+        self._firewall = firewall
         self._coalescer = Coalescer(
             lambda: firewall.apply(firewall_plan(state.networks.values(), state.endpoints.values()))
         )
@@ -20,6 +21,12 @@ class FirewallSync:
         """Make the firewall match the state; returns once an apply covering it ran."""
         if self._enabled:
             await self._coalescer.sync()
+
+    async def ready(self) -> None:
+        """Bridged traffic passes iptables (br_netfilter loaded, its switches on), or a
+        ``KernelError`` that says how to fix the host."""
+        if self._enabled:
+            await self._firewall.ensure_bridge_netfilter()
 
     async def idle(self) -> None:
         await self._coalescer.idle()

@@ -61,6 +61,10 @@ class NetworkService:
         ipv4: Sequence[IPAMData],
         ipv6: Sequence[IPAMData],
     ) -> None:
+        # Before anything is made or removed: bridged traffic must pass iptables (icc=false; a
+        # container reaching its own network's published port through the host). Checked on
+        # every create, so fixing the host is enough.
+        await self._firewall.ready()
         state = self._state
         bridge = options.bridge_name or self._names.bridge(network_id)
         datas = (*ipv4, *ipv6)

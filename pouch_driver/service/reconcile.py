@@ -190,6 +190,12 @@ class Reconciler:
 async def start_up(driver: Driver) -> Report:
     """Load the store and make the kernel match it before the first request is served."""
     await driver.start()
+    try:
+        await driver.firewall_sync.ready()
+    except DriverError as exc:
+        # Not fatal: the networks that exist keep working as far as they can, and the next
+        # CreateNetwork fails with the same message until the host is fixed.
+        log.warning("start-up: %s", exc)
     report = await Reconciler(driver, repair=True).run()
     await driver.deletes.drain()
     for line in report.repaired:
