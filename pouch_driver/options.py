@@ -7,6 +7,7 @@ own bridge keys so switching drivers means changing only ``-d``.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Mapping
 
 from .errors import InvalidOption
@@ -21,6 +22,8 @@ from .model import (
     NetworkOptions,
 )
 from .naming import validate_user_ifname
+
+log = logging.getLogger(__name__)
 
 MIN_MTU, MAX_MTU = 68, 65535
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
@@ -97,11 +100,13 @@ def parse_ipam_options(options: Mapping[str, str]) -> None:
 
 
 def check_endpoint_options(options: Mapping[str, object]) -> None:
-    """Per-endpoint ``--driver-opt`` arrive as top-level keys; we support none of them.
+    """Per-endpoint ``--driver-opt`` arrive as top-level keys; we read none of them.
 
-    Keys in the engine's own namespace (``com.docker.``) are the engine's business and are
-    read where we need them (port maps, MAC).
+    Like Docker's bridge driver, unknown keys are accepted and ignored, so a ``network
+    connect --driver-opt`` meant for another driver (or for the engine) does not fail. Keys in
+    the engine's own namespace (``com.docker.``: port maps, DNS, the MAC, sysctls) are the
+    engine's business; the MAC is read from ``Interface.MacAddress`` instead.
     """
     for key in sorted(options):
         if not key.startswith("com.docker."):
-            raise InvalidOption(f"endpoint option {key} is not supported by pouch-driver")
+            log.debug("endpoint option %s is not one pouch-driver reads: ignored", key)

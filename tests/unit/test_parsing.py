@@ -21,7 +21,7 @@ from pouch_driver.naming import (
     validate_id,
     validate_user_ifname,
 )
-from pouch_driver.options import parse_bool, parse_network_options
+from pouch_driver.options import check_endpoint_options, parse_bool, parse_network_options
 
 
 @given(
@@ -160,3 +160,12 @@ def test_responses_go_through_schemas() -> None:
         "Gateway": "10.0.0.1",
         "DisableGatewayService": False,
     }
+
+
+def test_endpoint_options_we_do_not_read_are_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    """Per-endpoint ``--driver-opt`` keys meant for other drivers pass, named at debug."""
+    with caplog.at_level("DEBUG", logger="pouch_driver.options"):
+        check_endpoint_options({"com.example.foo": "bar", "com.docker.network.endpoint.x": "1"})
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("com.example.foo" in m and "ignored" in m for m in messages), messages
+    assert not any("com.docker.network.endpoint.x" in m for m in messages)
