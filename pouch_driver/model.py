@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -25,6 +25,13 @@ OPT_MTU = "com.docker.network.driver.mtu"
 OPT_ENABLE_ICC = "com.docker.network.bridge.enable_icc"
 OPT_ENABLE_MASQ = "com.docker.network.bridge.enable_ip_masquerade"
 OPT_HOST_BINDING_IPV4 = "com.docker.network.bridge.host_binding_ipv4"
+OPT_GATEWAY_MODE_IPV4 = "com.docker.network.bridge.gateway_mode_ipv4"
+OPT_GATEWAY_MODE_IPV6 = "com.docker.network.bridge.gateway_mode_ipv6"
+OPT_TRUSTED_INTERFACES = "com.docker.network.bridge.trusted_host_interfaces"
+OPT_INHIBIT_IPV4 = "com.docker.network.bridge.inhibit_ipv4"
+OPT_HOST_IPV4 = "com.docker.network.host_ipv4"
+OPT_HOST_IPV6 = "com.docker.network.host_ipv6"
+OPT_IFACE_PREFIX = "com.docker.network.container_iface_prefix"
 
 # --- Endpoint and sandbox option keys ----------------------------------------------------------
 OPT_PORTMAP = "com.docker.network.portmap"
@@ -44,6 +51,15 @@ class Proto(IntEnum):
     TCP = 6
     UDP = 17
     SCTP = 132
+
+
+class GatewayMode(StrEnum):
+    """How one address family of a network reaches the world (Docker's gateway modes)."""
+
+    NAT = "nat"  # masquerade out, DNAT in; only published ports take new connections
+    NAT_UNPROTECTED = "nat-unprotected"  # NAT, and every container port reachable directly
+    ROUTED = "routed"  # no NAT: published container ports (and ICMP) reachable directly
+    ISOLATED = "isolated"  # an internal network with no address of ours on the bridge
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,19 @@ class NetworkOptions:
     host_binding_ipv4: ipaddress.IPv4Address | None = None
     internal: bool = False
     enable_ipv6: bool = False
+    # Added with engines 27-29's bridge options; the defaults are what records from before
+    # them mean.
+    enable_ipv4: bool = True
+    gateway_mode_ipv4: GatewayMode = GatewayMode.NAT
+    gateway_mode_ipv6: GatewayMode = GatewayMode.NAT
+    trusted_host_interfaces: tuple[str, ...] = ()
+    inhibit_ipv4: bool = False  # no IPv4 gateway address on the bridge (still answered in Join)
+    host_ipv4: ipaddress.IPv4Address | None = None  # SNAT source instead of MASQUERADE
+    host_ipv6: ipaddress.IPv6Address | None = None
+    container_iface_prefix: str | None = None  # Join's DstPrefix; None: "eth"
+
+    def gateway_mode(self, version: int) -> GatewayMode:
+        return self.gateway_mode_ipv4 if version == 4 else self.gateway_mode_ipv6
 
 
 @dataclass(frozen=True)

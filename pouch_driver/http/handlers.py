@@ -48,7 +48,10 @@ async def network_capabilities(driver: Driver, _: None) -> m.CapabilitiesRespons
 async def create_network(driver: Driver, req: m.CreateNetworkRequest) -> m.Empty:
     """§3.2: options from ``-o`` arrive under com.docker.network.generic."""
     options = opts.parse_network_options(
-        req.generic, enable_ipv6=req.enable_ipv6, internal=req.internal
+        req.generic, enable_ipv6=req.enable_ipv6, internal=req.internal, enable_ipv4=req.enable_ipv4
+    )
+    opts.check_address_families(
+        options, [d.pool for d in req.ipv4_data], [d.pool for d in req.ipv6_data]
     )
     await driver.networks.create_network(req.network_id, options, req.ipv4_data, req.ipv6_data)
     return EMPTY

@@ -25,6 +25,7 @@ class CreateNetworkRequest:
     internal: bool
     ipv4_data: tuple[IPAMData, ...] = ()
     ipv6_data: tuple[IPAMData, ...] = ()
+    enable_ipv4: bool = True  # [28+] False with --ipv4=false
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from marshmallow import (
 
 from ..errors import DriverError
 from ..model import (
+    OPT_ENABLE_IPV4,
     OPT_ENABLE_IPV6,
     OPT_GENERIC,
     OPT_INTERNAL,
@@ -174,8 +175,12 @@ class CreateNetworkRequest(Request):
             raise ValidationError(
                 "must be an object of string options (-o key=value)", f"Options.{OPT_GENERIC}"
             )
-        for key in (OPT_ENABLE_IPV6, OPT_INTERNAL):
-            value = options.get(key, False)
+        for key, default in (
+            (OPT_ENABLE_IPV6, False),
+            (OPT_INTERNAL, False),
+            (OPT_ENABLE_IPV4, True),
+        ):
+            value = options.get(key, default)
             if not isinstance(value, bool):
                 raise ValidationError("must be a boolean", f"Options.{key}")
         ipv4 = tuple(data.get("ipv4_data") or ())
@@ -193,6 +198,7 @@ class CreateNetworkRequest(Request):
             internal=options.get(OPT_INTERNAL, False),
             ipv4_data=ipv4,
             ipv6_data=ipv6,
+            enable_ipv4=options.get(OPT_ENABLE_IPV4, True),
         )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..model import IPAddress, IPInterface, IPNetwork
+from ..model import GatewayMode, IPAddress, IPInterface, IPNetwork
 
 BRIDGE_MAX_PORTS = 1023  # BR_MAX_PORTS (1024) in the kernel, less port 0, which is reserved
 
@@ -68,10 +68,18 @@ class NetworkRules:
     icc: bool
     masquerade: bool
     internal: bool
-    #: Published ports are the only way in from outside (gateway mode nat): the raw table
-    #: drops what is routed straight to a publishing container's address. Off for gateway
-    #: modes that leave the containers reachable (routed, nat-unprotected).
-    protect_ports: bool = True
+    mode_v4: GatewayMode = GatewayMode.NAT
+    mode_v6: GatewayMode = GatewayMode.NAT
+    # Host interfaces whose traffic reaches published container ports directly.
+    trusted: tuple[str, ...] = ()
+    snat_v4: IPAddress | None = None  # masquerade with this source (SNAT) instead
+    snat_v6: IPAddress | None = None
+
+    def mode(self, version: int) -> GatewayMode:
+        return self.mode_v4 if version == 4 else self.mode_v6
+
+    def snat(self, version: int) -> IPAddress | None:
+        return self.snat_v4 if version == 4 else self.snat_v6
 
 
 @dataclass(frozen=True)

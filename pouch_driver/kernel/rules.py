@@ -28,13 +28,21 @@ Where our rules sit, and why:
 * ``<P>-POSTROUTING`` (nat) masquerades our subnets leaving through another interface, and
   hairpins published ports; ``<P>-DNAT`` (nat, from PREROUTING and OUTPUT for local
   destinations) publishes ports.
+* Gateway modes, per family (Docker's bridge options): ``routed`` has no NAT; its published
+  container ports and ICMP are let through ``<P>-ISOLATION`` from anywhere, as Docker lets
+  other networks reach a routed network's ports, and every other new connection in is
+  dropped. ``nat-unprotected`` drops nothing inbound and accepts it in ``<P>-FORWARD``.
+  ``isolated`` is internal. Trusted host interfaces reach a NAT network's published ports at
+  the container's address. These exceptions come right after the same-bridge RETURNs, ahead
+  of every drop.
 """
 
 from __future__ import annotations
 
 from ..errors import KernelError
+from ..model import GatewayMode
 from ..naming import Names
-from . import FirewallPlan, NetworkRules
+from . import FirewallPlan, NetworkRules, PortForward
 
 MANGLE, FILTER, NAT, RAW = "mangle", "filter", "nat", "raw"
 # Bridges Docker names for its own networks (docker0, br-<id>): kept out even where Docker runs
@@ -81,17 +89,33 @@ def jumps(names: Names, version: int) -> list[tuple[str, str, str, str]]:
     ]
 
 
-def _isolate(names: Names, net: NetworkRules, iso: list[str], iso2: list[str]) -> None:
+def _internal(net: NetworkRules, version: int) -> bool:
+    return net.internal or net.mode(version) is GatewayMode.ISOLATED
+
+
+def _drops_new_inbound(net: NetworkRules, version: int) -> bool:
+    """New connections into the network must be published ports (or the exceptions)."""
+    mode = net.mode(version)
+    return mode is GatewayMode.ROUTED or (mode is GatewayMode.NAT and net.masquerade)
+
+
+def _icmp(version: int) -> str:
+    return "icmp" if version == 4 else "ipv6-icmp"
+
+
+def _isolate(
+    names: Names, net: NetworkRules, version: int, iso: list[str], iso2: list[str]
+) -> None:
     n, b = names, net.bridge
-    if net.internal:
+    if _internal(net, version):
         iso.append(f"-A {n.chain_isolation} -i {b} ! -o {b} -j DROP")
         iso.append(f"-A {n.chain_isolation} ! -i {b} -o {b} -j DROP")
         return
     iso.append(f"-A {n.chain_isolation} -i {b} ! -o {b} -j {n.chain_isolation2}")
     iso2.append(f"-A {n.chain_isolation2} -o {b} -j DROP")
-    if net.masquerade:
-        # A routed (non-masqueraded) network is meant to be reached; a NATed one only through
-        # its published ports.
+    if _drops_new_inbound(net, version):
+        # A network without masquerading is meant to be reached; a NATed one only through its
+        # published ports, a routed one only at them (the exceptions before this).
         iso.append(
             f"-A {n.chain_isolation} ! -i {b} -o {b} -m conntrack "
             "! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
@@ -113,7 +137,13 @@ def render(
     iso, iso2 = chains[n.chain_isolation], chains[n.chain_isolation2]
     fwd, post, dnat = chains[n.chain_forward], chains[n.chain_postrouting], chains[n.chain_dnat]
     raw = chains[n.chain_raw]
-    protected = {net.bridge for net in plan.networks if net.protect_ports and net.masquerade}
+    # Gateway mode nat: published ports are the only way in, so the raw table drops what is
+    # routed straight to a publishing container (routed and nat-unprotected mean reachable).
+    protected = {
+        net.bridge: net.trusted
+        for net in plan.networks
+        if net.masquerade and net.mode(version) is GatewayMode.NAT and not _internal(net, version)
+    }
 
     def family(nets: NetworkRules) -> list[str]:
         return [str(s) for s in nets.subnets if s.version == version]
@@ -125,28 +155,36 @@ def render(
     )
     for net in plan.networks:
         b = net.bridge
-        _isolate(n, net, iso, iso2)
+        _isolate(n, net, version, iso, iso2)
         verdict = "ACCEPT" if net.icc else "DROP"
         fwd.append(f"-A {n.chain_forward} -i {b} -o {b} -j {verdict}")
         fwd.append(
             f"-A {n.chain_forward} -o {b} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
         )
-        if net.internal:
+        if _internal(net, version):
             continue
         if docker_isolation:
             fwd.append(f"-A {n.chain_forward} -i {b} ! -o {b} -j {DOCKER_ISOLATION}")
         fwd.append(f"-A {n.chain_forward} -i {b} ! -o {b} -j ACCEPT")
-        if net.masquerade:
+        fwd.extend(_mode_accepts(n, net, version))
+        if net.masquerade and net.mode(version) is not GatewayMode.ROUTED:
+            source = net.snat(version)
+            target = f"SNAT --to-source {source}" if source is not None else "MASQUERADE"
             for subnet in family(net):
-                post.append(f"-A {n.chain_postrouting} -s {subnet} ! -o {b} -j MASQUERADE")
-        if version == 4 and any(f.bridge == b for f in plan.forwards):
+                post.append(f"-A {n.chain_postrouting} -s {subnet} ! -o {b} -j {target}")
+        if (
+            version == 4
+            and net.mode(4) is not GatewayMode.ROUTED
+            and any(f.bridge == b for f in plan.forwards)
+        ):
             # 127.0.0.1:PORT reached from the host itself: hide the loopback source.
             post.append(
                 f"-A {n.chain_postrouting} -s 127.0.0.0/8 -o {b} -m addrtype "
                 "--src-type LOCAL -j MASQUERADE"
             )
-    if any(not net.internal for net in plan.networks):
+    if any(not _internal(net, version) for net in plan.networks):
         iso2.extend(f"-A {n.chain_isolation2} -o {d} -j DROP" for d in DOCKER_BRIDGES)
+    routed = {net.bridge for net in plan.networks if net.mode(version) is GatewayMode.ROUTED}
     for f in plan.forwards:
         if f.container_ip.version != version:
             continue
@@ -165,13 +203,6 @@ def render(
             if version == 4
             else f"[{f.container_ip}]:{f.container_port}"
         )
-        # No "! -i <bridge>": containers of the same network reach the published port through
-        # the host's address too (Docker leaves that to docker-proxy, which the engine does not
-        # run for remote drivers).
-        dnat.append(
-            f"-A {n.chain_dnat} {dst}-p {f.proto} -m {f.proto} "
-            f"--dport {f.host_port} -j DNAT --to-destination {target}"
-        )
         # This accepts traffic entering the bridge, which no other rule of ours does for NEW
         # connections, so it goes first.
         fwd.insert(
@@ -179,28 +210,105 @@ def render(
             f"-A {n.chain_forward} -d {cip} ! -i {f.bridge} -o {f.bridge} "
             f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j ACCEPT",
         )
+        _harden(n, f, cip, protected=protected, routed=routed, raw=raw)
+        if f.bridge in routed:
+            continue  # the container port itself is published: no DNAT, no hairpin
+        # No "! -i <bridge>": containers of the same network reach the published port through
+        # the host's address too (Docker leaves that to docker-proxy, which the engine does not
+        # run for remote drivers).
+        dnat.append(
+            f"-A {n.chain_dnat} {dst}-p {f.proto} -m {f.proto} "
+            f"--dport {f.host_port} -j DNAT --to-destination {target}"
+        )
         post.append(
             f"-A {n.chain_postrouting} -s {cip} -d {cip} "
             f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j MASQUERADE"
         )
-        hardening: list[str] = []
-        if f.bridge in protected:
-            hardening.append(f"-A {n.chain_raw} -d {cip} ! -i {f.bridge} -j DROP")
-        if f.host_ip is not None and f.host_ip.is_loopback:  # ::1 is refused upstream
-            hardening.append(
-                f"-A {n.chain_raw} -d {f.host_ip}/{f.host_ip.max_prefixlen} ! -i lo "
-                f"-p {f.proto} -m {f.proto} --dport {f.host_port} -j DROP"
-            )
-        raw.extend(r for r in hardening if r not in raw)
+    same_network = len(plan.networks)
+    iso[same_network:same_network] = _exceptions(n, plan, version)
     return chains
+
+
+def _harden(
+    n: Names,
+    f: PortForward,
+    cip: str,
+    *,
+    protected: dict[str, tuple[str, ...]],
+    routed: set[str],
+    raw: list[str],
+) -> None:
+    """Engine 28's published-port hardening, in ``<P>-RAW``: a publishing container is not
+    reached by routing to its address from outside its bridge (trusted host interfaces may),
+    and a port published on 127.0.0.1 only from the host itself."""
+    rules: list[str] = []
+    if f.bridge in protected:
+        rules.extend(f"-A {n.chain_raw} -d {cip} -i {t} -j RETURN" for t in protected[f.bridge])
+        rules.append(f"-A {n.chain_raw} -d {cip} ! -i {f.bridge} -j DROP")
+    if f.bridge not in routed and f.host_ip is not None and f.host_ip.is_loopback:
+        # ::1 is refused upstream; routed networks map no host port.
+        rules.append(
+            f"-A {n.chain_raw} -d {f.host_ip}/{f.host_ip.max_prefixlen} ! -i lo "
+            f"-p {f.proto} -m {f.proto} --dport {f.host_port} -j DROP"
+        )
+    raw.extend(r for r in rules if r not in raw)
+
+
+def _mode_accepts(names: Names, net: NetworkRules, version: int) -> list[str]:
+    """What a gateway mode lets into a (not internal) network besides published ports."""
+    n, b = names, net.bridge
+    mode = net.mode(version)
+    if mode is GatewayMode.ROUTED:
+        return [f"-A {n.chain_forward} -o {b} -p {_icmp(version)} -j ACCEPT"]
+    if mode is GatewayMode.NAT_UNPROTECTED:
+        return [f"-A {n.chain_forward} ! -i {b} -o {b} -j ACCEPT"]
+    return []
+
+
+def _exceptions(names: Names, plan: FirewallPlan, version: int) -> list[str]:
+    """``<P>-ISOLATION`` RETURNs ahead of every drop: a routed network's ICMP, published
+    container ports and replies, and published ports seen from trusted host interfaces."""
+    n = names
+    out: list[str] = []
+    by_bridge: dict[str, NetworkRules] = {}
+    for net in plan.networks:
+        if _internal(net, version):
+            continue
+        b = net.bridge
+        by_bridge[b] = net
+        if net.mode(version) is GatewayMode.ROUTED:
+            # Replies leaving for a network that would not take new connections from here.
+            out.append(
+                f"-A {n.chain_isolation} -i {b} -m conntrack --ctstate RELATED,ESTABLISHED "
+                "-j RETURN"
+            )
+            out.append(f"-A {n.chain_isolation} ! -i {b} -o {b} -p {_icmp(version)} -j RETURN")
+    for f in plan.forwards:
+        owner = by_bridge.get(f.bridge)
+        if owner is None or f.container_ip.version != version:
+            continue
+        if f.host_ip is not None and f.host_ip.version != version:
+            continue
+        b = f.bridge
+        match = (
+            f"-d {f.container_ip}/{f.container_ip.max_prefixlen} %s -o {b} "
+            f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j RETURN"
+        )
+        if owner.mode(version) is GatewayMode.ROUTED:
+            out.append(f"-A {n.chain_isolation} " + match % f"! -i {b}")
+        elif _drops_new_inbound(owner, version):
+            out.extend(f"-A {n.chain_isolation} " + match % f"-i {t}" for t in owner.trusted)
+    return out
 
 
 def check_plan(plan: FirewallPlan) -> None:
     """Every value that becomes part of a rule is a plain token."""
     names = [n.bridge for n in plan.networks] + [f.bridge for f in plan.forwards]
+    names += [t for n in plan.networks for t in n.trusted]
     values = (
         names
         + [str(s) for n in plan.networks for s in n.subnets]
+        + [str(a) for n in plan.networks for a in (n.snat_v4, n.snat_v6) if a is not None]
         + [str(v) for f in plan.forwards for v in (f.host_ip, f.container_ip) if v is not None]
     )
     for value in values:

@@ -9,15 +9,27 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..kernel import BridgeSpec, FirewallPlan, NetworkRules, PortForward, VethSpec
-from ..model import Endpoint, Network
+from ..model import Endpoint, GatewayMode, IPInterface, Network
 from ..naming import bridge_mac
+
+
+def bridge_addresses(net: Network) -> tuple[IPInterface, ...]:
+    """The gateway addresses we put on the bridge: none of a family in gateway mode
+    ``isolated``, and no IPv4 one with ``inhibit_ipv4`` (the user routes it)."""
+    o = net.options
+    return tuple(
+        g
+        for g in net.gateways
+        if o.gateway_mode(g.version) is not GatewayMode.ISOLATED
+        and not (g.version == 4 and o.inhibit_ipv4)
+    )
 
 
 def bridge_spec(net: Network) -> BridgeSpec:
     return BridgeSpec(
         name=net.bridge,
         mtu=net.options.mtu,
-        addresses=net.gateways,
+        addresses=bridge_addresses(net),
         mac=bridge_mac(net.network_id) if net.bridge_owned else None,
     )
 
@@ -42,6 +54,11 @@ def firewall_plan(networks: Iterable[Network], endpoints: Iterable[Endpoint]) ->
             icc=n.options.enable_icc,
             masquerade=n.options.enable_masquerade,
             internal=n.options.internal,
+            mode_v4=n.options.gateway_mode_ipv4,
+            mode_v6=n.options.gateway_mode_ipv6,
+            trusted=n.options.trusted_host_interfaces,
+            snat_v4=n.options.host_ipv4,
+            snat_v6=n.options.host_ipv6,
         )
         for _, n in sorted(nets.items())
     )

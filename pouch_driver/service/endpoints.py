@@ -219,7 +219,7 @@ class EndpointService:
             internal = net.options.internal
             return JoinInfo(
                 src_name=ep.container_ifname,
-                dst_prefix="eth",
+                dst_prefix=net.options.container_iface_prefix or "eth",
                 # An internal network has no way out, so no default route through it (Docker's
                 # bridge does the same).
                 gateway=None if internal or ep.address is None else gw4,  # type: ignore[arg-type]

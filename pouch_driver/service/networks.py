@@ -20,7 +20,7 @@ from ..naming import Names
 from ..store import Store
 from . import leftovers
 from .deletions import DeferredDeletes
-from .desired import bridge_spec
+from .desired import bridge_addresses, bridge_spec
 from .durable import compensate, durably
 from .firewalling import FirewallSync
 from .guards import Guards
@@ -161,7 +161,7 @@ class NetworkService:
         if net.bridge_owned:
             await self._links.ensure_link_absent(net.bridge)
         else:  # the user's bridge stays, without the gateway addresses we put on it
-            await self._links.ensure_addresses_absent(net.bridge, net.gateways)
+            await self._links.ensure_addresses_absent(net.bridge, bridge_addresses(net))
 
     async def delete_network(self, network_id: str) -> None:
         state = self._state

@@ -40,7 +40,7 @@ class PortService:
         async with self._guards.endpoint(network_id, endpoint_id):
             net = self._state.network(network_id)
             ep = self._state.endpoint(network_id, endpoint_id)
-            if net.options.internal or ep.address is None:
+            if net.options.internal or (ep.address is None and ep.address_v6 is None):
                 return
             _check_host_ips(bindings, ep)
             async with self._picking:

@@ -20,7 +20,7 @@ from ..errors import DriverError
 from ..kernel import LinkInfo
 from ..model import Endpoint, Network
 from . import leftovers
-from .desired import bridge_spec, firewall_plan, veth_spec
+from .desired import bridge_addresses, bridge_spec, firewall_plan, veth_spec
 from .driver import Driver
 from .state import short
 
@@ -74,7 +74,7 @@ class Reconciler:
             if link is None:
                 self.problems.append(f"{where} is missing")
             else:
-                missing = [a for a in net.gateways if a not in set(link.addresses)]
+                missing = [a for a in bridge_addresses(net) if a not in set(link.addresses)]
                 if missing:
                     self.problems.append(f"{where} lacks " + ", ".join(str(a) for a in missing))
                 if not link.up:

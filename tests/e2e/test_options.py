@@ -12,6 +12,8 @@ import pytest
 from .harness import ENGINE_ADDR, Scope
 from .netcheck import (
     BOTH,
+    assert_remote_cannot_get,
+    assert_remote_gets,
     bridges,
     endpoint_id,
     expect_reach,
@@ -27,6 +29,8 @@ OPT_MTU = "com.docker.network.driver.mtu"
 OPT_ICC = "com.docker.network.bridge.enable_icc"
 OPT_MASQ = "com.docker.network.bridge.enable_ip_masquerade"
 OPT_HOST_IP = "com.docker.network.bridge.host_binding_ipv4"
+OPT_GW4 = "com.docker.network.bridge.gateway_mode_ipv4"
+OPT_PREFIX = "com.docker.network.container_iface_prefix"
 
 
 def _mtu(e2e: Scope, ifname: str) -> int:
@@ -80,6 +84,30 @@ def test_icc_false_isolates_containers_but_not_gateway_or_outside(e2e: Scope) ->
     with eng.remote_http_server(8000) as url:
         assert seen_source(e2e, a, url) == ENGINE_ADDR
         assert seen_source(e2e, b, url) == ENGINE_ADDR
+
+
+def test_routed_gateway_mode_publishes_the_container_port_itself(e2e: Scope) -> None:
+    """gateway_mode_ipv4=routed: the remote host (which routes our subnets through the engine
+    host) reaches the published container port at the container's address, and nothing else;
+    the host port is not used; traffic leaves with the container's own address."""
+    eng = e2e.engine
+    net = e2e.create_network("routed", subnet="10.63.4.0/24", options={OPT_GW4: "routed"})
+    c = e2e.run_container(net, "c", publish=["8088:80"])
+    ip = e2e.container_ip(c, net)
+    text = serve_http(e2e, c)
+    serve_http(e2e, c, 81)
+    assert_remote_gets(eng, ip, 80, text)
+    assert_remote_cannot_get(eng, ip, 81)
+    assert_remote_cannot_get(eng, ENGINE_ADDR, 8088)
+    with eng.remote_http_server(8000) as url:
+        assert seen_source(e2e, c, url) == ip
+
+
+def test_container_iface_prefix_names_the_container_interface(e2e: Scope) -> None:
+    net = e2e.create_network("pfx", subnet="10.63.5.0/24", options={OPT_PREFIX: "lan"})
+    c = e2e.run_container(net, "c")
+    assert sysfs(e2e, c, "lan0", "operstate") in ("up", "unknown")
+    assert "eth0" not in e2e.exec(c, "ls", "/sys/class/net").stdout.split()
 
 
 @pytest.mark.parametrize(

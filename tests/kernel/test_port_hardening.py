@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from pouch_driver.kernel import FirewallPlan, PortForward
 from pouch_driver.kernel.iptables import IptablesFirewall
+from pouch_driver.model import GatewayMode
 
 from .conftest import Netns
 from .packets import Lab, reaches
@@ -107,9 +108,20 @@ async def test_raw_rules_are_part_of_the_plan(firewall: IptablesFirewall, netns:
     assert f"IPv4 missing rule: {DIRECT_DROP}" in diffs, diffs
     await firewall.apply(plan)
     assert await firewall.differences(plan) == []
-    # A network that leaves its containers reachable (routed, nat-unprotected) keeps only
-    # the loopback drop, which protects the host's loopback, not the container.
-    unprotected = replace(plan, networks=(replace(NET_A, protect_ports=False),))
+    # A trusted host interface reaches the container address: its RETURN comes first.
+    trusting = replace(plan, networks=(replace(NET_A, trusted=("pktrust0",)),))
+    await firewall.apply(trusting)
+    assert rules(netns.iptables_save(), "raw")[1:3] == [
+        DIRECT_DROP.replace(f"! -i {A} -j DROP", "-i pktrust0 -j RETURN"),
+        DIRECT_DROP,
+    ]
+    assert await firewall.differences(trusting) == []
+    # A network that leaves its containers reachable (nat-unprotected) keeps only the
+    # loopback drop, which protects the host's loopback, not the container.
+    unprotected_mode = GatewayMode.NAT_UNPROTECTED
+    unprotected = replace(
+        plan, networks=(replace(NET_A, mode_v4=unprotected_mode, mode_v6=unprotected_mode),)
+    )
     await firewall.apply(unprotected)
     assert rules(netns.iptables_save(), "raw")[1:] == [LOOPBACK_DROP]
     assert rules(netns.iptables_save(v6=True), "raw")[1:] == []

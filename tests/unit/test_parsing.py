@@ -13,6 +13,7 @@ from marshmallow import ValidationError
 from pouch_driver.config import Settings, from_environ, parse_pools
 from pouch_driver.errors import InvalidOption, InvalidRequest
 from pouch_driver.http import schemas
+from pouch_driver.model import GatewayMode, NetworkOptions
 from pouch_driver.naming import (
     IFNAMSIZ,
     Names,
@@ -21,7 +22,12 @@ from pouch_driver.naming import (
     validate_id,
     validate_user_ifname,
 )
-from pouch_driver.options import parse_bool, parse_network_options
+from pouch_driver.options import (
+    check_address_families,
+    check_endpoint_options,
+    parse_bool,
+    parse_network_options,
+)
 
 
 @given(
@@ -92,13 +98,126 @@ def test_network_options() -> None:
         ("com.docker.network.driver.mtu", "1e3"),
         ("com.docker.network.bridge.host_binding_ipv4", "::1"),
         ("com.docker.network.bridge.enable_icc", "yes"),
-        ("com.docker.network.enable_ipv4", "false"),
-        ("com.docker.network.bridge.gateway_mode_ipv4", "routed"),
     ],
 )
 def test_bad_network_options_name_the_option(key: str, value: str) -> None:
     with pytest.raises(InvalidOption, match=key):
         parse_network_options({key: value}, enable_ipv6=False, internal=False)
+
+
+GW4 = "com.docker.network.bridge.gateway_mode_ipv4"
+GW6 = "com.docker.network.bridge.gateway_mode_ipv6"
+TRUSTED = "com.docker.network.bridge.trusted_host_interfaces"
+INHIBIT = "com.docker.network.bridge.inhibit_ipv4"
+HOST4, HOST6 = "com.docker.network.host_ipv4", "com.docker.network.host_ipv6"
+PREFIX = "com.docker.network.container_iface_prefix"
+
+
+def _parse(generic: dict[str, str], *, internal: bool = False) -> NetworkOptions:
+    return parse_network_options(generic, enable_ipv6=True, internal=internal)
+
+
+def test_engine_27_to_29_bridge_options_parse() -> None:
+    o = _parse(
+        {
+            GW4: "routed",
+            GW6: "nat-unprotected",
+            TRUSTED: "eth1::vxlan.1:eth1",
+            INHIBIT: "true",
+            HOST4: "10.9.8.7",
+            HOST6: "2001:db8::7",
+            PREFIX: "lan",
+        }
+    )
+    assert (o.gateway_mode_ipv4, o.gateway_mode_ipv6) == (
+        GatewayMode.ROUTED,
+        GatewayMode.NAT_UNPROTECTED,
+    )
+    assert o.trusted_host_interfaces == ("eth1", "vxlan.1")  # empty items and repeats dropped
+    assert o.inhibit_ipv4
+    assert (str(o.host_ipv4), str(o.host_ipv6)) == ("10.9.8.7", "2001:db8::7")
+    assert o.container_iface_prefix == "lan"
+    isolated = _parse({GW4: "isolated", GW6: "nat"}, internal=True)
+    assert (isolated.gateway_mode_ipv4, isolated.gateway_mode_ipv6) == (
+        GatewayMode.ISOLATED,
+        GatewayMode.NAT,
+    )
+
+
+def test_defaults_are_todays_behaviour() -> None:
+    o = _parse({})
+    assert (o.gateway_mode_ipv4, o.gateway_mode_ipv6) == (GatewayMode.NAT, GatewayMode.NAT)
+    assert o.trusted_host_interfaces == () and not o.inhibit_ipv4 and o.enable_ipv4
+    assert o.host_ipv4 is None and o.host_ipv6 is None and o.container_iface_prefix is None
+    assert o == NetworkOptions(enable_ipv6=True)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        (GW4, "bridge", "is not a gateway mode (use nat, nat-unprotected, routed, isolated)"),
+        (GW6, "NAT", "is not a gateway mode (use nat, nat-unprotected, routed, isolated)"),
+        (GW4, "isolated", "isolated is only for an internal network (add --internal)"),
+        (GW6, "isolated", "isolated is only for an internal network (add --internal)"),
+        (TRUSTED, "eth0:x;reboot", "'x;reboot' is not a valid interface name"),
+        (TRUSTED, "a" * 16, "is not a valid interface name (1-15 characters"),
+        (INHIBIT, "yes", "is not a boolean (use true or false)"),
+        (HOST4, "fd70::1", "'fd70::1' is not an IPv4 address"),
+        (HOST4, "0.0.0.0", "0.0.0.0 cannot be a source address"),
+        (HOST4, "224.0.0.1", "cannot be a source address"),
+        (HOST6, "10.0.0.1", "'10.0.0.1' is not an IPv6 address"),
+        (HOST6, "::", ":: cannot be a source address"),
+        (PREFIX, "eth 0", "is not a valid interface name prefix (1-12 characters"),
+        (PREFIX, "0eth", "starting with a letter"),
+        (PREFIX, "abcdefghijklm", "is not a valid interface name prefix"),
+        (PREFIX, "", "is not a valid interface name prefix"),
+        (PREFIX, "a/b", "is not a valid interface name prefix"),
+    ],
+)
+def test_bad_bridge_options_say_what_is_accepted(key: str, value: str, says: str) -> None:
+    with pytest.raises(InvalidOption) as exc:
+        _parse({key: value})
+    assert str(exc.value).startswith(f"option {key}: "), exc.value
+    assert says in str(exc.value), exc.value
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "com.docker.network.enable_ipv4",
+        "com.docker.network.enable_ipv6",
+        "com.docker.network.internal",
+        "com.docker.network.endpoint.sysctls",
+        "com.docker.network.endpoint.ifname",
+        "com.docker.network.driver.private.no_proxy_6to4",
+    ],
+)
+def test_engine_keys_in_the_generic_map_are_never_refused(key: str) -> None:
+    _parse({key: "true"})
+
+
+def test_unknown_keys_are_still_refused_listing_what_we_take() -> None:
+    with pytest.raises(InvalidOption, match=r"option com\.example\.x is not supported") as exc:
+        _parse({"com.example.x": "1"})
+    assert GW4 in str(exc.value) and PREFIX in str(exc.value)
+
+
+def test_ipv6_only_networks() -> None:
+    """Engine 28 honours ``-o com.docker.network.enable_ipv4=false`` and sends no IPv4 pool;
+    older engines still allocate one, which we cannot keep out of the containers."""
+    v6 = [ipaddress.ip_network("fd70:1::/64")]
+    v4 = [ipaddress.ip_network("10.70.0.0/24")]
+    o = _parse({"com.docker.network.enable_ipv4": "false"})
+    assert not o.enable_ipv4
+    check_address_families(o, [], v6)
+    with pytest.raises(InvalidOption, match=r"does not honour it \(it allocated 10\.70\.0\.0/24"):
+        check_address_families(o, v4, v6)
+    with pytest.raises(InvalidOption, match=r"needs IPv6 \(add --ipv6"):
+        check_address_families(o, [], [])
+    # --ipv4=false through the engine's own field (28+), the generic map silent:
+    field = parse_network_options({}, enable_ipv6=True, internal=False, enable_ipv4=False)
+    assert not field.enable_ipv4
+    check_address_families(_parse({}), v4, [])  # the usual case has nothing to say
 
 
 def test_parse_bool_reads_go_booleans() -> None:
@@ -160,3 +279,12 @@ def test_responses_go_through_schemas() -> None:
         "Gateway": "10.0.0.1",
         "DisableGatewayService": False,
     }
+
+
+def test_endpoint_options_we_do_not_read_are_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    """Per-endpoint ``--driver-opt`` keys meant for other drivers pass, named at debug."""
+    with caplog.at_level("DEBUG", logger="pouch_driver.options"):
+        check_endpoint_options({"com.example.foo": "bar", "com.docker.network.endpoint.x": "1"})
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("com.example.foo" in m and "ignored" in m for m in messages), messages
+    assert not any("com.docker.network.endpoint.x" in m for m in messages)

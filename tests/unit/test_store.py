@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from pouch_driver import store as st
 from pouch_driver.errors import StoreError
 from pouch_driver.model import (
     Endpoint,
+    GatewayMode,
     IPAMData,
     Network,
     NetworkOptions,
@@ -182,3 +185,36 @@ async def test_damaged_store_is_a_clear_error_and_is_left_untouched(
     with pytest.raises(StoreError, match="left untouched"):
         await again.open()
     assert path.read_bytes() == before, "a damaged store is never reset or rewritten"
+
+
+def test_network_options_of_engines_27_to_29_round_trip_and_old_records_load() -> None:
+    """New option fields are stored; a record written before they existed loads with the
+    defaults, which mean what such a network always did."""
+    new = NetworkOptions(
+        enable_ipv6=True,
+        enable_ipv4=False,
+        gateway_mode_ipv4=GatewayMode.ROUTED,
+        gateway_mode_ipv6=GatewayMode.NAT_UNPROTECTED,
+        trusted_host_interfaces=("eth1", "vxlan.1"),
+        inhibit_ipv4=True,
+        host_ipv4=ipaddress.IPv4Address("10.9.8.7"),
+        host_ipv6=ipaddress.IPv6Address("fd70:9::7"),
+        container_iface_prefix="lan",
+    )
+    net = replace(NET, options=new)
+    assert st.decode_network(net.network_id, st.encode_network(net)) == net
+    doc = json.loads(st.encode_network(NET))
+    for key in (
+        "ipv4",
+        "gateway_mode_ipv4",
+        "gateway_mode_ipv6",
+        "trusted_host_interfaces",
+        "inhibit_ipv4",
+        "host_ipv4",
+        "host_ipv6",
+        "container_iface_prefix",
+    ):
+        del doc["options"][key]
+    old = st.decode_network(NET.network_id, json.dumps(doc))
+    assert old == NET
+    assert old.options.gateway_mode_ipv4 is GatewayMode.NAT and old.options.enable_ipv4

@@ -1,0 +1,189 @@
+"""The pure firewall renderer: gateway modes, SNAT and trusted interfaces, rule by rule.
+
+The real iptables reads the same plans in tests/kernel/test_firewall.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import replace
+
+import pytest
+
+from pouch_driver.errors import KernelError
+from pouch_driver.kernel import FirewallPlan, NetworkRules, PortForward
+from pouch_driver.kernel.rules import check_plan, differences, render, tables
+from pouch_driver.model import GatewayMode
+from pouch_driver.naming import Names
+
+NAMES = Names("pk")
+B = "pkbaaaaaaaaaaaa"
+NET = NetworkRules(
+    bridge=B,
+    subnets=(ipaddress.ip_network("10.61.0.0/24"), ipaddress.ip_network("fd70:61::/64")),
+    icc=True,
+    masquerade=True,
+    internal=False,
+)
+WEB4 = PortForward(B, "tcp", None, 8080, ipaddress.ip_address("10.61.0.2"), 80)
+WEB6 = PortForward(B, "tcp", None, 8080, ipaddress.ip_address("fd70:61::2"), 80)
+DROP_NEW = (
+    f"-A PK-ISOLATION ! -i {B} -o {B} -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+)
+
+
+def rules(plan: FirewallPlan, version: int = 4) -> list[str]:
+    return [
+        r for chain in render(plan, version, NAMES, docker_isolation=False).values() for r in chain
+    ]
+
+
+def chain(plan: FirewallPlan, name: str, version: int = 4) -> list[str]:
+    return render(plan, version, NAMES, docker_isolation=False)[name]
+
+
+def with_mode(mode: GatewayMode, *, masquerade: bool = True) -> NetworkRules:
+    return replace(NET, mode_v4=mode, masquerade=masquerade)
+
+
+def test_nat_is_todays_rule_set() -> None:
+    """The defaults render exactly what a network without the new options always had."""
+    old = NetworkRules(B, NET.subnets, icc=True, masquerade=True, internal=False)
+    assert rules(FirewallPlan((old,), (WEB4,))) == rules(
+        FirewallPlan((with_mode(GatewayMode.NAT),), (WEB4,))
+    )
+    got = rules(FirewallPlan((old,), (WEB4,)))
+    assert "-A PK-POSTROUTING -s 10.61.0.0/24 ! -o pkbaaaaaaaaaaaa -j MASQUERADE" in got
+    assert "-A PK-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.61.0.2:80" in got
+    assert DROP_NEW in got
+    assert not any("RETURN" in r and "--dport" in r for r in got)
+
+
+def test_routed_has_no_nat_and_opens_the_published_container_port() -> None:
+    plan = FirewallPlan((with_mode(GatewayMode.ROUTED),), (WEB4, WEB6))
+    v4 = rules(plan)
+    assert not any("MASQUERADE" in r or "DNAT --to" in r or "SNAT" in r for r in v4), v4
+    iso = chain(plan, "PK-ISOLATION")
+    opened = f"-A PK-ISOLATION -d 10.61.0.2/32 ! -i {B} -o {B} -p tcp -m tcp --dport 80 -j RETURN"
+    icmp = f"-A PK-ISOLATION ! -i {B} -o {B} -p icmp -j RETURN"
+    replies = f"-A PK-ISOLATION -i {B} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
+    # Ahead of every drop (and of the jump to the inter-network drops), after the RETURN
+    # for traffic inside the network; everything else new coming in is dropped.
+    assert iso[:4] == [f"-A PK-ISOLATION -i {B} -o {B} -j RETURN", replies, icmp, opened], iso
+    assert DROP_NEW in iso
+    fwd = chain(plan, "PK-FORWARD")
+    assert fwd[0] == (
+        f"-A PK-FORWARD -d 10.61.0.2/32 ! -i {B} -o {B} -p tcp -m tcp --dport 80 -j ACCEPT"
+    )
+    assert f"-A PK-FORWARD -o {B} -p icmp -j ACCEPT" in fwd
+    # IPv6 keeps its own (default) mode: NAT.
+    v6 = rules(plan, 6)
+    assert f"-A PK-POSTROUTING -s fd70:61::/64 ! -o {B} -j MASQUERADE" in v6
+    assert "-A PK-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd70:61::2]:80" in v6
+    assert not any("RETURN" in r and "--dport" in r for r in v6)
+
+
+def test_routed_ipv6_uses_icmpv6() -> None:
+    plan = FirewallPlan((replace(NET, mode_v6=GatewayMode.ROUTED),))
+    assert f"-A PK-FORWARD -o {B} -p ipv6-icmp -j ACCEPT" in rules(plan, 6)
+    assert not any("icmp" in r for r in rules(plan, 4))
+
+
+def test_routed_ignores_masquerade_off_and_still_drops_unpublished() -> None:
+    plan = FirewallPlan((with_mode(GatewayMode.ROUTED, masquerade=False),), (WEB4,))
+    assert DROP_NEW in rules(plan)
+
+
+def test_nat_unprotected_lets_any_port_in_and_still_masquerades() -> None:
+    plan = FirewallPlan((with_mode(GatewayMode.NAT_UNPROTECTED),), (WEB4,))
+    got = rules(plan)
+    assert DROP_NEW not in got
+    assert f"-A PK-FORWARD ! -i {B} -o {B} -j ACCEPT" in got
+    assert f"-A PK-POSTROUTING -s 10.61.0.0/24 ! -o {B} -j MASQUERADE" in got
+    assert "-A PK-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.61.0.2:80" in got
+    # Other networks stay out: the isolation jump is still there.
+    assert f"-A PK-ISOLATION -i {B} ! -o {B} -j PK-ISOLATION-2" in got
+
+
+def test_isolated_is_internal_for_its_family_only() -> None:
+    plan = FirewallPlan((with_mode(GatewayMode.ISOLATED),))
+    v4, v6 = rules(plan), rules(plan, 6)
+    assert f"-A PK-ISOLATION -i {B} ! -o {B} -j DROP" in v4
+    assert f"-A PK-FORWARD -i {B} ! -o {B} -j ACCEPT" not in v4
+    assert not any("MASQUERADE" in r for r in v4)
+    assert f"-A PK-FORWARD -i {B} ! -o {B} -j ACCEPT" in v6
+
+
+def test_host_ip_is_the_snat_source() -> None:
+    net = replace(
+        NET, snat_v4=ipaddress.ip_address("10.9.8.7"), snat_v6=ipaddress.ip_address("2001:db8::7")
+    )
+    v4, v6 = rules(FirewallPlan((net,), (WEB4,))), rules(FirewallPlan((net,)), 6)
+    assert f"-A PK-POSTROUTING -s 10.61.0.0/24 ! -o {B} -j SNAT --to-source 10.9.8.7" in v4
+    assert f"-A PK-POSTROUTING -s 10.61.0.0/24 ! -o {B} -j MASQUERADE" not in v4
+    assert f"-A PK-POSTROUTING -s fd70:61::/64 ! -o {B} -j SNAT --to-source 2001:db8::7" in v6
+    # The hairpin of published ports still masquerades (its source must be the bridge's).
+    assert (
+        "-A PK-POSTROUTING -s 10.61.0.2/32 -d 10.61.0.2/32 -p tcp -m tcp --dport 80 -j MASQUERADE"
+    ) in v4
+    # No NAT at all in routed mode, so no SNAT either; nor with masquerading off.
+    routed = replace(net, mode_v4=GatewayMode.ROUTED)
+    assert not any("SNAT" in r for r in rules(FirewallPlan((routed,))))
+    off = replace(net, masquerade=False)
+    assert not any("SNAT" in r for r in rules(FirewallPlan((off,))))
+
+
+def test_trusted_interfaces_reach_published_container_ports() -> None:
+    net = replace(NET, trusted=("eth1", "vxlan.1"))
+    iso = chain(FirewallPlan((net,), (WEB4,)), "PK-ISOLATION")
+    for t in ("eth1", "vxlan.1"):
+        rule = f"-A PK-ISOLATION -d 10.61.0.2/32 -i {t} -o {B} -p tcp -m tcp --dport 80 -j RETURN"
+        assert rule in iso
+        assert iso.index(rule) < iso.index(DROP_NEW)
+    # Only published ports, only for them: no blanket RETURN for the interface.
+    assert not any("-i eth1" in r and "--dport" not in r for r in iso)
+    # Nothing to open where nothing inbound is dropped.
+    off = replace(net, masquerade=False)
+    assert not any("eth1" in r for r in rules(FirewallPlan((off,), (WEB4,))))
+
+
+def test_a_routed_port_is_never_a_trusted_exception() -> None:
+    net = replace(NET, mode_v4=GatewayMode.ROUTED, trusted=("eth1",))
+    assert not any("eth1" in r for r in rules(FirewallPlan((net,), (WEB4,))))
+
+
+@pytest.mark.parametrize(
+    "net",
+    [
+        with_mode(GatewayMode.ROUTED),
+        with_mode(GatewayMode.NAT_UNPROTECTED),
+        replace(
+            NET,
+            mode_v6=GatewayMode.ROUTED,
+            trusted=("eth1",),
+            snat_v4=ipaddress.ip_address("10.9.8.7"),
+        ),
+    ],
+)
+def test_what_we_render_is_what_check_finds_in_sync(net: NetworkRules) -> None:
+    """``differences`` against exactly the rendered rules: nothing to report."""
+    plan = FirewallPlan((net,), (WEB4, WEB6))
+    for version in (4, 6):
+        rendered = render(plan, version, NAMES, docker_isolation=False)
+        table_of = {c: t for t, cs in tables(NAMES).items() for c in cs}
+        present: dict[str, list[str]] = {}
+        for c, lines in rendered.items():
+            present.setdefault(table_of[c], []).extend(lines)
+        missing_jumps = [
+            d
+            for d in differences(plan, version, NAMES, present, docker_isolation=False)
+            if "jump" not in d
+        ]
+        assert missing_jumps == []
+        assert rendered == render(plan, version, NAMES, docker_isolation=False)
+
+
+def test_trusted_names_and_snat_addresses_are_checked_before_iptables() -> None:
+    bad = replace(NET, trusted=("eth1 -j ACCEPT",))
+    with pytest.raises(KernelError, match="refusing to put"):
+        check_plan(FirewallPlan((bad,)))
