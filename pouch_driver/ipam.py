@@ -28,10 +28,15 @@ ADDRESS = "address"
 #: The address of an endpoint we dropped without the engine's word (its veth was gone). The
 #: engine still counts it as held and may send its ReleaseAddress at any time; that release
 #: names only the pool and the address, so it cannot be told apart from one for a new holder.
-#: A parked address is therefore given to nobody, not by name and not to a full pool, until
-#: that release frees it: otherwise it would free a live address, and the next request would
-#: hand it out a second time.
+#: A parked address is therefore never handed out by a dynamic request, even to a full pool:
+#: it would go to a holder that does not expect the old holder's release to come.
 RECLAIMED = "reclaimed"
+#: A parked address asked for by name (``--ip``: a container restarted after a crash wants
+#: its address back) is held again, with one release owed: the first ReleaseAddress is taken
+#: as the old holder's late one and keeps the address held; the second frees it. Should the
+#: old holder's release never come, the address stays held after the new holder is gone: a
+#: leaked address, never a shared one.
+OWED = "owed"
 
 
 def _interface(addr: int, network: IPNetwork) -> IPInterface:
@@ -268,11 +273,14 @@ class Ipam:
             if addr in state.reserved:
                 what = "network" if addr == int(net.network_address) else "broadcast"
                 raise InvalidRequest(f"Address {address} is the {what} address of pool {net}")
+            if state.allocated.get(addr) == RECLAIMED and not gateway:
+                state.allocated[addr] = OWED
+                return AddressGrant(pool_id, _interface(addr, net), OWED, state.cursor)
             if state.allocated.get(addr) == RECLAIMED:
                 raise Conflict(
                     f"Address {address} in pool {net} is parked: its endpoint is gone but the "
-                    "engine has not released it yet (docker network disconnect -f clears a "
-                    "stale endpoint)"
+                    "engine has not released it yet, so it cannot be the gateway "
+                    "(docker network disconnect -f clears a stale endpoint)"
                 )
             if addr in state.allocated:
                 raise Conflict(f"Address {address} is already in use in pool {net}")
@@ -315,9 +323,14 @@ class Ipam:
         return None
 
     def release_address(self, pool_id: str, address: IPAddress) -> bool:
-        """Tolerant: the engine releases gateways it never requested (docs/protocol.md §4.6)."""
+        """Tolerant: the engine releases gateways it never requested (docs/protocol.md §4.6).
+
+        True when the address is free afterwards; an ``OWED`` one is only settled."""
         state = self.pools.get(pool_id)
         if state is None:
+            return False
+        if state.allocated.get(int(address)) == OWED:
+            state.allocated[int(address)] = ADDRESS
             return False
         return state.drop(int(address))
 

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from .. import store as st
-from ..ipam import ADDRESS, RECLAIMED, AddressGrant, Ipam
+from ..ipam import ADDRESS, OWED, RECLAIMED, AddressGrant, Ipam
 from ..model import (
     GLOBAL_ADDRESS_SPACE,
     LOCAL_ADDRESS_SPACE,
@@ -108,14 +108,19 @@ class AddressService:
             log.warning("address %s: adopted the reservation a lost answer left", address)
             prefix = self.ipam.pools[pool_id].pool.network.prefixlen
             return ipaddress.ip_interface((address, prefix))
-        # Only a free address is ever granted (a parked one is not: ipam.RECLAIMED), so the
-        # grant is never one of the records from before this start.
+        # A free address, or a parked one asked for by name (ipam.OWED): never one of the
+        # records from before this start.
         grant = self.ipam.request_address(pool_id, address, gateway)
-        await durably(
-            self._store,
-            [_put_address(grant)],
-            undo=lambda: self.ipam.release_address(pool_id, grant.address.ip),
-        )
+
+        def undo() -> None:
+            if grant.kind == OWED:  # parked again, as before the request
+                self.ipam.reclaim(pool_id, grant.address.ip, kind=OWED)
+            else:
+                self.ipam.release_address(pool_id, grant.address.ip)
+
+        await durably(self._store, [_put_address(grant)], undo=undo)
+        if grant.kind == OWED:
+            log.info("address %s: parked, given back by name; one late release owed", address)
         return grant.address
 
     async def release_address(self, pool_id: str, address: IPAddress) -> None:
@@ -127,7 +132,11 @@ class AddressService:
             self.ipam.release_address(pool_id, address)
             self._before.addresses.discard((pool_id, int(address)))
 
-        op = st.DeleteAddress(pool_id=pool_id, address=int(address), version=address.version)
+        op: st.Op
+        if pool.allocated[int(address)] == OWED:  # the owed release: still held (ipam.OWED)
+            op = st.PutAddress(pool_id, int(address), address.version, ADDRESS, pool.cursor)
+        else:
+            op = st.DeleteAddress(pool_id=pool_id, address=int(address), version=address.version)
         await durably(self._store, [op], after=release)
 
     # --- endpoints dropped without the engine's word -----------------------------------------
@@ -141,6 +150,8 @@ class AddressService:
                 if addr is None or addr.ip in held:
                     continue
                 pool = self.ipam.pool_of(addr.ip)
+                # An OWED address stays held: parking it would owe two releases, and a grant
+                # by name could then be freed under its holder. Held by nobody, it is a leak.
                 if pool is not None and pool.allocated.get(int(addr.ip)) == ADDRESS:
                     ops.append(
                         st.PutAddress(

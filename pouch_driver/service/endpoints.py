@@ -243,7 +243,8 @@ class EndpointService:
         reason: str = "veth gone",
     ) -> list[str]:
         """Drop endpoints the engine will never delete, and (``reclaim``) park their addresses
-        as ``RECLAIMED``: free for reuse, but last, as the engine may still release them.
+        as ``RECLAIMED``: the engine may still release them, so only a request naming one gets
+        it back (``ipam.OWED``).
 
         ``linkless``: endpoint IDs whose veth is known gone (no delete to queue). The caller
         holds each endpoint's guard.

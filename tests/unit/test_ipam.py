@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pouch_driver.config import parse_pools
 from pouch_driver.errors import Conflict, Exhausted, InvalidRequest, NotFound
-from pouch_driver.ipam import Ipam
+from pouch_driver.ipam import ADDRESS, OWED, Ipam
 from pouch_driver.model import LOCAL_ADDRESS_SPACE as LOCAL
 
 net = ipaddress.ip_network
@@ -179,19 +179,26 @@ def test_parked_addresses_are_never_handed_out_until_released() -> None:
         ipam.request_address(pool.pool_id, None)
 
 
-def test_a_parked_address_is_refused_by_name_and_freed_by_its_release() -> None:
-    """By name (--ip, --gateway) is no way around it: the late release would free it too."""
+def test_a_parked_address_by_name_is_held_again_owing_one_release() -> None:
+    """``--ip`` of a parked address (a container restarted after a crash): granted, with the
+    old holder's late release owed. The first release only settles that; the second frees it.
+    Never as a gateway: a gateway is released once, with its network."""
     ipam = make()
     pool = ipam.request_pool(LOCAL, net("10.1.0.0/24"), None, False)
     a, b = (ipam.request_address(pool.pool_id, None).address.ip for _ in range(2))
     ipam.reclaim(pool.pool_id, a)
     ipam.reclaim(pool.pool_id, b)
-    for gateway in (False, True):
-        with pytest.raises(Conflict, match=r"Address 10\.1\.0\.1 .*parked"):
-            ipam.request_address(pool.pool_id, a, gateway=gateway)
+    with pytest.raises(Conflict, match=r"Address 10\.1\.0\.1 .*parked.*gateway"):
+        ipam.request_address(pool.pool_id, a, gateway=True)
+    grant = ipam.request_address(pool.pool_id, a)
+    assert (grant.address.ip, grant.kind) == (a, OWED)
+    with pytest.raises(Conflict, match="already in use"):
+        ipam.request_address(pool.pool_id, a)
+    assert ipam.release_address(pool.pool_id, a) is False  # the late one: still held
+    assert ipam.pools[pool.pool_id].allocated[int(a)] == ADDRESS
+    assert ipam.release_address(pool.pool_id, a) is True
     assert ipam.release_address(pool.pool_id, b) is True
-    assert ipam.request_address(pool.pool_id, b).address.ip == b
-    assert ipam.pools[pool.pool_id].free == 252  # 254 hosts: b is held again, a stays parked
+    assert ipam.pools[pool.pool_id].free == 254
 
 
 @settings(max_examples=200, deadline=None)
@@ -204,15 +211,18 @@ def test_a_parked_address_is_refused_by_name_and_freed_by_its_release() -> None:
         max_size=60,
     )
 )
-def test_property_no_two_engine_holders_share_an_address(ops: list[tuple[str, int]]) -> None:
-    """Any interleaving of requests (dynamic or by name), endpoints dying (their address
-    parked) and releases (including late ones for dead endpoints): every address the engine
-    holds, it holds once, and our pool holds exactly those."""
+def test_property_no_two_live_holders_share_an_address(ops: list[tuple[str, int]]) -> None:
+    """Any interleaving of requests (dynamic or by name), endpoints dying without the engine's
+    word (the sweep parks their address) and releases, late ones for dead endpoints included,
+    in any order: no two live endpoints ever hold one address, a live endpoint's address is
+    never free or parked (so no release can free it under it), and our pool holds exactly the
+    addresses the engine has yet to release."""
     ipam = make()
     network = net("10.7.0.0/29")
     pool = ipam.request_pool(LOCAL, network, None, False)
-    engine: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []  # every grant not released
-    parked: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    state = ipam.pools[pool.pool_id]
+    # The engine's view: every grant it has not released yet, and whether its endpoint lives.
+    engine: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, bool]] = []
     for op, k in ops:
         if op in ("get", "get_named"):
             want = network[k % 8] if op == "get_named" else None
@@ -220,18 +230,17 @@ def test_property_no_two_engine_holders_share_an_address(ops: list[tuple[str, in
                 got = ipam.request_address(pool.pool_id, want).address.ip
             except (Exhausted, Conflict, InvalidRequest):
                 continue
-            engine.append(got)
-        elif op == "park" and (alive := [a for a in engine if a not in parked]):
-            victim = alive[k % len(alive)]
-            assert ipam.reclaim(pool.pool_id, victim)
-            parked.add(victim)
+            engine.append((got, True))
+        elif op == "park" and (alive := [i for i, (_, live) in enumerate(engine) if live]):
+            i = alive[k % len(alive)]
+            engine[i] = (engine[i][0], False)
+            ipam.reclaim(pool.pool_id, engine[i][0])  # the sweep: an OWED one stays held
         elif op == "release" and engine:
-            victim = engine.pop(k % len(engine))
-            ipam.release_address(pool.pool_id, victim)
-            if victim not in engine:
-                parked.discard(victim)
-        assert len(engine) == len(set(engine)), f"an address has two holders: {engine}"
-        assert {addr(a) for a in ipam.pools[pool.pool_id].allocated} == set(engine)
+            ipam.release_address(pool.pool_id, engine.pop(k % len(engine))[0])
+        live = [a for a, alive in engine if alive]
+        assert len(live) == len(set(live)), f"an address has two live holders: {engine}"
+        assert all(state.allocated.get(int(a)) in (ADDRESS, OWED) for a in live), engine
+        assert {addr(a) for a in state.allocated} == {a for a, _ in engine}
 
 
 @settings(max_examples=60, deadline=None)

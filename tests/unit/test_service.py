@@ -11,7 +11,7 @@ import pytest
 from pouch_driver.config import Settings
 from pouch_driver.daemon import build_driver
 from pouch_driver.errors import Conflict, Exhausted, InvalidRequest, KernelError, NotFound
-from pouch_driver.ipam import RECLAIMED
+from pouch_driver.ipam import ADDRESS, OWED, RECLAIMED
 from pouch_driver.kernel import LinkInfo
 from pouch_driver.kernel.fake import FakeFirewall, FakeLinks
 from pouch_driver.model import IPAMData, IPInterface, NetworkOptions, PortBinding, Proto
@@ -404,25 +404,29 @@ async def test_a_full_pool_never_hands_out_a_parked_address(make_service: Factor
     assert len(holders) == len(set(holders)) == 5
 
 
-async def test_a_reclaimed_address_asked_for_by_name_is_refused_until_released(
+async def test_a_reclaimed_address_asked_for_by_name_is_given_back_owing_a_release(
     make_service: Factory,
 ) -> None:
-    """``docker run --ip`` of a parked address: granted, the late release would free it under
-    the new holder just the same. Refused (naming the address and why), also after a restart,
-    until the engine's release comes."""
+    """``docker run --ip`` of a parked address (a container restarted after a crash): granted
+    at once, with the dead endpoint's late release owed, across a restart. That release keeps
+    the address held; only the next one frees it."""
     svc = await make_service()
     pool_id, dead = await network_with_endpoint(svc)
     await svc.links.ensure_link_absent(svc.state.endpoints[EID].host_ifname)
     await sweep(svc)
     svc = await restart(svc, make_service)
-    with pytest.raises(Conflict, match=r"Address 10\.5\.0\.2 in pool 10\.5\.0\.0/24 is parked"):
-        await svc.addresses.request_address(pool_id, dead.ip, gateway=False)
     assert svc.ipam.pools[pool_id].allocated[int(dead.ip)] == RECLAIMED
-    await svc.addresses.release_address(pool_id, dead.ip)
     again = await svc.addresses.request_address(pool_id, dead.ip, gateway=False)
     assert again == dead
+    svc = await restart(svc, make_service)
+    assert svc.ipam.pools[pool_id].allocated[int(dead.ip)] == OWED
+    await svc.addresses.release_address(pool_id, dead.ip)  # the late one, or the new holder's
     with pytest.raises(Conflict, match="already in use"):
         await svc.addresses.request_address(pool_id, dead.ip, gateway=False)
+    svc = await restart(svc, make_service)
+    assert svc.ipam.pools[pool_id].allocated[int(dead.ip)] == ADDRESS
+    await svc.addresses.release_address(pool_id, dead.ip)
+    assert int(dead.ip) not in svc.ipam.pools[pool_id].allocated
 
 
 async def test_sweep_removes_orphan_links_and_restores_firewall(make_service: Factory) -> None:
