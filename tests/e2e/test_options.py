@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import ENGINE_ADDR, Scope
+from .harness import ENGINE_ADDR, SLEEPER, Scope, check_no_overlap
 from .netcheck import (
     BOTH,
     assert_remote_cannot_get,
@@ -154,3 +154,51 @@ def test_bad_option_fails_naming_it_and_leaves_nothing(
     # The refused create released its pool: the same subnet is free for a good network.
     good = e2e.create_network("good", subnet=subnet)
     e2e.remove_network(good)
+
+
+def test_unknown_endpoint_driver_options_are_accepted(e2e: Scope) -> None:
+    """Per-endpoint ``--driver-opt`` keys we do not read are ignored, as the bridge driver
+    does (issue 12 item 2): on ``network connect`` and on ``docker run --network``."""
+    net = e2e.create_network("epopt", subnet="10.63.6.0/24")
+    other = e2e.create_network("epopt2", subnet="10.63.7.0/24")
+    a = e2e.run_container(other, "a")
+    e2e.docker("network", "connect", "--driver-opt", "com.example.foo=bar", net, a)
+    ip_a = e2e.container_ip(a, net)
+    b = e2e.name("b")
+    e2e.containers.append(b)
+    e2e.docker(
+        "run", "-d", "--name", b,
+        "--network", f"name={net},driver-opt=com.example.foo=bar,driver-opt=team=blue",
+        e2e.engine.image, *SLEEPER,
+    )  # fmt: skip
+    e2e.assert_ping(b, ip_a)
+
+
+def test_ipv6_only_network(e2e: Scope) -> None:
+    """``-o com.docker.network.enable_ipv4=false`` (issue 12 item 3). Engine 28 makes the
+    network IPv6-only and the containers get only IPv6 addresses; older engines ignore the
+    key and would hand out IPv4 addresses anyway, so the plugin refuses it there, naming the
+    engine version it needs, and nothing is left."""
+    eng = e2e.engine
+    subnet = "fd70:e30::/64"
+    check_no_overlap(subnet)
+    options = {"com.docker.network.enable_ipv4": "false"}
+    if not eng.server_version.startswith("28."):
+        before = set(eng.plugin_links())
+        name = e2e.name("v6only")
+        e2e.networks.append(name)
+        r = e2e.docker(
+            "network", "create", "-d", e2e.driver, "--ipam-driver", e2e.driver,
+            "-o", "com.docker.network.enable_ipv4=false", "--ipv6", "--subnet", subnet, name,
+            check=False,
+        )  # fmt: skip
+        assert r.returncode != 0
+        assert "com.docker.network.enable_ipv4" in r.stderr and "28" in r.stderr, r.stderr
+        assert set(eng.plugin_links()) == before
+        return
+    net = e2e.create_network("v6only", options=options, extra=["--ipv6", "--subnet", subnet])
+    a, b = e2e.run_container(net, "a"), e2e.run_container(net, "b")
+    info = e2e.container_inspect(b)["NetworkSettings"]["Networks"][net]
+    assert info["IPAddress"] == "" and info["GlobalIPv6Address"], info
+    assert e2e.container_addrs(a).get("eth0") in (None, []), e2e.container_addrs(a)
+    e2e.assert_ping(a, str(info["GlobalIPv6Address"]))

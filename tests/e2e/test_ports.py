@@ -221,3 +221,41 @@ def test_published_ports_on_ipv6(e2e: Scope) -> None:
         )
         assert r.returncode != 0, r.stdout
         assert "has no IPv6 address on this network" in r.stderr, r.stderr
+
+
+@contextlib.contextmanager
+def remote_routes_loopback_to_engine(eng: Engine) -> Iterator[None]:
+    """The remote host sends 127.0.0.1 to the engine host, as a hostile LAN neighbour can:
+    its own loopback address goes, 127.0.0.1 is routed via the engine, and route_localnet
+    lets such packets leave its uplink. Restored afterwards (the namespace is ours)."""
+    sysctl = f"net.ipv4.conf.{REMOTE_UPLINK}.route_localnet"
+    eng.in_remote("ip", "addr", "del", "127.0.0.1/8", "dev", "lo")
+    try:
+        eng.in_remote("sysctl", "-qw", f"{sysctl}=1")
+        eng.in_remote("ip", "route", "add", "127.0.0.1/32", "via", ENGINE_ADDR)
+        yield
+    finally:
+        eng.in_remote("ip", "route", "del", "127.0.0.1/32", check=False)
+        eng.in_remote("sysctl", "-qw", f"{sysctl}=0", check=False)
+        eng.in_remote("ip", "addr", "add", "127.0.0.1/8", "dev", "lo", check=False)
+
+
+def test_published_ports_are_not_reached_around_the_nat(e2e: Scope) -> None:
+    """Engine 28's hardening (issue 12 item 6): on a NAT network a container that publishes a
+    port is not reached by routing straight to its address (the remote host routes our
+    subnets through the engine host), and a port published on 127.0.0.1 is not reached by a
+    neighbour that routes 127.0.0.1 to the engine host; both still work the intended way."""
+    eng = e2e.engine
+    net = e2e.create_network("hard", subnet="10.74.5.0/24")
+    a = e2e.run_container(net, "a", publish=["18095:80", "127.0.0.1:18096:81"])
+    ip_a = e2e.container_ip(a, net)
+    text = serve_http(e2e, a)
+    text81 = serve_http(e2e, a, 81)
+    assert_remote_gets(eng, ENGINE_ADDR, 18095, text)
+    assert_remote_cannot_get(eng, ip_a, 80)
+    with remote_routes_loopback_to_engine(eng):
+        assert_remote_cannot_get(eng, "127.0.0.1", 18096)
+    r = eng.in_engine_ns(
+        "timeout", "3", "busybox", "wget", "-O-", "http://127.0.0.1:18096/", check=False
+    )
+    assert r.returncode == 0 and text81 in r.stdout, r.stderr

@@ -135,3 +135,71 @@ async def test_size_only_pools_run_out_with_a_clear_error(make_plugin: PluginFac
     assert got == ["10.250.0.0/25", "10.250.0.128/25"]
     doc = await plugin.call("IpamDriver.RequestPool", E["RequestPool"], status=507)
     assert doc["Err"].startswith("no free IPv4 pool of size /26 left in 10.250.0.0/24")
+
+
+def _second_network(number: int) -> tuple[dict[str, object], str, str]:
+    """A second pouch network for the same container, in Engine 29's shapes."""
+    nid = f"{number:02d}" * 32
+    eid = f"e{number}" * 32
+    pool = f"10.201.{number}.0/26"
+    create = {
+        **E["CreateNetwork"],
+        "NetworkID": nid,
+        "IPv4Data": [
+            {"AddressSpace": "PouchLocal", "Pool": pool, "Gateway": f"10.201.{number}.1/26"}
+        ],
+    }
+    return create, nid, eid
+
+
+async def test_published_ports_follow_the_gateway_endpoint(plugin: Plugin) -> None:
+    """Engine 29 turns every gateway change into Revoke (old gateway endpoint) then Program
+    (new one) with the port map captured at Join, and Program may come twice (docs/protocol.md
+    §3.9). A container on net1 publishes 8080; `network connect --gw-priority 1 net2` moves
+    the gateway to net2; disconnecting net2 moves it back. The port follows, once."""
+    await plugin.call("IpamDriver.RequestPool", E["RequestPool"])
+    await plugin.call("IpamDriver.RequestAddress", E["RequestAddressGateway"])
+    await plugin.call("NetworkDriver.CreateNetwork", E["CreateNetwork"])
+    await plugin.call("IpamDriver.RequestAddress", E["RequestAddressEndpoint"])
+    await plugin.call("NetworkDriver.CreateEndpoint", E["CreateEndpoint"])
+    await plugin.call("NetworkDriver.Join", E["Join"])
+    program1 = E["ProgramExternalConnectivity"]
+    await plugin.call("NetworkDriver.ProgramExternalConnectivity", program1)
+
+    def forwards() -> list[tuple[str, int, int]]:
+        return sorted(
+            (str(f.container_ip), f.host_port, f.container_port)
+            for f in plugin.firewall.plan.forwards
+        )
+
+    assert forwards() == [("10.200.0.2", 8080, 80)]
+
+    create2, nid2, eid2 = _second_network(2)
+    await plugin.call("IpamDriver.RequestPool", {**E["RequestPool"], "Pool": "10.201.2.0/26"})
+    pool2 = "PouchLocal/10.201.2.0/26"
+    await plugin.call("IpamDriver.RequestAddress", {**E["RequestAddressGateway"], "PoolID": pool2})
+    await plugin.call("NetworkDriver.CreateNetwork", create2)
+    got = await plugin.call(
+        "IpamDriver.RequestAddress", {**E["RequestAddressEndpoint"], "PoolID": pool2}
+    )
+    ep2 = {"NetworkID": nid2, "EndpointID": eid2}
+    await plugin.call(
+        "NetworkDriver.CreateEndpoint",
+        {**E["CreateEndpoint"], **ep2, "Interface": {"Address": got["Address"]}},
+    )
+    await plugin.call("NetworkDriver.Join", {**E["Join"], **ep2})
+    # The gateway moves to net2: the old endpoint is revoked, the new one programmed (twice).
+    await plugin.call("NetworkDriver.RevokeExternalConnectivity", E["RevokeExternalConnectivity"])
+    assert forwards() == []
+    program2 = {**program1, **ep2}
+    for _ in range(2):
+        await plugin.call("NetworkDriver.ProgramExternalConnectivity", program2)
+        assert forwards() == [("10.201.2.2", 8080, 80)]
+    # Disconnect net2: Revoke and Leave there, and the gateway is back on net1.
+    await plugin.call("NetworkDriver.RevokeExternalConnectivity", ep2)
+    await plugin.call("NetworkDriver.Leave", ep2)
+    await plugin.call("NetworkDriver.DeleteEndpoint", ep2)
+    await plugin.call("NetworkDriver.ProgramExternalConnectivity", program1)
+    assert forwards() == [("10.200.0.2", 8080, 80)]
+    await plugin.call("NetworkDriver.ProgramExternalConnectivity", program1)
+    assert forwards() == [("10.200.0.2", 8080, 80)]
