@@ -890,11 +890,15 @@ class Engine:
     def start_containerd(self, *, timeout: float = 30.0) -> None:
         """Start the fetched engine's containerd in the engine netns (once per dockerd start
         that finds it gone: a crash test may have killed it)."""
-        if self.kind.bin_dir is None or (self.containerd and self.containerd.poll() is None):
+        if self.kind.bin_dir is None:
+            return
+        sock = self.base / "ctd.sock"
+        # By what the namespace holds, not by Popen.poll(): a crash test kills containerd by
+        # pid, and poll() can answer None for a child it does not manage to reap at once.
+        if self.containerd_pids() and socket_accepts(sock):
             return
         config = self.base / "containerd.toml"
         config.write_text(CONTAINERD_CONFIG.format(base=self.base))
-        sock = self.base / "ctd.sock"
         with contextlib.suppress(OSError):
             sock.unlink()
         with (self.base / "containerd.log").open("ab") as log:
@@ -1053,7 +1057,7 @@ class Engine:
             return
         dest = Path(keep)
         dest.mkdir(parents=True, exist_ok=True)
-        for path in (self.log_path, self.plugin.log_path):
+        for path in (self.log_path, self.plugin.log_path, self.base / "containerd.log"):
             if path.exists():
                 shutil.copyfile(path, dest / f"{self.netns}-{path.name}")
 
@@ -1085,6 +1089,9 @@ class Engine:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        if containerd and self.containerd is not None:  # ours (kind.bin_dir): reap it too
+            self.containerd.kill()
+            self.containerd.wait(10)
         if victims:
             _kill_pids(victims)
             _wait_gone(victims, 10)
