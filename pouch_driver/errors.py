@@ -11,6 +11,9 @@ Nothing here performs I/O. Every class carries the HTTP status it is answered wi
      +-- Exhausted (507)                no free pool/address/port, bridge port limit
      +-- KernelError (500)              netlink or firewall refused a change
      +-- StoreError (500)               the durable store failed or is damaged
+     |    +-- StoreUnavailable (503)    no member of a remote store (etcd) answered in time
+     |    +-- LeaseExpired (500)        a store lease we kept alive is gone
+     |    +-- WatchCompacted (500)      a watch's next revision was compacted: re-read, re-watch
      +-- DeadlineExceeded (504)         a request ran past its deadline and was abandoned
 """
 
@@ -54,6 +57,25 @@ class KernelError(DriverError):
 
 class StoreError(DriverError):
     status = 500
+
+
+class StoreUnavailable(StoreError):
+    """A remote store could not be reached within the call's deadline; the message names the
+    store and every endpoint tried, so an operator knows where to look."""
+
+    status = 503
+
+
+class LeaseExpired(StoreError):
+    def __init__(self, message: str, lease: int) -> None:
+        super().__init__(message)
+        self.lease = lease
+
+
+class WatchCompacted(StoreError):
+    def __init__(self, message: str, compact_revision: int) -> None:
+        super().__init__(message)
+        self.compact_revision = compact_revision
 
 
 class DeadlineExceeded(DriverError):
