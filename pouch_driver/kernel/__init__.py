@@ -15,6 +15,10 @@ from typing import Protocol
 from ..model import GatewayMode, IPAddress, IPInterface, IPNetwork
 
 BRIDGE_MAX_PORTS = 1023  # BR_MAX_PORTS (1024) in the kernel, less port 0, which is reserved
+# Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14): an overlay's MTU is the
+# underlay's less this. (An IPv6 underlay costs 20 more; callers on one say so themselves.)
+VXLAN_OVERHEAD = 50
+VXLAN_PORT = 4789  # IANA's port, not the kernel's historical default of 8472
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,38 @@ class VethSpec:
     bridge: str
     mtu: int | None
     peer_mac: str
+
+
+@dataclass(frozen=True)
+class VxlanSpec:
+    """A VXLAN device that carries one cluster network between hosts, as a port of ``bridge``.
+
+    No flood-and-learn: the device learns nothing from received packets and sends nothing for
+    which it has no forwarding entry; ``ensure_remote_endpoint`` and ``ensure_flood`` write
+    those entries. ``mtu`` None leaves the kernel's choice; callers pass the underlay's MTU
+    less ``VXLAN_OVERHEAD``.
+    """
+
+    name: str
+    vni: int
+    local: IPAddress  # this host's VTEP address on the underlay
+    bridge: str
+    underlay: str | None = None  # the device VXLAN packets leave by; None: the route decides
+    port: int = VXLAN_PORT
+    mtu: int | None = None
+
+
+@dataclass(frozen=True)
+class RemoteEndpoint:
+    """A container on another host, as the forwarding and neighbour entries here know it.
+
+    ``vtep`` is the underlay address of its host; None when only neighbour or bridge entries
+    are left (a half-written or half-removed endpoint), so a reconciler sees those too.
+    """
+
+    mac: str
+    vtep: IPAddress | None
+    addresses: tuple[IPAddress, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,6 +89,38 @@ class Links(Protocol):
     async def ensure_addresses_absent(
         self, name: str, addresses: tuple[IPInterface, ...]
     ) -> None: ...
+    async def ensure_vxlan(self, spec: VxlanSpec) -> None:
+        """The device up on its bridge, learning off, ARP/ND for remote endpoints answered
+        by the bridge (``neigh_suppress``); a device with another VNI, local address, port or
+        underlay is a ``KernelError`` naming the difference."""
+        ...
+
+    async def ensure_remote_endpoint(
+        self, vxlan: str, bridge: str, mac: str, addresses: tuple[IPAddress, ...], vtep: IPAddress
+    ) -> None:
+        """``mac`` is reached through ``vtep`` and ``addresses`` resolve to ``mac`` locally;
+        replaces entries that said otherwise (an endpoint that moved host)."""
+        ...
+
+    async def ensure_remote_endpoint_absent(
+        self, vxlan: str, bridge: str, mac: str, addresses: tuple[IPAddress, ...]
+    ) -> None:
+        """No entry for ``mac``; neighbour entries of ``addresses`` go only while they still
+        name ``mac`` (the address may already belong to a newer endpoint)."""
+        ...
+
+    async def ensure_flood(self, vxlan: str, vteps: tuple[IPAddress, ...]) -> None:
+        """Broadcast and unknown traffic goes to exactly ``vteps`` (none: it stays here)."""
+        ...
+
+    async def list_remote_endpoints(self, vxlan: str, bridge: str) -> list[RemoteEndpoint]:
+        """What the kernel holds, by MAC, sorted: for a reconciler to diff against etcd."""
+        ...
+
+    async def list_flood(self, vxlan: str) -> tuple[IPAddress, ...]:
+        """The VTEPs broadcast traffic goes to, sorted."""
+        ...
+
     async def get_link(self, name: str) -> LinkInfo | None: ...
     async def list_links(self) -> list[LinkInfo]: ...
     async def host_routes(self) -> list[IPNetwork]: ...

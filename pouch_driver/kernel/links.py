@@ -1,4 +1,5 @@
-"""Links over netlink (pyroute2): bridges, veth pairs, addresses, and the host's routes.
+"""Links over netlink (pyroute2): bridges, veth pairs, addresses, the host's routes, and the
+VXLAN data plane (devices, forwarding and neighbour entries for endpoints on other hosts).
 
 pyroute2's asyncio core runs here on a few worker threads, one ``IPRoute`` (its sync facade
 over the same core, with a private event loop) per thread. Measured on this kind of machine:
@@ -25,8 +26,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import Exhausted, KernelError
-from ..model import IPInterface, IPNetwork
-from . import BRIDGE_MAX_PORTS, BridgeSpec, LinkInfo, VethSpec
+from ..model import IPAddress, IPInterface, IPNetwork
+from . import BRIDGE_MAX_PORTS, BridgeSpec, LinkInfo, RemoteEndpoint, VethSpec, VxlanSpec
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ T = TypeVar("T")
 IFF_UP = 0x1
 IFA_F_NODAD = 0x02
 MAIN_TABLE = 254
+NTF_SELF, NTF_MASTER = 0x02, 0x04
+NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
+ALL_ZEROS_MAC = "00:00:00:00:00:00"
 
 
 def _attr(msg: Any, name: str) -> Any:
@@ -442,3 +446,287 @@ class NetlinkLinks:
                         raise
 
         await self._run(f"remove addresses from {name}", absent)
+
+    # --- VXLAN data plane ------------------------------------------------------------------
+    # Who answers what (docs/architecture.md, "The VXLAN data plane"): the VXLAN port of the
+    # bridge carries neigh_suppress, so an ARP request or neighbour solicitation whose target
+    # has a neighbour entry on the bridge, and whose MAC the bridge forwards to that port, is
+    # answered by the bridge itself and not flooded to the port; neither is one for an address
+    # of the bridge (the gateway, the same on every host). Nothing else crosses either: without
+    # an all-zeros forwarding entry (ensure_flood) the device drops what it has no entry for.
+
+    async def ensure_vxlan(self, spec: VxlanSpec) -> None:
+        def ensure(ipr: Any) -> None:
+            bridge = self._get(ipr, spec.bridge)
+            if bridge is None or _kind(bridge) != "bridge":
+                raise KernelError(f"bridge {spec.bridge} does not exist")
+            master = int(bridge["index"])
+            underlay: int | None = None
+            if spec.underlay is not None:
+                lower = self._get(ipr, spec.underlay)
+                if lower is None:
+                    raise KernelError(f"underlay device {spec.underlay} does not exist")
+                underlay = int(lower["index"])
+            msg = self._get(ipr, spec.name) or self._add_vxlan(ipr, spec, master, underlay)
+            if _kind(msg) != "vxlan":
+                raise KernelError(f"interface {spec.name} exists and is not a vxlan device")
+            data = _attr(_attr(msg, "IFLA_LINKINFO"), "IFLA_INFO_DATA")
+            differences = _vxlan_differences(spec, data, underlay)
+            if differences:
+                raise KernelError(
+                    f"vxlan device {spec.name} exists with another " + ", ".join(differences)
+                )
+            index = int(msg["index"])
+            if data.get_attr("IFLA_VXLAN_LEARNING"):
+                ipr.link("set", index=index, kind="vxlan", vxlan_learning=0)
+            changes: dict[str, Any] = {}
+            if _attr(msg, "IFLA_MASTER") != master:
+                changes["master"] = master
+            if spec.mtu and _attr(msg, "IFLA_MTU") != spec.mtu:
+                changes["mtu"] = spec.mtu
+            if changes:
+                ipr.link("set", index=index, **changes)
+            self._suppress_neighbours(ipr, spec.name, index)
+            if not msg["flags"] & IFF_UP:
+                ipr.link("set", index=index, state="up")
+
+        await self._run(f"ensure vxlan {spec.name}", ensure)
+
+    def _add_vxlan(self, ipr: Any, spec: VxlanSpec, master: int, underlay: int | None) -> Any:
+        try:
+            ipr.link("add", **_vxlan_args(spec, master, underlay))
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:  # else a concurrent ensure won the race
+                raise
+        msg = self._get(ipr, spec.name)
+        if msg is None:
+            raise KernelError(f"vxlan device {spec.name} vanished right after it was made")
+        return msg
+
+    def _suppress_neighbours(self, ipr: Any, name: str, index: int) -> None:
+        """neigh_suppress on, bridge learning off (entries come from the cluster store, never
+        from what a peer's packets claim), both read back: a kernel without the flag (before
+        Linux 4.15) would silently let every ARP request cross."""
+        port = self._brport(ipr, index)
+        if port.get("IFLA_BRPORT_NEIGH_SUPPRESS") == 1 and port.get("IFLA_BRPORT_LEARNING") == 0:
+            return
+        ipr.link("set", index=index, kind="bridge_slave", neigh_suppress=1, learning=0)
+        port = self._brport(ipr, index)
+        if port.get("IFLA_BRPORT_NEIGH_SUPPRESS") != 1 or port.get("IFLA_BRPORT_LEARNING") != 0:
+            raise KernelError(
+                f"bridge port {name}: the kernel keeps no neigh_suppress/learning flags "
+                "(Linux 4.15 or later is needed for VXLAN networks)"
+            )
+
+    def _brport(self, ipr: Any, index: int) -> dict[str, Any]:
+        (msg,) = ipr.link("get", index=index)
+        info = _attr(msg, "IFLA_LINKINFO")
+        data = info.get_attr("IFLA_INFO_SLAVE_DATA") if info is not None else None
+        if data is None:
+            return {}
+        return dict(data["attrs"])
+
+    def _index(self, ipr: Any, name: str, kind: str) -> int:
+        msg = self._get(ipr, name)
+        if msg is None or _kind(msg) != kind:
+            raise KernelError(f"{kind} device {name} does not exist")
+        return int(msg["index"])
+
+    async def ensure_remote_endpoint(
+        self, vxlan: str, bridge: str, mac: str, addresses: tuple[IPAddress, ...], vtep: IPAddress
+    ) -> None:
+        mac = mac.lower()
+
+        def ensure(ipr: Any) -> None:
+            vx, br = self._index(ipr, vxlan, "vxlan"), self._index(ipr, bridge, "bridge")
+            # "replace" creates or overwrites: an endpoint that moved host keeps one entry.
+            ipr.fdb(
+                "replace",
+                ifindex=vx,
+                lladdr=mac,
+                dst=str(vtep),
+                flags=NTF_SELF,
+                state=NUD_PERMANENT,
+            )
+            # The bridge must forward the MAC to the VXLAN port (static, never NUD_PERMANENT:
+            # on a bridge that means "this host's own address") for neigh_suppress to answer.
+            ipr.fdb("replace", ifindex=vx, lladdr=mac, flags=NTF_MASTER, state=NUD_NOARP)
+            for address in addresses:
+                ipr.neigh(
+                    "replace",
+                    ifindex=br,
+                    dst=str(address),
+                    lladdr=mac,
+                    state=NUD_PERMANENT,
+                    family=_family(address),
+                )
+
+        await self._run(f"ensure remote endpoint {mac} on {vxlan}", ensure)
+
+    async def ensure_remote_endpoint_absent(
+        self, vxlan: str, bridge: str, mac: str, addresses: tuple[IPAddress, ...]
+    ) -> None:
+        mac = mac.lower()
+
+        def absent(ipr: Any) -> None:
+            vx, br = self._get(ipr, vxlan), self._get(ipr, bridge)
+            if br is not None:
+                held = self._neighbours(ipr, int(br["index"]))
+                for address in addresses:
+                    if held.get(address) != mac:
+                        continue
+                    _gone(
+                        ipr.neigh,
+                        "del",
+                        ifindex=int(br["index"]),
+                        dst=str(address),
+                        family=_family(address),
+                    )
+            if vx is not None:
+                index = int(vx["index"])
+                for flags, state in ((NTF_MASTER, NUD_NOARP), (NTF_SELF, NUD_PERMANENT)):
+                    _gone(ipr.fdb, "del", ifindex=index, lladdr=mac, flags=flags, state=state)
+
+        await self._run(f"remove remote endpoint {mac} from {vxlan}", absent, delete=True)
+
+    async def ensure_flood(self, vxlan: str, vteps: tuple[IPAddress, ...]) -> None:
+        def ensure(ipr: Any) -> None:
+            vx = self._index(ipr, vxlan, "vxlan")
+            present = set(self._fdb(ipr, vx)[1])
+            wanted = set(vteps)
+            for vtep in wanted - present:
+                ipr.fdb(
+                    "append",
+                    ifindex=vx,
+                    lladdr=ALL_ZEROS_MAC,
+                    dst=str(vtep),
+                    flags=NTF_SELF,
+                    state=NUD_PERMANENT,
+                )
+            for vtep in present - wanted:
+                _gone(
+                    ipr.fdb,
+                    "del",
+                    ifindex=vx,
+                    lladdr=ALL_ZEROS_MAC,
+                    dst=str(vtep),
+                    flags=NTF_SELF,
+                    state=NUD_PERMANENT,
+                )
+
+        await self._run(f"ensure flood list of {vxlan}", ensure)
+
+    async def list_flood(self, vxlan: str) -> tuple[IPAddress, ...]:
+        def flood(ipr: Any) -> tuple[IPAddress, ...]:
+            vx = self._get(ipr, vxlan)
+            if vx is None:
+                return ()
+            return tuple(sorted(self._fdb(ipr, int(vx["index"]))[1], key=_ip_key))
+
+        return await self._run(f"list flood list of {vxlan}", flood)
+
+    async def list_remote_endpoints(self, vxlan: str, bridge: str) -> list[RemoteEndpoint]:
+        def remote(ipr: Any) -> list[RemoteEndpoint]:
+            vx, br = self._get(ipr, vxlan), self._get(ipr, bridge)
+            vteps: dict[str, IPAddress | None] = {}
+            if vx is not None:
+                forwarded, _flood, bridged = self._fdb(ipr, int(vx["index"]))
+                vteps.update(dict.fromkeys(bridged))
+                vteps.update(forwarded)
+            by_mac: dict[str, list[IPAddress]] = {}
+            if br is not None:
+                for address, mac in self._neighbours(ipr, int(br["index"])).items():
+                    by_mac.setdefault(mac, []).append(address)
+            return [
+                RemoteEndpoint(mac, vteps.get(mac), tuple(sorted(by_mac.get(mac, ()), key=_ip_key)))
+                for mac in sorted({*vteps, *by_mac})
+            ]
+
+        return await self._run(f"list remote endpoints of {vxlan}", remote)
+
+    @staticmethod
+    def _fdb(ipr: Any, index: int) -> tuple[dict[str, IPAddress], list[IPAddress], list[str]]:
+        """(MAC -> VTEP, flood VTEPs, MACs the bridge sends to this port statically)."""
+        forwarded: dict[str, IPAddress] = {}
+        flood: list[IPAddress] = []
+        bridged: list[str] = []
+        for msg in ipr.fdb("dump", ifindex=index):
+            if int(msg["ifindex"]) != index:
+                continue
+            mac = str(_attr(msg, "NDA_LLADDR") or "").lower()
+            dst = _attr(msg, "NDA_DST")
+            if _attr(msg, "NDA_MASTER") is not None:
+                # Static entries only: the port's own MAC is a permanent ("local") one.
+                if msg["state"] & NUD_NOARP and not msg["state"] & NUD_PERMANENT:
+                    bridged.append(mac)
+            elif dst is not None:
+                if mac == ALL_ZEROS_MAC:
+                    flood.append(ipaddress.ip_address(dst))
+                else:
+                    forwarded[mac] = ipaddress.ip_address(dst)
+        return forwarded, flood, bridged
+
+    @staticmethod
+    def _neighbours(ipr: Any, index: int) -> dict[IPAddress, str]:
+        """The bridge's permanent neighbour entries (learned ones belong to local traffic)."""
+        out: dict[IPAddress, str] = {}
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in ipr.neigh("dump", ifindex=index, family=family):
+                lladdr, dst = _attr(msg, "NDA_LLADDR"), _attr(msg, "NDA_DST")
+                if msg["state"] & NUD_PERMANENT and lladdr and dst and msg["ifindex"] == index:
+                    out[ipaddress.ip_address(dst)] = str(lladdr).lower()
+        return out
+
+
+def _family(address: IPAddress) -> int:
+    return socket.AF_INET if address.version == 4 else socket.AF_INET6
+
+
+def _ip_key(address: IPAddress) -> tuple[int, int]:
+    return address.version, int(address)
+
+
+def _gone(fn: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+    """Run a delete; an entry (or device) that is already gone is what we wanted."""
+    try:
+        fn(*args, **kwargs)
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENOENT, errno.ENODEV, errno.ESRCH):
+            raise
+
+
+def _vxlan_args(spec: VxlanSpec, master: int, underlay: int | None) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "ifname": spec.name,
+        "kind": "vxlan",
+        "vxlan_id": spec.vni,
+        "vxlan_port": spec.port,
+        "vxlan_learning": 0,
+        "master": master,
+    }
+    args["vxlan_local" if spec.local.version == 4 else "vxlan_local6"] = str(spec.local)
+    if underlay is not None:
+        args["vxlan_link"] = underlay
+    if spec.mtu:
+        args["mtu"] = spec.mtu
+    return args
+
+
+def _vxlan_differences(spec: VxlanSpec, data: Any, underlay: int | None) -> list[str]:
+    local = data.get_attr("IFLA_VXLAN_LOCAL") or data.get_attr("IFLA_VXLAN_LOCAL6")
+    held: dict[str, object] = {
+        "VNI": data.get_attr("IFLA_VXLAN_ID"),
+        "local address": ipaddress.ip_address(local) if local else None,
+        "port": data.get_attr("IFLA_VXLAN_PORT"),
+        "underlay": data.get_attr("IFLA_VXLAN_LINK") or None,
+    }
+    wanted: dict[str, object] = {"VNI": spec.vni, "local address": spec.local, "port": spec.port}
+    if spec.underlay is not None:
+        wanted["underlay"] = underlay
+    return [
+        f"{what} ({held[what]}, not {value})"
+        if what != "underlay"
+        else f"underlay (ifindex {held[what]}, not {spec.underlay})"
+        for what, value in wanted.items()
+        if held[what] != value
+    ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -22,7 +22,9 @@ from pouch_driver.kernel import (
     Links,
     NetworkRules,
     PortForward,
+    RemoteEndpoint,
     VethSpec,
+    VxlanSpec,
 )
 from pouch_driver.kernel.fake import FakeFirewall, FakeLinks
 from pouch_driver.kernel.iptables import IptablesFirewall
@@ -200,3 +202,161 @@ async def test_removing_the_firewall_leaves_no_plan_in_force(kernel: Kernel) -> 
     await kernel.firewall.remove_all()
     assert await kernel.firewall.differences(PLAN) != []
     assert await kernel.firewall.differences(FirewallPlan()) == []
+
+
+# --- the VXLAN data plane ----------------------------------------------------------------------
+ip = ipaddress.ip_address
+VXLAN = VxlanSpec(
+    name="pkxcontract001",
+    vni=4242,
+    local=ip("198.51.100.1"),
+    bridge=BRIDGE.name,
+    mtu=1400,
+)
+PEER_MAC = "02:66:00:00:00:12"
+PEER_ADDRESSES = (ip("10.78.0.12"), ip("fd70:78::12"))
+VTEP_B, VTEP_C = ip("198.51.100.2"), ip("198.51.100.3")
+
+
+async def test_a_vxlan_device_is_made_on_its_bridge_idempotently(kernel: Kernel) -> None:
+    await kernel.links.ensure_bridge(BRIDGE)
+    for _ in range(2):
+        await kernel.links.ensure_vxlan(VXLAN)
+    bridge, vxlan = [await kernel.links.get_link(n) for n in (BRIDGE.name, VXLAN.name)]
+    assert bridge is not None and vxlan is not None
+    assert (vxlan.kind, vxlan.master, vxlan.up, vxlan.mtu) == ("vxlan", bridge.index, True, 1400)
+    assert await kernel.links.list_remote_endpoints(VXLAN.name, BRIDGE.name) == []
+    assert await kernel.links.list_flood(VXLAN.name) == ()
+
+
+async def test_a_vxlan_device_needs_its_bridge_and_underlay(kernel: Kernel) -> None:
+    with pytest.raises(KernelError, match="does not exist"):
+        await kernel.links.ensure_vxlan(VXLAN)
+    await kernel.links.ensure_bridge(BRIDGE)
+    with pytest.raises(KernelError, match="underlay device pkunosuchlink does not exist"):
+        await kernel.links.ensure_vxlan(replace(VXLAN, underlay="pkunosuchlink"))
+    assert set(await ours(kernel.links)) == {BRIDGE.name}
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"vni": 4243}, "VNI"),
+        ({"local": ip("198.51.100.9")}, "local address"),
+        ({"port": 8472}, "port"),
+    ],
+)
+async def test_a_vxlan_device_with_another_identity_is_refused_by_name(
+    kernel: Kernel, change: dict[str, object], named: str
+) -> None:
+    await kernel.links.ensure_bridge(BRIDGE)
+    await kernel.links.ensure_vxlan(VXLAN)
+    with pytest.raises(KernelError, match=f"exists with another {named}"):
+        await kernel.links.ensure_vxlan(replace(VXLAN, **change))  # type: ignore[arg-type]
+
+
+async def test_a_vxlan_name_held_by_a_bridge_is_refused(kernel: Kernel) -> None:
+    await kernel.links.ensure_bridge(BRIDGE)
+    await kernel.links.ensure_bridge(OTHER)
+    with pytest.raises(KernelError, match="not a vxlan device"):
+        await kernel.links.ensure_vxlan(replace(VXLAN, name=OTHER.name))
+
+
+async def test_a_remote_endpoint_is_written_and_withdrawn_idempotently(kernel: Kernel) -> None:
+    await kernel.links.ensure_bridge(BRIDGE)
+    await kernel.links.ensure_vxlan(VXLAN)
+    for _ in range(2):
+        await kernel.links.ensure_remote_endpoint(
+            VXLAN.name, BRIDGE.name, PEER_MAC.upper(), PEER_ADDRESSES, VTEP_B
+        )
+    assert await kernel.links.list_remote_endpoints(VXLAN.name, BRIDGE.name) == [
+        RemoteEndpoint(PEER_MAC, VTEP_B, PEER_ADDRESSES)
+    ]
+    for _ in range(2):
+        await kernel.links.ensure_remote_endpoint_absent(
+            VXLAN.name, BRIDGE.name, PEER_MAC, PEER_ADDRESSES
+        )
+    assert await kernel.links.list_remote_endpoints(VXLAN.name, BRIDGE.name) == []
+
+
+async def test_an_endpoint_that_moved_host_keeps_one_entry(kernel: Kernel) -> None:
+    await kernel.links.ensure_bridge(BRIDGE)
+    await kernel.links.ensure_vxlan(VXLAN)
+    await kernel.links.ensure_remote_endpoint(
+        VXLAN.name, BRIDGE.name, PEER_MAC, PEER_ADDRESSES, VTEP_B
+    )
+    await kernel.links.ensure_remote_endpoint(
+        VXLAN.name, BRIDGE.name, PEER_MAC, PEER_ADDRESSES, VTEP_C
+    )
+    assert await kernel.links.list_remote_endpoints(VXLAN.name, BRIDGE.name) == [
+        RemoteEndpoint(PEER_MAC, VTEP_C, PEER_ADDRESSES)
+    ]
+
+
+async def test_withdrawing_an_endpoint_spares_an_address_now_held_by_another(
+    kernel: Kernel,
+) -> None:
+    """The address went to a newer endpoint before the old one's withdrawal arrived."""
+    newer = "02:66:00:00:00:99"
+    await kernel.links.ensure_bridge(BRIDGE)
+    await kernel.links.ensure_vxlan(VXLAN)
+    await kernel.links.ensure_remote_endpoint(
+        VXLAN.name, BRIDGE.name, PEER_MAC, PEER_ADDRESSES, VTEP_B
+    )
+    await kernel.links.ensure_remote_endpoint(
+        VXLAN.name, BRIDGE.name, newer, PEER_ADDRESSES[:1], VTEP_C
+    )
+    await kernel.links.ensure_remote_endpoint_absent(
+        VXLAN.name, BRIDGE.name, PEER_MAC, PEER_ADDRESSES
+    )
+    assert await kernel.links.list_remote_endpoints(VXLAN.name, BRIDGE.name) == [
+        RemoteEndpoint(newer, VTEP_C, PEER_ADDRESSES[:1])
+    ]
+
+
+async def test_withdrawing_from_a_device_that_is_gone_succeeds(kernel: Kernel) -> None:
+    await kernel.links.ensure_remote_endpoint_absent(
+        VXLAN.name, BRIDGE.name, PEER_MAC, PEER_ADDRESSES
+    )
+    assert await kernel.links.list_remote_endpoints(VXLAN.name, BRIDGE.name) == []
+    assert await kernel.links.list_flood(VXLAN.name) == ()
+
+
+async def test_remote_entries_need_the_vxlan_device(kernel: Kernel) -> None:
+    await kernel.links.ensure_bridge(BRIDGE)
+    with pytest.raises(KernelError, match="does not exist"):
+        await kernel.links.ensure_remote_endpoint(
+            VXLAN.name, BRIDGE.name, PEER_MAC, PEER_ADDRESSES, VTEP_B
+        )
+    with pytest.raises(KernelError, match="does not exist"):
+        await kernel.links.ensure_flood(VXLAN.name, (VTEP_B,))
+
+
+async def test_the_flood_list_is_exactly_what_was_asked_idempotently(kernel: Kernel) -> None:
+    await kernel.links.ensure_bridge(BRIDGE)
+    await kernel.links.ensure_vxlan(VXLAN)
+    for _ in range(2):
+        await kernel.links.ensure_flood(VXLAN.name, (VTEP_C, VTEP_B))
+    assert await kernel.links.list_flood(VXLAN.name) == (VTEP_B, VTEP_C)
+    await kernel.links.ensure_flood(VXLAN.name, (VTEP_C,))
+    assert await kernel.links.list_flood(VXLAN.name) == (VTEP_C,)
+    for _ in range(2):
+        await kernel.links.ensure_flood(VXLAN.name, ())
+    assert await kernel.links.list_flood(VXLAN.name) == ()
+    assert await kernel.links.list_remote_endpoints(VXLAN.name, BRIDGE.name) == []
+
+
+async def test_removing_the_vxlan_device_takes_its_entries(kernel: Kernel) -> None:
+    await kernel.links.ensure_bridge(BRIDGE)
+    await kernel.links.ensure_vxlan(VXLAN)
+    await kernel.links.ensure_remote_endpoint(
+        VXLAN.name, BRIDGE.name, PEER_MAC, PEER_ADDRESSES, VTEP_B
+    )
+    await kernel.links.ensure_flood(VXLAN.name, (VTEP_B,))
+    await kernel.links.ensure_link_absent(VXLAN.name)
+    await kernel.links.ensure_vxlan(VXLAN)
+    assert await kernel.links.list_flood(VXLAN.name) == ()
+    # The bridge's neighbour entries stay: the reconciler sees them, without a VTEP.
+    assert await kernel.links.list_remote_endpoints(VXLAN.name, BRIDGE.name) == [
+        RemoteEndpoint(PEER_MAC, None, PEER_ADDRESSES)
+    ]
