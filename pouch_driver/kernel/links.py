@@ -360,21 +360,26 @@ class NetlinkLinks:
                     return
             if _kind(host) != "veth":
                 raise KernelError(f"interface {spec.host} exists and is not a veth")
-            index = int(host["index"])
-            changes: dict[str, Any] = {}
-            if _attr(host, "IFLA_MASTER") != master:
-                changes["master"] = master
-            if spec.mtu and _attr(host, "IFLA_MTU") != spec.mtu:
-                changes["mtu"] = spec.mtu
-            if changes:
-                ipr.link("set", index=index, **changes)
-            if not host["flags"] & IFF_UP:
-                ipr.link("set", index=index, state="up")
+            self._attach_port(ipr, host, master, spec.mtu)
 
         await self._run(f"ensure veth {spec.host}", ensure)
         # Hairpin mode only matters to a container reaching its own published port: set it
         # off the request path (the host end stays in this namespace; any time will do).
         self._background(f"hairpin on {spec.host}", lambda ipr: self._hairpin(ipr, spec.host))
+
+    @staticmethod
+    def _attach_port(ipr: Any, msg: Any, master: int, mtu: int | None) -> None:
+        """An existing bridge port made right: on ``master``, at ``mtu`` (if given), up."""
+        index = int(msg["index"])
+        changes: dict[str, Any] = {}
+        if _attr(msg, "IFLA_MASTER") != master:
+            changes["master"] = master
+        if mtu and _attr(msg, "IFLA_MTU") != mtu:
+            changes["mtu"] = mtu
+        if changes:
+            ipr.link("set", index=index, **changes)
+        if not msg["flags"] & IFF_UP:
+            ipr.link("set", index=index, state="up")
 
     @staticmethod
     def _hairpin(ipr: Any, host: str) -> None:
@@ -479,16 +484,8 @@ class NetlinkLinks:
             index = int(msg["index"])
             if data.get_attr("IFLA_VXLAN_LEARNING"):
                 ipr.link("set", index=index, kind="vxlan", vxlan_learning=0)
-            changes: dict[str, Any] = {}
-            if _attr(msg, "IFLA_MASTER") != master:
-                changes["master"] = master
-            if spec.mtu and _attr(msg, "IFLA_MTU") != spec.mtu:
-                changes["mtu"] = spec.mtu
-            if changes:
-                ipr.link("set", index=index, **changes)
+            self._attach_port(ipr, msg, master, spec.mtu)
             self._suppress_neighbours(ipr, spec.name, index)
-            if not msg["flags"] & IFF_UP:
-                ipr.link("set", index=index, state="up")
 
         await self._run(f"ensure vxlan {spec.name}", ensure)
 
