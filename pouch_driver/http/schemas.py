@@ -219,12 +219,7 @@ class AllocateNetworkRequest(Request):
         load_default=dict,
         allow_none=True,
     )
-    ipv4_data = fields.List(
-        fields.Nested(IPAMDataSchema), data_key="IPv4Data", load_default=list, allow_none=True
-    )
-    ipv6_data = fields.List(
-        fields.Nested(IPAMDataSchema), data_key="IPv6Data", load_default=list, allow_none=True
-    )
+    # IPv4Data/IPv6Data come too; a local driver allocates nothing, so they are not read.
 
     @post_load
     def _make(self, data: dict[str, Any], **kwargs: Any) -> m.AllocateNetworkRequest:

@@ -316,14 +316,18 @@ class NetlinkLinks:
             args["address"] = spec.mac
         if spec.mtu:
             args["mtu"] = spec.mtu
+        return self._add_link(ipr, spec.name, "bridge", args)
+
+    def _add_link(self, ipr: Any, name: str, what: str, args: dict[str, Any]) -> Any:
+        """Create a link and return its message; a concurrent ensure that made it first wins."""
         try:
             ipr.link("add", **args)
         except NetlinkError as exc:
-            if exc.code != errno.EEXIST:  # else a concurrent ensure won the race
+            if exc.code != errno.EEXIST:
                 raise
-        msg = self._get(ipr, spec.name)
+        msg = self._get(ipr, name)
         if msg is None:
-            raise KernelError(f"bridge {spec.name} vanished right after it was created")
+            raise KernelError(f"{what} {name} vanished right after it was created")
         return msg
 
     async def ensure_veth(self, spec: VethSpec) -> None:
@@ -490,15 +494,7 @@ class NetlinkLinks:
         await self._run(f"ensure vxlan {spec.name}", ensure)
 
     def _add_vxlan(self, ipr: Any, spec: VxlanSpec, master: int, underlay: int | None) -> Any:
-        try:
-            ipr.link("add", **_vxlan_args(spec, master, underlay))
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:  # else a concurrent ensure won the race
-                raise
-        msg = self._get(ipr, spec.name)
-        if msg is None:
-            raise KernelError(f"vxlan device {spec.name} vanished right after it was made")
-        return msg
+        return self._add_link(ipr, spec.name, "vxlan device", _vxlan_args(spec, master, underlay))
 
     def _suppress_neighbours(self, ipr: Any, name: str, index: int) -> None:
         """neigh_suppress on, bridge learning off (entries come from the cluster store, never
