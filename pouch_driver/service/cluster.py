@@ -154,7 +154,10 @@ class Cluster:
         peers: set[IPAddress] = set()
         for net in self.local_networks():
             with contextlib.suppress(DriverError):
-                peers.update(await self._links.list_flood(self._names.vxlan(net.network_id)))
+                remote = await self._links.list_remote_endpoints(
+                    self._names.vxlan(net.network_id), net.bridge
+                )
+                peers.update(r.vtep for r in remote if r.vtep is not None)
         self._seed_peers = tuple(sorted(peers, key=str))
 
     async def start(self) -> None:
@@ -378,9 +381,7 @@ class Cluster:
         net = self.local_network(key.network)
         if net is None:
             return
-        if key.kind == "members":
-            await self._flood(key.network, net)
-        elif key.kind == "endpoints":
+        if key.kind == "endpoints":
             await self._endpoint_changed(
                 key.network, net, key.item, old if isinstance(old, lay.EndpointRecord) else None
             )
@@ -401,15 +402,11 @@ class Cluster:
                     vxlan, net.bridge, new.mac, new.addresses, new.vtep
                 )
 
-    async def _flood(self, name: str, net: Network) -> None:
-        vteps = tuple(
-            sorted(
-                {r.vtep for h, r in self.mirror.members.get(name, {}).items() if h != self.host},
-                key=str,
-            )
-        )
+    async def _no_flood(self, net: Network) -> None:
+        """Broadcasts stay on their host (docs/architecture.md, "Flooding"): nothing a
+        container needs to reach another by IP is broadcast across."""
         async with self._kernel_lock:
-            await self._links.ensure_flood(self._names.vxlan(net.network_id), vteps)
+            await self._links.ensure_flood(self._names.vxlan(net.network_id), ())
 
     async def converge(self) -> list[str]:
         """Make every cluster network's VXLAN device and entries match the mirror; returns
@@ -455,7 +452,7 @@ class Cluster:
                         vxlan, net.bridge, mac, rec.addresses, rec.vtep
                     )
                     changes.append(f"{name}: programmed {mac} via {rec.vtep}")
-        await self._flood(name, net)
+        await self._no_flood(net)
         return changes
 
     async def ensure_device(self, net: Network) -> None:

@@ -457,3 +457,22 @@ async def test_status_check_and_gc_cover_cluster_networks(
         assert any(f"of host {b.vtep}, whose lease is gone" in p for p in problems), problems
         blocks = etcdctl(etcd, "get", "--prefix", "--keys-only", "/pouch/v1/blocks/mesh/")
         assert len(blocks.split()) == 1, blocks
+
+
+async def test_losing_one_etcd_member_of_three_changes_nothing(
+    hosts: tuple[Host, Host], etcd: EtcdCluster
+) -> None:
+    a, b = hosts
+    with ExitStack() as stack:
+        for h in (a, b):
+            await create_network(h)
+        etcd.kill(0)
+        ip_a = await run_container(a, stack)
+        ip_b = await run_container(b, stack)
+        for h, other in ((a, b), (b, a)):
+            (eid,) = other.containers
+            mac = other.d.state.endpoints[eid].mac
+            await eventually(lambda h=h, mac=mac: mac in h.fdb_macs(), 3.0)  # type: ignore[misc]
+        (ca,), (cb,) = a.containers.values(), b.containers.values()
+        assert await ping(ca, ip_b) and await ping(cb, ip_a)
+        assert a.d.cluster is not None and a.d.cluster.connected
