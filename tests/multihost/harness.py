@@ -607,7 +607,7 @@ class Host(Engine):
         entries: set[tuple[str, str, str]] = set()
         for n in self.ip_json("neigh", "show", "nud", "permanent"):
             if n.get("dev") in bridges and n.get("lladdr"):
-                entries.add((n["dev"], n["dst"], n["lladdr"]))
+                entries.add((n["dev"], str(ipaddress.ip_address(n["dst"])), n["lladdr"]))
         return entries
 
     def entries_towards(self, other: Host) -> tuple[set[str], set[str]]:
@@ -615,6 +615,15 @@ class Host(Engine):
         macs = {mac for _dev, mac, dst in self.remote_fdb() if dst == other.address}
         addrs = {addr for _br, addr, mac in self.remote_neighbours() if mac in macs}
         return macs, addrs
+
+    def forget_remote(self) -> None:
+        """Delete every remote forwarding and neighbour entry from this host's kernel (what a
+        plugin must rebuild from the cluster store)."""
+        for dev, mac, dst in self.remote_fdb():
+            self.in_engine_ns("bridge", "fdb", "del", mac, "dev", dev, "self", "dst", dst)
+            self.in_engine_ns("bridge", "fdb", "del", mac, "dev", dev, "master", check=False)
+        for br, addr, _mac in self.remote_neighbours():
+            self.in_engine_ns("ip", "neigh", "del", addr, "dev", br)
 
     def host_veths(self) -> list[str]:
         """The plugin's host-side veth ends (``<prefix>h<id>``)."""
@@ -789,6 +798,44 @@ def startup_report(mh: MultiHost) -> str:
     return "\n".join(parts)
 
 
+def wait_announced(
+    seer: Host, owner: Host, addresses: Iterable[str], *, timeout: float = 15.0
+) -> None:
+    """Until ``seer``'s kernel forwards each of ``addresses`` to ``owner``'s VTEP."""
+    wanted = {str(ipaddress.ip_address(a)) for a in addresses}
+
+    def ok() -> bool:
+        return wanted <= seer.entries_towards(owner)[1]
+
+    try:
+        wait_until(ok, timeout=timeout, interval=0.2, message="entries")
+    except AssertionError:
+        raise AssertionError(
+            f"host {seer.letter} does not forward {sorted(wanted)} to host {owner.letter} "
+            f"({owner.address}) after {timeout:g}s: fdb {sorted(seer.remote_fdb())}, "
+            f"neighbours {sorted(seer.remote_neighbours())}"
+        ) from None
+
+
+def wait_withdrawn(
+    seer: Host, owner: Host, addresses: Iterable[str] | None = None, *, timeout: float = 15.0
+) -> None:
+    """Until ``seer``'s kernel holds no entry towards ``owner`` (or none for ``addresses``)."""
+    wanted = None if addresses is None else {str(ipaddress.ip_address(a)) for a in addresses}
+
+    def ok() -> bool:
+        macs, have = seer.entries_towards(owner)
+        return not (macs or have) if wanted is None else not (wanted & have)
+
+    try:
+        wait_until(ok, timeout=timeout, interval=0.2, message="withdrawal")
+    except AssertionError:
+        raise AssertionError(
+            f"host {seer.letter} still forwards to host {owner.letter} after {timeout:g}s: "
+            f"fdb {sorted(seer.remote_fdb())}, neighbours {sorted(seer.remote_neighbours())}"
+        ) from None
+
+
 # --------------------------------------------------------------------------------------------
 # Containers, seen from outside
 # --------------------------------------------------------------------------------------------
@@ -830,6 +877,11 @@ print("timeout")
 """
 
 
+#: busybox httpd serving /www/index.html ("pouch-e2e-ok") on port 80, IPv4 and IPv6.
+HTTPD = ("httpd", "-f", "-p", "80", "-h", "/www")
+PAGE = "pouch-e2e-ok"
+
+
 def container_pid(host: Host, container: str) -> int:
     pid = int(host.docker("inspect", "-f", "{{.State.Pid}}", container).stdout.strip())
     if pid <= 0:
@@ -838,13 +890,15 @@ def container_pid(host: Host, container: str) -> int:
 
 
 def df_ping(host: Host, container: str, target: str, size: int) -> str:
-    """A don't-fragment ICMP echo of ``size`` payload bytes from ``container``'s netns."""
+    """A don't-fragment ICMP echo of ``size`` payload bytes from ``container``'s netns:
+    "reply", "timeout" or "error <errno>" (90, EMSGSIZE: larger than the link's MTU)."""
     pid = container_pid(host, container)
-    r = run(
-        ["nsenter", "-t", str(pid), "-n", "--", sys.executable, "-c", DF_PING, target, str(size)],
-        check=False,
-        timeout=20,
-    )
+    return df_ping_in(["nsenter", "-t", str(pid), "-n", "--"], target, size)
+
+
+def df_ping_in(enter: Sequence[str], target: str, size: int) -> str:
+    """:func:`df_ping` from the netns ``enter`` (an nsenter prefix) runs in."""
+    r = run([*enter, sys.executable, "-c", DF_PING, target, str(size)], check=False, timeout=20)
     return r.stdout.strip() or f"no output: {r.stderr.strip()}"
 
 

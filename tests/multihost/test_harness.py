@@ -10,7 +10,7 @@ import os
 from tests.e2e.harness import PLUGIN_DIR
 
 from .conftest import Pair
-from .harness import DRIVER, HOST_UPLINK, SWITCH_ADDR
+from .harness import DRIVER, HOST_UPLINK, OVERLAY_MTU, SWITCH_ADDR, df_ping_in
 
 
 def test_each_host_has_its_own_netns_mount_ns_dockerd_and_plugin(pair: Pair) -> None:
@@ -63,3 +63,58 @@ def test_a_local_network_works_on_each_host(pair: Pair) -> None:
         c1 = s.run_container(net, "c1")
         c2 = s.run_container(net, "c2")
         s.assert_ping(c1, s.container_ip(c2, net))
+
+
+def test_oracle_reads_a_hand_made_vxlan_overlay(pair: Pair) -> None:
+    """The oracle (``entries_towards``, ``forget_remote``, ``df_ping_in``) on a VXLAN
+    overlay built by hand with ``ip``/``bridge``, the way the plugin builds it: a bridge and a
+    VXLAN port per host, static forwarding and permanent neighbour entries, no learning.
+    The bridges' own addresses play the containers."""
+    a, b = pair.ha, pair.hb
+    vni = "4242"
+    addr = {a.letter: "10.56.0.1", b.letter: "10.56.0.2"}
+    names = {h.letter: (f"{h.plugin.prefix}bzz", f"{h.plugin.prefix}xzz") for h in (a, b)}
+    try:
+        for h in (a, b):
+            br, vx = names[h.letter]
+            for cmd in (
+                ["ip", "link", "add", br, "type", "bridge"],
+                ["ip", "link", "add", vx, "type", "vxlan", "id", vni, "local", h.address,
+                 "dstport", "4789", "nolearning"],
+                ["ip", "link", "set", vx, "master", br, "up"],
+                # As the plugin does: the overlay MTU given explicitly, not left to the
+                # bridge's auto-adjustment.
+                ["ip", "link", "set", br, "mtu", str(OVERLAY_MTU)],
+                ["bridge", "link", "set", "dev", vx, "learning", "off", "neigh_suppress", "on"],
+                ["ip", "addr", "add", f"{addr[h.letter]}/24", "dev", br],
+                ["ip", "link", "set", br, "up"],
+            ):  # fmt: skip
+                h.in_engine_ns(*cmd)
+        macs = {}
+        for h in (a, b):
+            link = h.link(names[h.letter][0])
+            assert link is not None
+            macs[h.letter] = str(link["address"])
+        for h, other in ((a, b), (b, a)):
+            br, vx = names[h.letter]
+            mac = macs[other.letter]
+            h.in_engine_ns("bridge", "fdb", "add", mac, "dev", vx, "self", "dst", other.address)
+            h.in_engine_ns("bridge", "fdb", "add", mac, "dev", vx, "master", "static")
+            h.in_engine_ns(
+                "ip", "neigh", "replace", addr[other.letter], "lladdr", mac, "dev", br,
+                "nud", "permanent",
+            )  # fmt: skip
+        assert a.entries_towards(b) == ({macs[b.letter]}, {addr[b.letter]})
+        assert b.entries_towards(a) == ({macs[a.letter]}, {addr[a.letter]})
+        assert [vx["vni"] for vx in a.vxlans()] == [int(vni)]
+        enter_a = ["nsenter", f"--net=/run/netns/{a.netns}", "--"]
+        assert df_ping_in(enter_a, addr[b.letter], OVERLAY_MTU - 28) == "reply"
+        assert df_ping_in(enter_a, addr[b.letter], OVERLAY_MTU - 27) == "error 90"
+        a.forget_remote()
+        assert a.entries_towards(b) == (set(), set())
+        assert not a.remote_fdb() and not a.remote_neighbours()
+        assert df_ping_in(enter_a, addr[b.letter], 56) != "reply"
+    finally:
+        for h in (a, b):
+            for name in names[h.letter]:
+                h.in_engine_ns("ip", "link", "del", name, check=False)

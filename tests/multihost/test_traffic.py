@@ -1,0 +1,170 @@
+"""Cross-host traffic on a cluster network, and isolation from every other network.
+
+A cluster network is created on each host with the same definition
+(``-o pouch.cluster=NAME --subnet ...``); containers on it reach each other across hosts
+by IP over VXLAN. Checked by packets (ping, wget, a don't-fragment ICMP echo) and by each
+host's kernel (``ip -json`` / ``bridge -json``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from tests.e2e.harness import Scope
+
+from .conftest import Pair
+from .harness import (
+    HTTPD,
+    OVERLAY_MTU,
+    PAGE,
+    container_net,
+    df_ping,
+    parallel,
+    wait_announced,
+)
+
+VXLAN_PORT = 4789
+
+
+def _same_vni_everywhere(mh: Pair, count: int) -> set[int]:
+    """Each host has ``count`` VXLAN devices, on its own VTEP, port 4789, MTU underlay - 50;
+    the hosts agree on the VNIs. Returns them."""
+    vnis: list[set[int]] = []
+    for h in mh.hosts.hosts:
+        vxs = h.vxlans()
+        assert len(vxs) == count, (h.letter, vxs)
+        for vx in vxs:
+            assert vx["local"] == h.address, (h.letter, vx)
+            assert vx["port"] == VXLAN_PORT, (h.letter, vx)
+            assert vx["mtu"] == OVERLAY_MTU, (h.letter, vx)
+            assert vx["master"], (h.letter, vx)
+        vnis.append({int(vx["vni"]) for vx in vxs})
+    assert all(v == vnis[0] for v in vnis), vnis
+    assert len(vnis[0]) == count, vnis
+    return vnis[0]
+
+
+def test_cross_host_tcp_ping_and_mtu_ipv4(mh: Pair) -> None:
+    """httpd on each host, fetched and pinged from the other; the overlay MTU is the
+    underlay's less 50 in the containers, and a 1422-byte DF ping crosses both ways."""
+    net = mh.mesh("mesh", "10.61.0.0/16")
+    wa = mh.a.run_container(net, "wa", *HTTPD)
+    wb = mh.b.run_container(net, "wb", *HTTPD)
+    ipa, ipb = mh.a.container_ip(wa, net), mh.b.container_ip(wb, net)
+    assert ipa != ipb
+    for ip in (ipa, ipb):
+        assert ipaddress.ip_address(ip) in ipaddress.ip_network("10.61.0.0/16")
+    _same_vni_everywhere(mh, 1)
+    wait_announced(mh.ha, mh.hb, [ipb])
+    wait_announced(mh.hb, mh.ha, [ipa])
+
+    mh.a.assert_ping(wa, ipb)
+    mh.b.assert_ping(wb, ipa)
+    assert PAGE in mh.a.http_get(wa, f"http://{ipb}/").stdout
+    assert PAGE in mh.b.http_get(wb, f"http://{ipa}/").stdout
+
+    for s, c in ((mh.a, wa), (mh.b, wb)):
+        assert s.exec(c, "cat", "/sys/class/net/eth0/mtu").stdout.strip() == str(OVERLAY_MTU)
+    payload = OVERLAY_MTU - 28  # 1422: IPv4 20 + ICMP 8
+    assert df_ping(mh.ha, wa, ipb, payload) == "reply"
+    assert df_ping(mh.hb, wb, ipa, payload) == "reply"
+    # One byte more does not fit the container's link: refused at the source (EMSGSIZE),
+    # never silently lost on the way.
+    assert df_ping(mh.ha, wa, ipb, payload + 1) == "error 90"
+
+
+def test_cross_host_tcp_and_ping_dual_stack(mh: Pair) -> None:
+    """The same over IPv6 on a dual-stack cluster network."""
+    net = mh.mesh("dual", "10.62.0.0/16", subnet6="fd61:1::/64")
+    wa = mh.a.run_container(net, "wa", *HTTPD)
+    wb = mh.b.run_container(net, "wb", *HTTPD)
+    a_net, b_net = container_net(mh.ha, wa, net), container_net(mh.hb, wb, net)
+    a6, b6 = a_net["GlobalIPv6Address"], b_net["GlobalIPv6Address"]
+    assert a6 and b6 and a6 != b6, (a_net, b_net)
+    for ip in (a6, b6):
+        assert ipaddress.ip_address(ip) in ipaddress.ip_network("fd61:1::/64")
+    wait_announced(mh.ha, mh.hb, [b_net["IPAddress"], b6])
+    wait_announced(mh.hb, mh.ha, [a_net["IPAddress"], a6])
+
+    mh.a.assert_ping(wa, b6)
+    mh.b.assert_ping(wb, a6)
+    mh.a.assert_ping(wa, b_net["IPAddress"])
+    assert PAGE in mh.a.http_get(wa, f"http://[{b6}]/").stdout
+    assert PAGE in mh.b.http_get(wb, f"http://[{a6}]/").stdout
+
+
+def test_a_conflicting_definition_is_refused_naming_the_difference(mh: Pair) -> None:
+    """Host b asks for the same cluster network with another subnet: refused, and the error
+    says which setting differs; with the same subnet it joins."""
+    mh.create_cluster_network(mh.a, "conf", "10.63.0.0/16")
+    r = mh.b.docker(
+        "network",
+        "create",
+        "-d",
+        mh.b.driver,
+        "--ipam-driver",
+        mh.b.driver,
+        "--subnet",
+        "10.64.0.0/16",
+        "-o",
+        f"pouch.cluster={mh.cluster_name('conf')}",
+        mh.b.name("conf-other"),
+        check=False,
+    )
+    mh.b.networks.append(mh.b.name("conf-other"))
+    assert r.returncode != 0, r.stdout
+    assert "subnet" in r.stderr.lower(), r.stderr
+    assert "10.63.0.0/16" in r.stderr or "10.64.0.0/16" in r.stderr, r.stderr
+    mh.create_cluster_network(mh.b, "conf", "10.63.0.0/16")
+
+
+def test_cluster_networks_and_a_local_network_are_isolated(mh: Pair) -> None:
+    """Two cluster networks and a local one per host: each cluster network connects its own
+    containers across hosts, and nothing crosses from one network to another, on one host or
+    across."""
+    x = mh.mesh("x", "10.65.0.0/16")
+    y = mh.mesh("y", "10.66.0.0/16")
+    loc_a = mh.a.create_network("loc", subnet="10.57.0.0/24")
+    loc_b = mh.b.create_network("loc", subnet="10.57.1.0/24")
+    ax, ay, al = (mh.a.run_container(n, b) for n, b in ((x, "ax"), (y, "ay"), (loc_a, "al")))
+    bx, by, bl = (mh.b.run_container(n, b) for n, b in ((x, "bx"), (y, "by"), (loc_b, "bl")))
+    ip = {
+        "ax": mh.a.container_ip(ax, x),
+        "ay": mh.a.container_ip(ay, y),
+        "al": mh.a.container_ip(al, loc_a),
+        "bx": mh.b.container_ip(bx, x),
+        "by": mh.b.container_ip(by, y),
+        "bl": mh.b.container_ip(bl, loc_b),
+    }
+    vnis = _same_vni_everywhere(mh, 2)
+    assert len(vnis) == 2
+    wait_announced(mh.ha, mh.hb, [ip["bx"], ip["by"]])
+    wait_announced(mh.hb, mh.ha, [ip["ax"], ip["ay"]])
+    # No local network is announced: its addresses are nowhere in the other host's kernel.
+    assert ip["al"] not in mh.hb.entries_towards(mh.ha)[1]
+    assert ip["bl"] not in mh.ha.entries_towards(mh.hb)[1]
+
+    # Positive controls: each cluster network works across hosts.
+    mh.a.assert_ping(ax, ip["bx"])
+    mh.b.assert_ping(by, ip["ay"])
+
+    negatives = [
+        (mh.a, ax, "by"),
+        (mh.a, ay, "bx"),
+        (mh.b, bx, "ay"),
+        (mh.b, by, "ax"),
+        (mh.a, al, "bx"),
+        (mh.a, al, "by"),
+        (mh.b, bl, "ax"),
+        (mh.a, ax, "ay"),
+        (mh.a, ax, "al"),
+        (mh.b, bx, "bl"),
+    ]
+
+    def attempt(scope: Scope, c: str, target: str) -> tuple[str, str, int]:
+        r = scope.ping(c, ip[target], count=2, wait=1)
+        return c, target, r.returncode
+
+    results = parallel(*(lambda s=s, c=c, t=t: attempt(s, c, t) for s, c, t in negatives))
+    reached = [(c, t) for c, t, rc in results if rc == 0]
+    assert not reached, f"reachable across networks: {reached}"
