@@ -88,10 +88,8 @@ def hosts(cluster_feature: bool) -> Iterator[MultiHost]:
             yield mh
         finally:
             _hosts = None
-            _timings.update(
-                {f"host {h.letter} {k}": v for h in mh.hosts for k, v in h.timings.items()}
-            )
-            _timings.update(mh.timings)
+    _timings.update(mh.timings)
+    _timings.update({f"host {h.letter} {k}": v for h in mh.hosts for k, v in h.timings.items()})
 
 
 class Pair:
