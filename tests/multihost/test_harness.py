@@ -79,8 +79,8 @@ def test_oracle_reads_a_hand_made_vxlan_overlay(pair: Pair) -> None:
             br, vx = names[h.letter]
             for cmd in (
                 ["ip", "link", "add", br, "type", "bridge"],
-                ["ip", "link", "add", vx, "type", "vxlan", "id", vni, "local", h.address,
-                 "dstport", "4789", "nolearning"],
+                ["ip", "link", "add", vx, "mtu", str(OVERLAY_MTU), "type", "vxlan", "id", vni,
+                 "local", h.address, "dstport", "4789", "nolearning", "dev", HOST_UPLINK],
                 ["ip", "link", "set", vx, "master", br, "up"],
                 # As the plugin does: the overlay MTU given explicitly, not left to the
                 # bridge's auto-adjustment.
@@ -106,7 +106,14 @@ def test_oracle_reads_a_hand_made_vxlan_overlay(pair: Pair) -> None:
             )  # fmt: skip
         assert a.entries_towards(b) == ({macs[b.letter]}, {addr[b.letter]})
         assert b.entries_towards(a) == ({macs[a.letter]}, {addr[a.letter]})
-        assert [vx["vni"] for vx in a.vxlans()] == [int(vni)]
+        (vx,) = a.vxlans()
+        assert (vx["vni"], vx["local"], vx["port"], vx["mtu"]) == (
+            int(vni),
+            a.address,
+            4789,
+            OVERLAY_MTU,
+        ), vx
+        assert vx["master"] == names[a.letter][0]
         enter_a = ["nsenter", f"--net=/run/netns/{a.netns}", "--"]
         assert df_ping_in(enter_a, addr[b.letter], OVERLAY_MTU - 28) == "reply"
         assert df_ping_in(enter_a, addr[b.letter], OVERLAY_MTU - 27) == "error 90"
