@@ -73,6 +73,10 @@ from tests.e2e.harness import (
 
 T = TypeVar("T")
 
+#: The checkout these tests belong to: the plugins run its pouch_driver, whatever the venv
+#: has installed and whatever directory nsenter leaves them in.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 PREFIX = "pdmh"
 LOCK_PATH = TMP / f"{PREFIX}.lock"
 #: The driver's name on every host (its socket file, /run/docker/plugins/pdmh.sock, exists
@@ -113,8 +117,9 @@ def parallel(*calls: Callable[[], T]) -> list[T]:
 
 def cluster_feature_available() -> bool:
     """True if this checkout's ``pouch_driver serve`` has the cluster flags."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     out = run(
-        [sys.executable, "-m", "pouch_driver", "serve", "--help"], check=False, timeout=30
+        [sys.executable, "-m", "pouch_driver", "serve", "--help"], check=False, timeout=30, env=env
     ).stdout
     return "--cluster" in out and "--advertise-address" in out
 
@@ -589,6 +594,19 @@ class Host(Engine):
             )
         return out
 
+    def vxlan_of(self, network: str) -> dict[str, Any]:
+        """The VXLAN device of docker network ``network`` (name or ID): the one whose master
+        is the network's bridge (``<prefix>b<id>``, README "Names")."""
+        network_id = str(self.docker_json("network", "inspect", network)[0]["Id"])
+        bridge = self.bridge_name(network_id)
+        found = [vx for vx in self.vxlans() if vx["master"] == bridge]
+        if len(found) != 1:
+            raise AssertionError(
+                f"host {self.letter}: want one VXLAN device on bridge {bridge} of {network}, "
+                f"found {found} among {self.vxlans()}"
+            )
+        return found[0]
+
     def remote_fdb(self) -> set[tuple[str, str, str]]:
         """``(vxlan device, mac, vtep)`` of every unicast forwarding entry to another host."""
         entries: set[tuple[str, str, str]] = set()
@@ -649,6 +667,7 @@ class MultiHost:
         self.lease_ttl = lease_ttl
         self.hosts = [Host(self.tag, i, self.base) for i in range(n)]
         for h in self.hosts:
+            h.plugin.env["PYTHONPATH"] = str(REPO_ROOT)
             if cluster:
                 h.plugin.extra_args = self.cluster_args(h)
         self.timings: dict[str, float] = {}

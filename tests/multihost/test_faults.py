@@ -58,7 +58,7 @@ def test_crashed_host_is_withdrawn_after_its_lease_then_rejoins(mh: Pair) -> Non
     print(f"host b's entries withdrawn from host a {took:.2f}s after the crash")
     # Host a itself is untouched: its container's link is there, its vxlan device too.
     assert mh.ha.host_veths() == a_veths
-    assert len(mh.ha.vxlans()) == 1
+    assert mh.ha.vxlan_of(net)
 
     mh.hb.revive()
     b2 = mh.b.run_container(net, "b2")
@@ -82,7 +82,9 @@ def test_crashed_host_is_withdrawn_after_its_lease_then_rejoins(mh: Pair) -> Non
             f"after b's restart: a forwards {mh.ha.entries_towards(mh.hb)} to b "
             f"(want {{{mac_b2}}}, {{{ip_b2}}}); b's veths {mh.hb.host_veths()}"
         ) from None
-    assert ip_b1 not in {v4 for v4, _v6, _m in containers_on(mh.hb, net).values()}
+    # b1 died with b's dockerd, which took it off the network when it came back (its
+    # address may well be b2's now: it was free again).
+    assert b1 not in containers_on(mh.hb, net)
 
 
 @pytest.mark.timeout(180)

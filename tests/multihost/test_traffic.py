@@ -26,22 +26,23 @@ from .harness import (
 VXLAN_PORT = 4789
 
 
-def _same_vni_everywhere(mh: Pair, count: int) -> set[int]:
-    """Each host has ``count`` VXLAN devices, on its own VTEP, port 4789, MTU underlay - 50;
-    the hosts agree on the VNIs. Returns them."""
-    vnis: list[set[int]] = []
-    for h in mh.hosts.hosts:
-        vxs = h.vxlans()
-        assert len(vxs) == count, (h.letter, vxs)
-        for vx in vxs:
+def _same_vni_everywhere(mh: Pair, *networks: str) -> list[int]:
+    """Each host has one VXLAN device per network, on its own VTEP, port 4789, MTU underlay
+    - 50, a port of the network's bridge; the hosts agree on each network's VNI, and the
+    networks' VNIs differ. Returns them."""
+    vnis = []
+    for net in networks:
+        per_host = []
+        for h in mh.hosts.hosts:
+            vx = h.vxlan_of(net)
             assert vx["local"] == h.address, (h.letter, vx)
             assert vx["port"] == VXLAN_PORT, (h.letter, vx)
             assert vx["mtu"] == OVERLAY_MTU, (h.letter, vx)
-            assert vx["master"], (h.letter, vx)
-        vnis.append({int(vx["vni"]) for vx in vxs})
-    assert all(v == vnis[0] for v in vnis), vnis
-    assert len(vnis[0]) == count, vnis
-    return vnis[0]
+            per_host.append(int(vx["vni"]))
+        assert len(set(per_host)) == 1, (net, per_host)
+        vnis.append(per_host[0])
+    assert len(set(vnis)) == len(vnis), vnis
+    return vnis
 
 
 def test_cross_host_tcp_ping_and_mtu_ipv4(mh: Pair) -> None:
@@ -54,7 +55,7 @@ def test_cross_host_tcp_ping_and_mtu_ipv4(mh: Pair) -> None:
     assert ipa != ipb
     for ip in (ipa, ipb):
         assert ipaddress.ip_address(ip) in ipaddress.ip_network("10.61.0.0/16")
-    _same_vni_everywhere(mh, 1)
+    _same_vni_everywhere(mh, net)
     wait_announced(mh.ha, mh.hb, [ipb])
     wait_announced(mh.hb, mh.ha, [ipa])
 
@@ -136,8 +137,7 @@ def test_cluster_networks_and_a_local_network_are_isolated(mh: Pair) -> None:
         "by": mh.b.container_ip(by, y),
         "bl": mh.b.container_ip(bl, loc_b),
     }
-    vnis = _same_vni_everywhere(mh, 2)
-    assert len(vnis) == 2
+    _same_vni_everywhere(mh, x, y)
     wait_announced(mh.ha, mh.hb, [ip["bx"], ip["by"]])
     wait_announced(mh.hb, mh.ha, [ip["ax"], ip["ay"]])
     # No local network is announced: its addresses are nowhere in the other host's kernel.
