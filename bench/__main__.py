@@ -26,7 +26,7 @@ from pathlib import Path
 from .common import ROOT, Record, bench_lock, cleanup_leftovers, loadavg, log
 
 DEFAULT = ("ipam", "plugin", "startup", "docker")
-ALL = (*DEFAULT, "profile")
+ALL = (*DEFAULT, "profile", "cluster")
 
 
 def _git(*args: str) -> str:
@@ -155,6 +155,7 @@ def _steps(rec: Record, only: list[str], args: argparse.Namespace, src: Path | N
         "startup": lambda: _startup(rec, src, args.endpoints),
         "docker": lambda: _docker(rec, args),
         "profile": lambda: _profile(rec, src, args.out, args.endpoints),
+        "cluster": lambda: _cluster(rec, args),
     }
     failed = []
     for name in ALL:
@@ -192,6 +193,12 @@ def _write(rec: Record, out: Path, stamp: str, *, chart: bool, latest: bool) -> 
         if latest:
             shutil.copyfile(out / f"{stamp}.png", out / "latest.png")
         log(f"chart: {out / f'{stamp}.png'}" + (" (and latest.png)" if latest else ""))
+
+
+def _cluster(rec: Record, args: argparse.Namespace) -> None:
+    from . import cluster  # noqa: PLC0415
+
+    cluster.run_cluster(rec, quick=args.quick)
 
 
 def _ipam(rec: Record) -> None:

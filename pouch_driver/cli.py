@@ -38,10 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket-group", help="group owning the socket (mode 0660)")
     serve.add_argument("--request-timeout", type=float, help="seconds per request (default 60)")
     serve.add_argument("--metrics", help="Prometheus metrics on unix:/path or 127.0.0.1:PORT")
+    cluster_options(serve)
 
     status = sub.add_parser("status", help="networks, endpoints and pool use")
     common(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    cluster_options(status)
     engine_help = (
         "also ask the engine (e.g. unix:///var/run/docker.sock) which networks and "
         "endpoints it still knows"
@@ -51,11 +53,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     common(check)
     check.add_argument("--engine", help=engine_help)
+    cluster_options(check)
     gc = sub.add_parser("gc", help="repair what check finds")
     common(gc)
     gc.add_argument("--engine", help=engine_help)
+    cluster_options(gc)
     gc.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     return parser
+
+
+def cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cluster",
+        help="etcd members for cluster networks: etcd://HOST:PORT[,...] (etcds:// for TLS)",
+    )
+    p.add_argument("--advertise-address", help="this host's underlay IPv4 (its VTEP)")
+    p.add_argument(
+        "--cluster-lease-ttl", type=int, help="seconds before a silent host is forgotten (10)"
+    )
+    p.add_argument("--cluster-ca", help="CA certificate of the etcd members (PEM)")
+    p.add_argument("--cluster-cert", help="client certificate for etcd (PEM)")
+    p.add_argument("--cluster-key", help="client key for etcd (PEM)")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -70,13 +88,18 @@ def settings_from(args: argparse.Namespace) -> Settings:
             "socket_group",
             "request_timeout",
             "metrics",
+            "cluster",
+            "advertise_address",
+            "cluster_lease_ttl",
         )
     }
     from pathlib import Path  # noqa: PLC0415
 
     from .config import parse_pools  # noqa: PLC0415
 
-    for key in ("socket", "state_dir"):
+    for key in ("cluster_ca", "cluster_cert", "cluster_key"):
+        overrides[key] = getattr(args, key, None)
+    for key in ("socket", "state_dir", "cluster_ca", "cluster_cert", "cluster_key"):
         if overrides[key] is not None:
             overrides[key] = Path(overrides[key])
     if getattr(args, "pools_v4", None):

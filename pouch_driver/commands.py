@@ -111,6 +111,30 @@ async def status(settings: Settings, as_json: bool, out: TextIO = sys.stdout) ->
     )
     if st.pending_deletes:
         out.write(f"\n{st.pending_deletes} veth deletions pending\n")
+    if (c := st.cluster) is not None:
+        state = "connected" if c.connected else f"NOT connected ({c.last_error})"
+        out.write(
+            f"\ncluster: host {c.host}, etcd {','.join(c.store)} {state}; "
+            f"{len(c.hosts)} host(s): {', '.join(c.hosts) or '-'}\n"
+            f"etcd round trip p50 {c.store_p50_ms:.1f} ms, p99 {c.store_p99_ms:.1f} ms; "
+            f"watch lag p50 {c.watch_lag_ms:.1f} ms\n\n"
+        )
+        _table(
+            out,
+            "CLUSTER NETWORK VNI MEMBERS REMOTE BLOCKS PINS",
+            [
+                [
+                    n.name,
+                    short(n.network_id),
+                    str(n.vni),
+                    ",".join(n.members) or "-",
+                    str(n.remote_endpoints),
+                    ",".join(n.blocks) or "-",
+                    ",".join(n.pins) or "-",
+                ]
+                for n in c.networks
+            ],
+        )
     return 0
 
 

@@ -88,6 +88,18 @@ class Settings:
     #: sees a read-only /proc/sys: plugin/config.json mounts the host's /proc/sys/net at
     #: /host/proc/sys/net and sets this to /host/proc/sys.
     sysctl_dir: Path = Path("/proc/sys")
+    #: etcd members for cluster networks, ``etcd://host:port[,host:port...]`` (``etcds://``:
+    #: TLS). Empty: this host only, no external service.
+    cluster: str = ""
+    #: This host's IPv4 address on the network between the hosts: its VTEP, and its name in
+    #: the cluster. Needed with ``cluster``.
+    advertise_address: str = ""
+    #: Seconds a host's lease lives without renewal: how soon the others forget a dead host.
+    cluster_lease_ttl: int = 10
+    #: PEM files for etcd over TLS: the CA that signed the members, and our client pair.
+    cluster_ca: Path | None = None
+    cluster_cert: Path | None = None
+    cluster_key: Path | None = None
 
     def __post_init__(self) -> None:
         validate_prefix(self.prefix)
@@ -104,6 +116,17 @@ class Settings:
 
         if self.metrics:
             parse_listen(self.metrics)
+        if self.cluster:
+            parse_cluster_url(self.cluster)
+            if not self.advertise_address:
+                raise ValueError("--cluster needs --advertise-address (this host's underlay IPv4)")
+            parse_advertise(self.advertise_address)
+        elif self.advertise_address:
+            raise ValueError("--advertise-address is only used with --cluster")
+        if self.cluster_lease_ttl < 2:
+            raise ValueError("cluster lease TTL must be at least 2 seconds")
+        if (self.cluster_cert is None) != (self.cluster_key is None):
+            raise ValueError("--cluster-cert and --cluster-key go together")
 
     @property
     def db_path(self) -> Path:
@@ -118,7 +141,7 @@ class Settings:
 
 
 def _convert(name: str, raw: str) -> Any:
-    if name in ("socket", "state_dir", "sysctl_dir"):
+    if name in ("socket", "state_dir", "sysctl_dir", "cluster_ca", "cluster_cert", "cluster_key"):
         return Path(raw)
     if name == "pools_v4":
         return parse_pools(raw, v6=False)
@@ -126,7 +149,7 @@ def _convert(name: str, raw: str) -> Any:
         return parse_pools(raw, v6=True)
     if name in ("request_timeout", "gc_interval", "leftover_grace"):
         return float(raw)
-    if name in ("max_body", "netlink_workers"):
+    if name in ("max_body", "netlink_workers", "cluster_lease_ttl"):
         return int(raw)
     if name == "firewall":
         if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
@@ -174,3 +197,30 @@ def parse_listen(value: str) -> tuple[str, str | int]:
     if not loopback:
         raise ValueError(f"metrics address {value!r} is not loopback; metrics stay on the host")
     return host, int(port)
+
+
+def parse_cluster_url(value: str) -> tuple[list[str], bool]:
+    """``etcd://h:p[,h:p]`` (or ``etcds://`` for TLS) into client URLs, and whether TLS."""
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("etcd", "etcds"):
+        raise ValueError(
+            f"cluster {value!r}: use etcd://HOST:PORT[,HOST:PORT...] (etcds:// for TLS)"
+        )
+    tls = scheme == "etcds"
+    urls = []
+    for item in (x.strip() for x in rest.split(",")):
+        host, colon, port = item.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"cluster {value!r}: member {item!r} is not HOST:PORT")
+        urls.append(f"{'https' if tls else 'http'}://{host}:{port}")
+    return urls, tls
+
+
+def parse_advertise(value: str) -> ipaddress.IPv4Address:
+    try:
+        address = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ValueError(f"advertise address {value!r} is not an IPv4 address") from None
+    if address.is_loopback or address.is_unspecified or address.is_multicast:
+        raise ValueError(f"advertise address {value} cannot carry VXLAN between hosts")
+    return address

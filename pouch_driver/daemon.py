@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from .config import Settings
+from .cluster.etcd import EtcdClient, TlsFiles
+from .cluster.kv import KeyValueStore
+from .config import Settings, parse_cluster_url
 from .http import make_app
 from .kernel import Firewall, Links
 from .kernel.iptables import IptablesFirewall
@@ -36,6 +38,11 @@ def build_driver(
 ) -> Driver:
     """The driver over the real adapters, or over those given. ``netns`` (tests only): the
     kernel adapters work in that network namespace."""
+    kv: KeyValueStore | None = None
+    if settings.cluster:
+        urls, tls = parse_cluster_url(settings.cluster)
+        files = TlsFiles(settings.cluster_ca, settings.cluster_cert, settings.cluster_key)
+        kv = EtcdClient(urls, tls=files if tls or settings.cluster_cert else None)
     return Driver(
         settings,
         Store(settings.db_path),
@@ -44,6 +51,7 @@ def build_driver(
         or IptablesFirewall(
             Names(settings.prefix), Sysctls(settings.sysctl_dir, netns=netns), netns=netns
         ),
+        kv,
     )
 
 
@@ -58,6 +66,12 @@ async def serving(
     """The driver as the daemon runs it: reconciled before it serves, swept while it does."""
     driver = build_driver(settings, links=links, firewall=firewall, netns=netns)
     await start_up(driver)
+    if driver.cluster is not None:
+        await driver.cluster.start()
+        # Serve soon either way: local networks need no etcd, and cluster calls fail with a
+        # clear error until the session opens.
+        if not await driver.cluster.wait_connected(3.0):
+            log.warning("cluster store not reachable yet: %s", driver.cluster.last_error)
     sweeper = (
         asyncio.create_task(sweep_forever(driver, settings.gc_interval), name="sweeper")
         if settings.gc_interval > 0

@@ -294,6 +294,23 @@ class Ipam:
         state.take(addr, kind)
         return AddressGrant(pool_id, _interface(addr, net), kind, state.cursor)
 
+    def request_in(
+        self, pool_id: str, ranges: Sequence[tuple[int, int]], exclude: frozenset[int]
+    ) -> AddressGrant | None:
+        """The first free address inside ``ranges`` (and the pool's own range), skipping
+        ``exclude``; None when there is none. For the cluster, whose hosts allocate only inside
+        the address blocks they hold (``cluster.layout``)."""
+        state = self._state(pool_id)
+        for first, last in ranges:
+            for addr in range(max(first, state.lo), min(last, state.hi) + 1):
+                if addr in state.allocated or addr in state.reserved or addr in exclude:
+                    continue
+                state.take(addr, ADDRESS)
+                return AddressGrant(
+                    pool_id, _interface(addr, state.pool.network), ADDRESS, state.cursor
+                )
+        return None
+
     @staticmethod
     def _no_free_address(state: PoolState) -> str:
         net = state.pool.network

@@ -104,6 +104,31 @@ class Metrics:
             reclaimed.append(f"pouch_driver_pool_addresses_reclaimed{{{label}}} {pool.reclaimed}")
             sizes.append(f"pouch_driver_pool_addresses{{{label}}} {pool.size}")
         out += sizes + reclaimed
+        if (c := status.cluster) is not None:
+            store = "pouch_driver_cluster_store_seconds"
+            out += [
+                "# HELP pouch_driver_cluster_connected 1 while the etcd session is open.",
+                "# TYPE pouch_driver_cluster_connected gauge",
+                f"pouch_driver_cluster_connected {int(c.connected)}",
+                "# HELP pouch_driver_cluster_hosts Hosts with a live lease in the cluster.",
+                "# TYPE pouch_driver_cluster_hosts gauge",
+                f"pouch_driver_cluster_hosts {len(c.hosts)}",
+                "# HELP pouch_driver_cluster_store_seconds etcd round trips of recent requests.",
+                "# TYPE pouch_driver_cluster_store_seconds gauge",
+                f'{store}{{quantile="0.5"}} {c.store_p50_ms / 1000:.6f}',
+                f'{store}{{quantile="0.99"}} {c.store_p99_ms / 1000:.6f}',
+                "# HELP pouch_driver_cluster_watch_lag_seconds Median delay from another host's"
+                " endpoint write to its watch event here.",
+                "# TYPE pouch_driver_cluster_watch_lag_seconds gauge",
+                f"pouch_driver_cluster_watch_lag_seconds {c.watch_lag_ms / 1000:.6f}",
+                "# HELP pouch_driver_cluster_remote_endpoints Endpoints of other hosts, by"
+                " cluster network.",
+                "# TYPE pouch_driver_cluster_remote_endpoints gauge",
+            ]
+            out += [
+                f'pouch_driver_cluster_remote_endpoints{{network="{n.name}"}} {n.remote_endpoints}'
+                for n in c.networks
+            ]
         out += [
             "# HELP pouch_driver_pending_deletes Veths waiting for their deferred delete.",
             "# TYPE pouch_driver_pending_deletes gauge",

@@ -33,6 +33,10 @@ OPT_HOST_IPV4 = "com.docker.network.host_ipv4"
 OPT_HOST_IPV6 = "com.docker.network.host_ipv6"
 OPT_IFACE_PREFIX = "com.docker.network.container_iface_prefix"
 
+# --- pouch's own network options -------------------------------------------------------------
+#: The cluster network this network joins (several hosts, one L2 segment; README "Across hosts")
+OPT_CLUSTER = "pouch.cluster"
+
 # --- Endpoint and sandbox option keys ----------------------------------------------------------
 OPT_PORTMAP = "com.docker.network.portmap"
 
@@ -101,6 +105,7 @@ class NetworkOptions:
     host_ipv4: ipaddress.IPv4Address | None = None  # SNAT source instead of MASQUERADE
     host_ipv6: ipaddress.IPv6Address | None = None
     container_iface_prefix: str | None = None  # Join's DstPrefix; None: "eth"
+    cluster: str | None = None  # the cluster network's name (OPT_CLUSTER); None: this host only
 
     def gateway_mode(self, version: int) -> GatewayMode:
         return self.gateway_mode_ipv4 if version == 4 else self.gateway_mode_ipv6
@@ -116,6 +121,7 @@ class Network:
     options: NetworkOptions
     ipv4: tuple[IPAMData, ...] = ()
     ipv6: tuple[IPAMData, ...] = ()
+    vni: int | None = None  # a cluster network's VXLAN network identifier, from etcd
 
     @property
     def gateways(self) -> tuple[IPInterface, ...]:

@@ -69,7 +69,7 @@ class Names:
         self._id_len = IFNAMSIZ - len(prefix) - 1
         self._owned_re = re.compile(
             # IDs have at least 12 characters: a shorter tail is someone else's name.
-            rf"^{re.escape(prefix)}([bhc])([0-9a-z]{{{min(12, self._id_len)},{self._id_len}}})$"
+            rf"^{re.escape(prefix)}([bhcx])([0-9a-z]{{{min(12, self._id_len)},{self._id_len}}})$"
         )
         chain = prefix.upper()
         self.chain_forward = f"{chain}-FORWARD"
@@ -89,12 +89,17 @@ class Names:
     def container_veth(self, endpoint_id: str) -> str:
         return f"{self.prefix}c{endpoint_id[: self._id_len]}"
 
+    def vxlan(self, network_id: str) -> str:
+        """The VXLAN port of a cluster network's bridge."""
+        return f"{self.prefix}x{network_id[: self._id_len]}"
+
     def owned_kind(self, ifname: str) -> str | None:
-        """``"bridge"``, ``"host"`` or ``"container"`` if the name is one we generate."""
+        """``"bridge"``, ``"host"``, ``"container"`` or ``"vxlan"`` if the name is one we
+        generate."""
         m = self._owned_re.fullmatch(ifname)
         if not m:
             return None
-        return {"b": "bridge", "h": "host", "c": "container"}[m.group(1)]
+        return {"b": "bridge", "h": "host", "c": "container", "x": "vxlan"}[m.group(1)]
 
     def all_chains(self) -> tuple[str, ...]:
         return (

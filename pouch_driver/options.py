@@ -15,6 +15,7 @@ from typing import TypeVar
 from .errors import InvalidOption
 from .model import (
     OPT_BRIDGE_NAME,
+    OPT_CLUSTER,
     OPT_ENABLE_ICC,
     OPT_ENABLE_IPV4,
     OPT_ENABLE_IPV6,
@@ -42,6 +43,7 @@ _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _FALSE = {"0", "f", "F", "FALSE", "false", "False"}
 # The engine names the container's interface DstPrefix + a counter (eth0, eth1): the prefix
 # leaves room for three digits within the kernel's 15 bytes.
+_CLUSTER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _IFACE_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,11}$")
 
 #: The bridge options users pass with ``-o``, as Docker's bridge driver names them.
@@ -58,6 +60,7 @@ NETWORK_OPTIONS = (
     OPT_HOST_IPV4,
     OPT_HOST_IPV6,
     OPT_IFACE_PREFIX,
+    OPT_CLUSTER,
 )
 #: Keys of the engine's own that may sit in the generic map (docs/protocol.md §3.2, §3.4): the
 #: engine acts on them itself, so they are never refused.
@@ -199,7 +202,18 @@ def parse_network_options(
             else None
         ),
         container_iface_prefix=parse_iface_prefix(raw_prefix) if raw_prefix is not None else None,
+        cluster=parse_cluster(generic[OPT_CLUSTER]) if OPT_CLUSTER in generic else None,
     )
+
+
+def parse_cluster(value: str) -> str:
+    """A cluster network name: it becomes part of etcd keys, so it is kept plain."""
+    if not _CLUSTER_NAME_RE.fullmatch(value):
+        raise InvalidOption(
+            f"option {OPT_CLUSTER}: {value!r} is not a cluster network name (1-63 of a-z, 0-9, "
+            "'.', '_', '-', starting with a letter or digit)"
+        )
+    return value
 
 
 def check_address_families(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import enum
 import json
 import logging
 import ssl
@@ -27,6 +26,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from ..errors import LeaseExpired, StoreError, StoreUnavailable, WatchCompacted
+from .kv import EventType, KeyValue, WatchEvent
 
 log = logging.getLogger(__name__)
 
@@ -51,31 +51,6 @@ class TlsFiles:
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class KeyValue:
-    key: str
-    value: bytes
-    create_revision: int
-    mod_revision: int
-    version: int = 0
-    lease: int = 0
-
-
-class EventType(enum.Enum):
-    PUT = "PUT"
-    DELETE = "DELETE"
-
-
-@dataclass(frozen=True, slots=True)
-class WatchEvent:
-    type: EventType
-    kv: KeyValue  # for DELETE: the key and the deleting revision, value empty
-
-    @property
-    def revision(self) -> int:
-        return self.kv.mod_revision
 
 
 # --- the wire: pure helpers --------------------------------------------------------------------
@@ -525,6 +500,39 @@ class EtcdClient:
         if answer.get("succeeded"):
             return True
         return ambiguous and self._is_ours(txn_range(answer), value, lease)
+
+    async def create_all(
+        self,
+        puts: Mapping[str, str | bytes],
+        *,
+        absent: Sequence[str] = (),
+        lease: int | None = None,
+    ) -> bool:
+        """Put every key of ``puts`` only if none of them, nor any key in ``absent``, exists:
+        one transaction. True when this call wrote them; the first key of ``puts`` holding
+        exactly its value after an ambiguous attempt counts as ours (same rule as ``create``).
+        """
+        if not puts:
+            raise ValueError("create_all needs at least one key to put")
+        keys = [*puts, *absent]
+        first = next(iter(puts))
+        body = {
+            "compare": [
+                {
+                    "result": "EQUAL",
+                    "target": "CREATE",
+                    "key": encode(_key_bytes(k)),
+                    "create_revision": "0",
+                }
+                for k in keys
+            ],
+            "success": [{"request_put": self._put_op(k, v, lease)} for k, v in puts.items()],
+            "failure": [{"request_range": {"key": encode(_key_bytes(first))}}],
+        }
+        answer, ambiguous = await self._call("/v3/kv/txn", body)
+        if answer.get("succeeded"):
+            return True
+        return ambiguous and self._is_ours(txn_range(answer), puts[first], lease)
 
     async def compare_and_swap(
         self, key: str, expected_mod_revision: int, value: str | bytes, lease: int | None = None

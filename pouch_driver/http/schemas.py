@@ -33,7 +33,14 @@ from ..model import (
     Proto,
 )
 from ..naming import normalize_mac, validate_id
-from ..service.status import EndpointView, NetworkView, PoolUse, Status
+from ..service.status import (
+    ClusterNetworkView,
+    ClusterView,
+    EndpointView,
+    NetworkView,
+    PoolUse,
+    Status,
+)
 from . import messages as m
 
 
@@ -575,11 +582,44 @@ class PoolStatus(Request):
         return PoolUse(**data)
 
 
+class ClusterNetworkStatus(Request):
+    name = fields.String(data_key="Name")
+    network_id = fields.String(data_key="NetworkID")
+    vni = fields.Integer(data_key="VNI", allow_none=True)
+    members = fields.List(fields.String(), data_key="Members")
+    blocks = fields.List(fields.String(), data_key="Blocks")
+    pins = fields.List(fields.String(), data_key="Pins")
+    remote_endpoints = fields.Integer(data_key="RemoteEndpoints")
+
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> ClusterNetworkView:
+        lists = {k: tuple(data[k]) for k in ("members", "blocks", "pins")}
+        return ClusterNetworkView(**{**data, **lists})
+
+
+class ClusterStatus(Request):
+    host = fields.String(data_key="Host")
+    store = fields.List(fields.String(), data_key="Store")
+    connected = fields.Boolean(data_key="Connected")
+    last_error = fields.String(data_key="LastError")
+    hosts = fields.List(fields.String(), data_key="Hosts")
+    networks = fields.List(fields.Nested(ClusterNetworkStatus), data_key="Networks")
+    store_p50_ms = fields.Float(data_key="StoreP50Ms")
+    store_p99_ms = fields.Float(data_key="StoreP99Ms")
+    watch_lag_ms = fields.Float(data_key="WatchLagMs")
+
+    @post_load
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> ClusterView:
+        lists = {k: tuple(data[k]) for k in ("store", "hosts", "networks")}
+        return ClusterView(**{**data, **lists})
+
+
 class StatusResponse(Request):
     networks = fields.List(fields.Nested(NetworkStatus), data_key="Networks")
     endpoints = fields.List(fields.Nested(EndpointStatus), data_key="Endpoints")
     pools = fields.List(fields.Nested(PoolStatus), data_key="Pools")
     pending_deletes = fields.Integer(data_key="PendingDeletes")
+    cluster = fields.Nested(ClusterStatus, data_key="Cluster", allow_none=True, load_default=None)
 
     @post_load
     def _make(self, data: dict[str, Any], **kwargs: Any) -> Status:
@@ -588,4 +628,5 @@ class StatusResponse(Request):
             tuple(data["endpoints"]),
             tuple(data["pools"]),
             data["pending_deletes"],
+            data["cluster"],
         )

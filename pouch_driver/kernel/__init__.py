@@ -161,11 +161,22 @@ class PortForward:
 
 
 @dataclass(frozen=True)
+class VxlanFilter:
+    """The VXLAN this host accepts: sent to ``local`` on ``port``, from ``peers`` only (the
+    cluster's other hosts); any other VXLAN packet to it is dropped before it is decapsulated."""
+
+    local: IPAddress
+    port: int
+    peers: tuple[IPAddress, ...]
+
+
+@dataclass(frozen=True)
 class FirewallPlan:
     """Everything our chains must hold. ``apply`` makes the kernel match it exactly."""
 
     networks: tuple[NetworkRules, ...] = ()
     forwards: tuple[PortForward, ...] = ()
+    vxlan: VxlanFilter | None = None
 
     def needs_ipv6(self) -> bool:
         return any(s.version == 6 for n in self.networks for s in n.subnets)

@@ -18,6 +18,9 @@ from ..naming import Names
 from . import FirewallPlan, process, rules
 from .sysctl import Sysctls
 
+# Looked up once, at import: never a file-system walk on the event loop.
+_HAS_IP6TABLES = shutil.which("ip6tables-restore") is not None
+
 
 class IptablesFirewall:
     """``netns`` (tests only) runs every command in a named network namespace."""
@@ -36,7 +39,7 @@ class IptablesFirewall:
         self._absent = False
         # Families where Docker's isolation chain was in force at the last iptables-save.
         self._docker_isolation: set[int] = set()
-        self._has_ip6tables = shutil.which("ip6tables-restore") is not None
+        self._has_ip6tables = _HAS_IP6TABLES
 
     async def _exec(self, argv: list[str], stdin: str | None = None) -> str:
         return await process.run(argv, stdin, netns=self._netns)

@@ -42,7 +42,7 @@ from __future__ import annotations
 from ..errors import KernelError
 from ..model import GatewayMode
 from ..naming import Names
-from . import FirewallPlan, NetworkRules, PortForward
+from . import FirewallPlan, NetworkRules, PortForward, VxlanFilter
 
 MANGLE, FILTER, NAT, RAW = "mangle", "filter", "nat", "raw"
 # Bridges Docker names for its own networks (docker0, br-<id>): kept out even where Docker runs
@@ -226,7 +226,19 @@ def render(
         )
     same_network = len(plan.networks)
     iso[same_network:same_network] = _exceptions(n, plan, version)
+    if plan.vxlan is not None and plan.vxlan.local.version == version:
+        raw.extend(_vxlan_filter(n, plan.vxlan))
     return chains
+
+
+def _vxlan_filter(n: Names, v: VxlanFilter) -> list[str]:
+    """Only the cluster's hosts may send us VXLAN: the kernel would decapsulate any packet
+    with a VNI it knows, from anyone, onto the bridge."""
+    bits = v.local.max_prefixlen
+    match = f"-d {v.local}/{bits} -p udp -m udp --dport {v.port}"
+    out = [f"-A {n.chain_raw} -s {peer}/{bits} {match} -j RETURN" for peer in v.peers]
+    out.append(f"-A {n.chain_raw} {match} -j DROP")
+    return out
 
 
 def _harden(
@@ -310,6 +322,7 @@ def check_plan(plan: FirewallPlan) -> None:
         + [str(s) for n in plan.networks for s in n.subnets]
         + [str(a) for n in plan.networks for a in (n.snat_v4, n.snat_v6) if a is not None]
         + [str(v) for f in plan.forwards for v in (f.host_ip, f.container_ip) if v is not None]
+        + ([str(a) for a in (plan.vxlan.local, *plan.vxlan.peers)] if plan.vxlan else [])
     )
     for value in values:
         if not value or any(c.isspace() or c in "%\"'!#;" for c in value):

@@ -25,6 +25,7 @@ from ..model import (
 )
 from ..store import Store
 from . import leftovers
+from .blocks import BlockAllocator
 from .durable import durably
 from .leftovers import FromBefore
 from .state import State
@@ -45,8 +46,16 @@ class Parking:
 
 class AddressService:
     def __init__(
-        self, store: Store, ipam: Ipam, state: State, before: FromBefore, host_routes: HostRoutes
+        self,
+        store: Store,
+        ipam: Ipam,
+        state: State,
+        before: FromBefore,
+        host_routes: HostRoutes,
+        *,
+        blocks: BlockAllocator | None = None,
     ) -> None:
+        self._blocks = blocks
         self._store = store
         self.ipam = ipam
         self._state = state
@@ -108,9 +117,14 @@ class AddressService:
             log.warning("address %s: adopted the reservation a lost answer left", address)
             prefix = self.ipam.pools[pool_id].pool.network.prefixlen
             return ipaddress.ip_interface((address, prefix))
-        # A free address, or a parked one asked for by name (ipam.OWED): never one of the
-        # records from before this start.
-        grant = self.ipam.request_address(pool_id, address, gateway)
+        cluster = self._blocks.cluster_of(pool_id) if self._blocks and not gateway else None
+        if self._blocks is not None and cluster is not None:
+            # Unique across hosts: inside this host's blocks, or pinned in etcd (blocks.py).
+            grant = await self._blocks.allocate(cluster, pool_id, address)
+        else:
+            # A free address, or a parked one asked for by name (ipam.OWED): never one of the
+            # records from before this start.
+            grant = self.ipam.request_address(pool_id, address, gateway)
 
         def undo() -> None:
             if grant.kind == OWED:  # parked again, as before the request
@@ -118,7 +132,12 @@ class AddressService:
             else:
                 self.ipam.release_address(pool_id, grant.address.ip)
 
-        await durably(self._store, [_put_address(grant)], undo=undo)
+        try:
+            await durably(self._store, [_put_address(grant)], undo=undo)
+        except BaseException:
+            if self._blocks is not None and cluster is not None:
+                await self._blocks.released(cluster, grant.address.ip)
+            raise
         if grant.kind == OWED:
             log.info("address %s: parked, given back by name; one late release owed", address)
         return grant.address
@@ -138,6 +157,9 @@ class AddressService:
         else:
             op = st.DeleteAddress(pool_id=pool_id, address=int(address), version=address.version)
         await durably(self._store, [op], after=release)
+        free = int(address) not in pool.allocated  # an OWED address is only settled
+        if free and self._blocks is not None and (cluster := self._blocks.cluster_of(pool_id)):
+            await self._blocks.released(cluster, address)
 
     # --- endpoints dropped without the engine's word -----------------------------------------
     def parking(self, dead: Sequence[Endpoint], held: Collection[IPAddress]) -> Parking:

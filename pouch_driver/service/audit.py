@@ -32,6 +32,10 @@ async def audit(
     grace = 0.0 if engine else float("inf")
     report = await Reconciler(driver, repair=repair, grace=grace).run()
     problems, repaired = list(report.problems), list(report.repaired)
+    if driver.cluster is not None:
+        found, fixed = await driver.cluster.audit(repair=repair)
+        problems += found
+        repaired += fixed
     for nid in sorted(forget_networks):
         if nid not in state.networks:
             continue

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..kernel import BridgeSpec, FirewallPlan, NetworkRules, PortForward, VethSpec
+from ..kernel import BridgeSpec, FirewallPlan, NetworkRules, PortForward, VethSpec, VxlanFilter
 from ..model import Endpoint, GatewayMode, IPInterface, Network
 from ..naming import bridge_mac
 
@@ -44,7 +44,11 @@ def veth_spec(ep: Endpoint, net: Network) -> VethSpec:
     )
 
 
-def firewall_plan(networks: Iterable[Network], endpoints: Iterable[Endpoint]) -> FirewallPlan:
+def firewall_plan(
+    networks: Iterable[Network],
+    endpoints: Iterable[Endpoint],
+    vxlan: VxlanFilter | None = None,
+) -> FirewallPlan:
     """The rules for these networks and the ports their endpoints publish, in a stable order."""
     nets = {n.network_id: n for n in networks}
     rules = tuple(
@@ -82,4 +86,4 @@ def firewall_plan(networks: Iterable[Network], endpoints: Iterable[Endpoint]) ->
                 for a in (ep.address, ep.address_v6)
                 if a is not None and (b.host_ip is None or b.host_ip.version == a.version)
             )
-    return FirewallPlan(networks=rules, forwards=tuple(forwards))
+    return FirewallPlan(networks=rules, forwards=tuple(forwards), vxlan=vxlan)

@@ -20,6 +20,7 @@ from ..naming import Names, endpoint_mac
 from ..store import Store
 from . import leftovers
 from .addresses import AddressService
+from .cluster import Cluster
 from .deletions import DeferredDeletes
 from .desired import veth_spec
 from .durable import compensate, durably
@@ -44,7 +45,9 @@ class EndpointService:
         deletes: DeferredDeletes,
         guards: Guards,
         firewall: FirewallSync,
+        cluster: Cluster | None = None,
     ) -> None:
+        self._cluster = cluster
         self._names = names
         self._store = store
         self._links = links
@@ -91,6 +94,8 @@ class EndpointService:
                         f"endpoint {short(endpoint_id)} exists with another configuration"
                     )
                 await self._links.ensure_veth(veth_spec(existing, net))
+                if self._cluster is not None and net.options.cluster:
+                    await self._cluster.publish(net, existing)
                 return None if mac else chosen
             await self._check_room(net, ep)
             state.endpoints[endpoint_id] = ep
@@ -102,6 +107,9 @@ class EndpointService:
             try:
                 await self._deletes.settled(ep.host_ifname)
                 await self._links.ensure_veth(veth_spec(ep, net))
+                if self._cluster is not None and net.options.cluster:
+                    # The other hosts learn the container before the engine hears of it.
+                    await self._cluster.publish(net, ep)
             except BaseException:
                 await self._undo(ep)
                 raise
@@ -182,7 +190,11 @@ class EndpointService:
                 after=lambda: self._state.endpoints.pop(ep.endpoint_id, None),
             )
 
-        await compensate(forget, lambda: self._links.ensure_link_absent(ep.host_ifname))
+        await compensate(
+            forget,
+            lambda: self._links.ensure_link_absent(ep.host_ifname),
+            lambda: self._withdraw([ep]),
+        )
 
     async def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
         state = self._state
@@ -198,7 +210,16 @@ class EndpointService:
             if ep.port_bindings:
                 await self._firewall.sync()
             self._deletes.queue(ep.host_ifname)
+            await self._withdraw([ep])
             log.info("deleted endpoint %s", short(endpoint_id))
+
+    async def _withdraw(self, gone: Sequence[Endpoint]) -> None:
+        if self._cluster is None:
+            return
+        for ep in gone:
+            net = self._state.networks.get(ep.network_id)
+            if net is not None and net.options.cluster:
+                await self._cluster.withdraw(net, ep.endpoint_id)
 
     def endpoint_info(self, network_id: str, endpoint_id: str) -> dict[str, str]:
         """Informational only; an error here would fail ``docker run`` on 20.10-27.x."""
@@ -273,6 +294,7 @@ class EndpointService:
                 self._deletes.queue(ep.host_ifname)
         if any(ep.port_bindings for ep in dead):
             await self._firewall.sync()
+        await self._withdraw(dead)
         done = {ip for _, ip in parking.addresses}
         lines = []
         for ep in dead:

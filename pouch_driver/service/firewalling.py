@@ -3,19 +3,30 @@ while the previous one ran."""
 
 from __future__ import annotations
 
-from ..kernel import Firewall
+from collections.abc import Callable
+
+from ..kernel import Firewall, FirewallPlan, VxlanFilter
 from ..locks import Coalescer
 from .desired import firewall_plan
 from .state import State
 
 
 class FirewallSync:
-    def __init__(self, firewall: Firewall, state: State, *, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        firewall: Firewall,
+        state: State,
+        *,
+        enabled: bool = True,
+        vxlan: Callable[[], VxlanFilter | None] = lambda: None,
+    ) -> None:
         self._enabled = enabled
         self._firewall = firewall
-        self._coalescer = Coalescer(
-            lambda: firewall.apply(firewall_plan(state.networks.values(), state.endpoints.values()))
-        )
+        self._vxlan = vxlan
+        self._coalescer = Coalescer(lambda: firewall.apply(self.plan(state)))
+
+    def plan(self, state: State) -> FirewallPlan:
+        return firewall_plan(state.networks.values(), state.endpoints.values(), self._vxlan())
 
     async def sync(self) -> None:
         """Make the firewall match the state; returns once an apply covering it ran."""

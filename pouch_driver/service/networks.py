@@ -12,13 +12,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from .. import store as st
-from ..errors import Conflict, InvalidRequest
+from ..errors import Conflict, InvalidOption, InvalidRequest
 from ..ipam import Ipam
 from ..kernel import Links
-from ..model import IPAMData, Network, NetworkOptions
+from ..model import OPT_CLUSTER, IPAMData, Network, NetworkOptions
 from ..naming import Names
 from ..store import Store
 from . import leftovers
+from .cluster import Cluster
 from .deletions import DeferredDeletes
 from .desired import bridge_addresses, bridge_spec
 from .durable import compensate, durably
@@ -43,7 +44,9 @@ class NetworkService:
         deletes: DeferredDeletes,
         guards: Guards,
         firewall: FirewallSync,
+        cluster: Cluster | None = None,
     ) -> None:
+        self._cluster = cluster
         self._names = names
         self._store = store
         self._links = links
@@ -81,6 +84,14 @@ class NetworkService:
                 options = replace(options, enable_ipv6=True)
             if hit := self._clash(network_id, bridge, datas):
                 raise Conflict(hit[1])
+            vni = None
+            if options.cluster is not None:
+                if self._cluster is None:
+                    raise InvalidOption(
+                        f"option {OPT_CLUSTER}: this plugin is not part of a cluster (start it "
+                        "with --cluster etcd://HOST:PORT and --advertise-address)"
+                    )
+                options, vni = await self._cluster.define(network_id, options, ipv4, ipv6)
             existing = state.networks.get(network_id)
             if existing is not None:
                 if (existing.bridge, existing.options, existing.ipv4, existing.ipv6) != (
@@ -92,6 +103,8 @@ class NetworkService:
                     raise Conflict(f"network {short(network_id)} exists with another configuration")
                 # A retried create: make sure the kernel matches, answer as before.
                 await self._links.ensure_bridge(bridge_spec(existing))
+                if self._cluster is not None and existing.options.cluster:
+                    await self._cluster.attach(existing)
                 await self._firewall.sync()
                 return
             link = await self._links.get_link(bridge)
@@ -108,6 +121,7 @@ class NetworkService:
                 options=options,
                 ipv4=tuple(ipv4),
                 ipv6=tuple(ipv6),
+                vni=vni,
             )
             state.networks[network_id] = net
             await durably(
@@ -117,6 +131,8 @@ class NetworkService:
             )
             try:
                 await self._links.ensure_bridge(bridge_spec(net))
+                if self._cluster is not None and net.options.cluster:
+                    await self._cluster.attach(net)
                 await self._firewall.sync()
             except BaseException:
                 await self._undo(net)
@@ -158,6 +174,8 @@ class NetworkService:
         await compensate(forget, lambda: self._unbridge(net), self._firewall.sync)
 
     async def _unbridge(self, net: Network) -> None:
+        if self._cluster is not None and net.options.cluster:
+            await self._cluster.detach(net)
         if net.bridge_owned:
             await self._links.ensure_link_absent(net.bridge)
         else:  # the user's bridge stays, without the gateway addresses we put on it

@@ -20,7 +20,7 @@ from ..errors import DriverError
 from ..kernel import LinkInfo
 from ..model import Endpoint, Network
 from . import leftovers
-from .desired import bridge_addresses, bridge_spec, firewall_plan, veth_spec
+from .desired import bridge_addresses, bridge_spec, veth_spec
 from .driver import Driver
 from .state import short
 
@@ -179,7 +179,7 @@ class Reconciler:
         d = self.driver
         if not d.settings.firewall:
             return
-        plan = firewall_plan(d.state.networks.values(), d.state.endpoints.values())
+        plan = d.firewall_sync.plan(d.state)
         diffs = await d.firewall.differences(plan)
         self.problems.extend(diffs)
         if self.repair and diffs:

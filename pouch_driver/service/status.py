@@ -51,11 +51,36 @@ class PoolUse:
 
 
 @dataclass(frozen=True)
+class ClusterNetworkView:
+    name: str
+    network_id: str
+    vni: int | None
+    members: tuple[str, ...]  # hosts serving it (their leases live)
+    blocks: tuple[str, ...]  # address blocks this host allocates from
+    pins: tuple[str, ...]  # addresses this host holds by name outside its blocks
+    remote_endpoints: int  # endpoints of other hosts, as etcd has them
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    host: str
+    store: tuple[str, ...]
+    connected: bool
+    last_error: str
+    hosts: tuple[str, ...]
+    networks: tuple[ClusterNetworkView, ...]
+    store_p50_ms: float  # etcd round trips of requests (recent ones)
+    store_p99_ms: float
+    watch_lag_ms: float  # median delay from a remote endpoint's write to its watch event
+
+
+@dataclass(frozen=True)
 class Status:
     networks: tuple[NetworkView, ...]
     endpoints: tuple[EndpointView, ...]
     pools: tuple[PoolUse, ...]
     pending_deletes: int
+    cluster: ClusterView | None = None
 
 
 def _pool_use(state: PoolState) -> PoolUse:

@@ -1,0 +1,478 @@
+"""Cluster networks between two "hosts" (network namespaces) over the real etcd and kernel.
+
+Each host is the whole driver as the daemon builds it (``daemon.serving``) with its kernel
+adapters bound to its namespace, driven through the service calls the HTTP layer makes, and a
+"container" namespace per endpoint. What the kernel holds is read with ``bridge``/``ip -json``
+and checked with real packets; what etcd holds, with ``etcdctl``. The engine-driven version of
+these scenarios (two dockerd) is tests/multihost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pouch_driver.config import Settings
+from pouch_driver.daemon import build_driver
+from pouch_driver.errors import Conflict, StoreUnavailable
+from pouch_driver.model import IPAMData, NetworkOptions
+from pouch_driver.naming import Names
+from pouch_driver.service.driver import Driver
+from pouch_driver.service.reconcile import start_up
+from tests.conftest import is_root
+from tests.kernel.conftest import Netns, new_netns
+from tests.kernel.test_vxlan import _DF_PING as DF_PING
+
+from .conftest import EtcdCluster
+
+pytestmark = pytest.mark.skipif(not is_root(), reason="needs root (namespaces, netlink)")
+
+SUBNET = ipaddress.ip_network("10.61.0.0/16")
+SUBNET6 = ipaddress.ip_network("fd61:1::/64")
+TTL = 2
+UNDERLAY = "198.51.100.%d"
+
+
+def etcdctl(etcd: EtcdCluster, *args: str) -> str:
+    return subprocess.run(
+        ["etcdctl", f"--endpoints={','.join(etcd.endpoints)}", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=20,
+        env={**os.environ, "ETCDCTL_API": "3"},
+    ).stdout
+
+
+def _json(ns: Netns, *argv: str) -> Any:
+    return json.loads(ns.sh(*argv).stdout or "[]")
+
+
+@dataclass
+class Host:
+    ns: Netns
+    vtep: str
+    root: Path
+    settings: Settings
+    driver: Driver | None = None
+    network_id: str = ""
+    pools: dict[int, str] = field(default_factory=dict)
+    containers: dict[str, Netns] = field(default_factory=dict)
+    names: Names = field(default_factory=lambda: Names("pk"))
+
+    async def start(self) -> None:
+        """As ``daemon.serving`` starts the driver (no HTTP: the test calls the services)."""
+        driver = build_driver(self.settings, netns=self.ns.name)
+        await start_up(driver)
+        assert driver.cluster is not None
+        await driver.cluster.start()
+        self.driver = driver
+        assert await driver.cluster.wait_connected(10), driver.cluster.last_error
+
+    async def stop(self) -> None:
+        if self.driver is not None:
+            await self.driver.stop()
+            self.driver = None
+
+    @property
+    def d(self) -> Driver:
+        assert self.driver is not None
+        return self.driver
+
+    def vxlan(self) -> str:
+        return self.names.vxlan(self.network_id)
+
+    def fdb_macs(self) -> set[str]:
+        """MACs the VXLAN device forwards to another host (the oracle: ``bridge -json``)."""
+        return {
+            e["mac"]
+            for e in _json(self.ns, "bridge", "-json", "fdb", "show", "dev", self.vxlan())
+            if e.get("dst") and e["mac"] != "00:00:00:00:00:00"
+        }
+
+
+async def _pool(h: Host, subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> IPAMData:
+    pool = await h.d.addresses.request_pool("PouchLocal", subnet, None, subnet.version == 6)
+    h.pools[subnet.version] = pool.pool_id
+    gw = await h.d.addresses.request_address(pool.pool_id, None, True)
+    return IPAMData("PouchLocal", subnet, gw)
+
+
+async def create_network(
+    h: Host, *, subnet: ipaddress.IPv4Network = SUBNET, dual: bool = False, name: str = "mesh"
+) -> None:
+    v4 = await _pool(h, subnet)
+    v6 = [await _pool(h, SUBNET6)] if dual else []
+    h.network_id = secrets.token_hex(32)
+    await h.d.networks.create_network(
+        h.network_id, NetworkOptions(cluster=name, enable_ipv6=dual), [v4], v6
+    )
+
+
+async def run_container(h: Host, stack: ExitStack, address: str | None = None) -> str:
+    """An endpoint as the engine makes one (address, create, join), its end in a namespace of
+    its own; returns its IPv4 address."""
+    d = h.d
+    want = ipaddress.ip_address(address) if address else None
+    a4 = await d.addresses.request_address(h.pools[4], want, False)
+    a6 = await d.addresses.request_address(h.pools[6], None, False) if 6 in h.pools else None
+    eid = secrets.token_hex(32)
+    await d.endpoints.create_endpoint(h.network_id, eid, a4, a6, None)  # type: ignore[arg-type]
+    await d.endpoints.join(h.network_id, eid, f"/var/run/docker/netns/{eid[:12]}")
+    ep = d.state.endpoints[eid]
+    c = stack.enter_context(new_netns())
+    h.ns.sh("ip", "link", "set", ep.container_ifname, "netns", c.name)
+    c.sh("ip", "link", "set", ep.container_ifname, "name", "eth0")
+    c.sh("ip", "addr", "add", str(a4), "dev", "eth0")
+    if a6 is not None:
+        c.sh("ip", "addr", "add", str(a6), "dev", "eth0", "nodad")
+    c.sh("ip", "link", "set", "eth0", "up")
+    h.containers[eid] = c
+    return str(a4.ip)
+
+
+async def ping(c: Netns, target: str, wait: int = 2, size: int = 56) -> bool:
+    """One echo answered; on a thread, so the hosts' loops (keepalives, watches) run on."""
+    argv = ("busybox", "ping", "-c", "1", "-W", str(wait), "-s", str(size), target)
+    out = await asyncio.to_thread(c.sh, *argv, check=False)
+    return out.returncode == 0
+
+
+async def eventually(check: Any, seconds: float = 5.0) -> float:
+    """Seconds until ``check()`` held; fails after ``seconds``."""
+    start = time.monotonic()
+    while not await asyncio.to_thread(check):
+        assert time.monotonic() - start < seconds, f"not within {seconds}s"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def underlay() -> Iterator[tuple[Netns, Netns]]:
+    """Two host namespaces joined by a veth in TEST-NET-2 (never the machine's uplink)."""
+    routes = subprocess.run(["ip", "-json", "route"], capture_output=True, text=True, check=True)
+    for r in json.loads(routes.stdout):
+        dst = r.get("dst", "")
+        if dst not in ("default", "") and ipaddress.ip_network(dst, strict=False).overlaps(
+            ipaddress.ip_network("198.51.100.0/24")
+        ):
+            pytest.fail(f"198.51.100.0/24 is routed on this host ({dst}): refusing to use it")
+    with ExitStack() as stack:
+        a, b = stack.enter_context(new_netns()), stack.enter_context(new_netns())
+        a.sh("ip", "link", "add", "pkua", "type", "veth", "peer", "name", "pkub", "netns", b.name)
+        for ns, dev, n in ((a, "pkua", 21), (b, "pkub", 22)):
+            ns.sh("ip", "addr", "add", f"{UNDERLAY % n}/24", "dev", dev)
+            ns.sh("ip", "link", "set", dev, "up")
+            ns.sh("ip", "link", "set", "lo", "up")
+        yield a, b
+
+
+def _settings(etcd: EtcdCluster, root: Path, vtep: str) -> Settings:
+    return Settings(
+        socket=root / "pd.sock",
+        state_dir=root / "state",
+        prefix="pk",
+        gc_interval=0,
+        cluster="etcd://" + ",".join(e.removeprefix("http://") for e in etcd.endpoints),
+        advertise_address=vtep,
+        cluster_lease_ttl=TTL,
+    )
+
+
+@pytest.fixture
+async def hosts(
+    etcd: EtcdCluster, underlay: tuple[Netns, Netns], tmp_path: Path
+) -> AsyncIterator[tuple[Host, Host]]:
+    etcdctl(etcd, "del", "--prefix", "/pouch/")
+    pair = []
+    for ns, n in zip(underlay, (21, 22), strict=True):
+        root = tmp_path / str(n)
+        root.mkdir()
+        pair.append(Host(ns, UNDERLAY % n, root, _settings(etcd, root, UNDERLAY % n)))
+    a, b = pair
+    try:
+        await a.start()
+        await b.start()
+        yield a, b
+    finally:
+        await a.stop()
+        await b.stop()
+    etcdctl(etcd, "del", "--prefix", "/pouch/")
+
+
+async def test_containers_on_two_hosts_reach_each_other_in_both_families(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, b = hosts
+    with ExitStack() as stack:
+        for h in (a, b):
+            await create_network(h, dual=True)
+        ip_a = await run_container(a, stack)
+        ip_b = await run_container(b, stack)
+        (ca,), (cb,) = a.containers.values(), b.containers.values()
+        assert a.d.state.networks[a.network_id].vni == b.d.state.networks[b.network_id].vni
+        assert await ping(ca, ip_b) and await ping(cb, ip_a)
+        six_a, six_b = (
+            str(h.d.state.endpoints[next(iter(h.containers))].address_v6.ip)  # type: ignore[union-attr]
+            for h in (a, b)
+        )
+        assert await ping(ca, six_b) and await ping(cb, six_a)
+        # The overlay's MTU is the underlay's less 50: a full-size DF packet crosses.
+        link = a.ns.link(a.vxlan())
+        assert link is not None and link["mtu"] == 1450
+        df = await asyncio.to_thread(ca.sh, sys.executable, "-c", DF_PING, ip_b, "1422")
+        assert df.stdout.strip() == "reply", df.stdout
+        too_big = await asyncio.to_thread(ca.sh, sys.executable, "-c", DF_PING, ip_b, "1423")
+        assert too_big.stdout.strip() != "reply", "the control: one byte more does not fit"
+
+
+async def test_a_conflicting_definition_is_refused_naming_the_difference(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, b = hosts
+    await create_network(a)
+    before = {link["ifname"] for link in b.ns.ip_json("link", "show")}
+    with pytest.raises(Conflict, match=r"subnets: 10\.61\.0\.0/16 in the cluster, 10\.62"):
+        await create_network(b, subnet=ipaddress.ip_network("10.62.0.0/16"))
+    assert not b.d.state.networks
+    assert {link["ifname"] for link in b.ns.ip_json("link", "show")} == before
+
+
+async def test_a_new_endpoint_is_programmed_and_withdrawn_on_the_other_host(
+    hosts: tuple[Host, Host], etcd: EtcdCluster
+) -> None:
+    a, b = hosts
+    with ExitStack() as stack:
+        for h in (a, b):
+            await create_network(h)
+        await run_container(b, stack)
+        (eid,) = b.containers
+        mac = b.d.state.endpoints[eid].mac
+        took = await eventually(lambda: mac in a.fdb_macs(), 1.0)
+        print(f"\nprogrammed on the other host {took * 1000:.0f} ms after CreateEndpoint")
+        await b.d.endpoints.leave(b.network_id, eid)
+        await b.d.endpoints.delete_endpoint(b.network_id, eid)
+        await eventually(lambda: mac not in a.fdb_macs(), 1.0)
+        assert f"/pouch/v1/endpoints/mesh/{eid}" not in etcdctl(
+            etcd, "get", "--prefix", "--keys-only", "/pouch/v1/endpoints/"
+        )
+
+
+async def test_addresses_are_unique_across_hosts_under_concurrency(
+    hosts: tuple[Host, Host], etcd: EtcdCluster
+) -> None:
+    a, b = hosts
+    for h in (a, b):
+        await create_network(h)
+
+    async def many(h: Host) -> list[str]:
+        grants = await asyncio.gather(
+            *(h.d.addresses.request_address(h.pools[4], None, False) for _ in range(40))
+        )
+        return [str(g.ip) for g in grants]
+
+    got_a, got_b = await asyncio.gather(many(a), many(b))
+    assert len(set(got_a) | set(got_b)) == 80
+    blocks = etcdctl(etcd, "get", "--prefix", "/pouch/v1/blocks/mesh/")
+    owners = [json.loads(line)["host"] for line in blocks.splitlines() if line.startswith("{")]
+    assert set(owners) == {a.vtep, b.vtep}, blocks
+    # Released addresses stay unique too: one host frees its own, the other cannot take them.
+    for ip in got_a[:10]:
+        await a.d.addresses.release_address(a.pools[4], ipaddress.ip_address(ip))
+    more_b = await many(b)
+    assert not set(more_b) & set(got_a[:10])
+
+
+async def test_the_same_address_asked_on_both_hosts_at_once_goes_to_exactly_one(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, b = hosts
+    for h in (a, b):
+        await create_network(h)
+    want = ipaddress.ip_address("10.61.200.7")
+    results = await asyncio.gather(
+        *(h.d.addresses.request_address(h.pools[4], want, False) for h in (a, b)),
+        return_exceptions=True,
+    )
+    wins = [r for r in results if not isinstance(r, BaseException)]
+    losses = [r for r in results if isinstance(r, BaseException)]
+    assert len(wins) == 1 and len(losses) == 1, results
+    assert isinstance(losses[0], Conflict) and "10.61.200.7" in str(losses[0])
+    # The winner's pin keeps the other host's dynamic allocations off it, and a block claim
+    # over it reads the pin: fill the block on the loser and check.
+    loser = b if isinstance(results[1], BaseException) else a
+    block_addresses = set()
+    for _ in range(70):
+        g = await loser.d.addresses.request_address(loser.pools[4], None, False)
+        block_addresses.add(g.ip)
+    assert want not in block_addresses
+
+
+async def test_an_address_in_another_hosts_block_is_refused_naming_the_host(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, b = hosts
+    for h in (a, b):
+        await create_network(h)
+    got = await a.d.addresses.request_address(a.pools[4], None, False)
+    neighbour = ipaddress.ip_address(int(got.ip) + 1)
+    with pytest.raises(Conflict, match=f"host {a.vtep}"):
+        await b.d.addresses.request_address(b.pools[4], neighbour, False)
+
+
+async def test_a_dead_hosts_entries_are_withdrawn_after_its_lease(
+    hosts: tuple[Host, Host], etcd: EtcdCluster
+) -> None:
+    """B's plugin stops without a word (its session task is cancelled, nothing deleted, as
+    with kill -9): once B's lease expires, A forgets B's containers and B as a VXLAN peer."""
+    a, b = hosts
+    with ExitStack() as stack:
+        for h in (a, b):
+            await create_network(h)
+        await run_container(b, stack)
+        (eid,) = b.containers
+        mac = b.d.state.endpoints[eid].mac
+        await eventually(lambda: mac in a.fdb_macs(), 1.0)
+        assert f"-s {b.vtep}/32 -d {a.vtep}/32 -p udp -m udp --dport 4789 -j RETURN" in (
+            a.ns.iptables_save()
+        )
+        cluster = b.d.cluster
+        assert cluster is not None and cluster._task is not None
+        cluster._task.cancel()
+        took = await eventually(lambda: mac not in a.fdb_macs(), TTL + 4)
+        print(f"\nwithdrawn {took:.1f}s after the host went silent (TTL {TTL}s)")
+        await eventually(lambda: f"-s {b.vtep}/32" not in a.ns.iptables_save(), 2)
+        assert f"-d {a.vtep}/32 -p udp -m udp --dport 4789 -j DROP" in a.ns.iptables_save()
+
+
+async def test_a_restarted_plugin_rebuilds_its_entries_from_etcd(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, b = hosts
+    with ExitStack() as stack:
+        for h in (a, b):
+            await create_network(h)
+        ip_b = await run_container(b, stack)
+        await run_container(a, stack)
+        (eid,) = b.containers
+        mac = b.d.state.endpoints[eid].mac
+        await eventually(lambda: mac in a.fdb_macs(), 1.0)
+        (ca,) = a.containers.values()
+        # A stops; its entries are wiped behind its back; a new A must bring them back.
+        await a.stop()
+        a.ns.sh("bridge", "fdb", "del", mac, "dev", a.vxlan(), check=False)
+        assert mac not in a.fdb_macs()
+        await a.start()
+        await eventually(lambda: mac in a.fdb_macs(), 2.0)
+        assert await ping(ca, ip_b)
+
+
+async def test_with_etcd_away_traffic_flows_and_new_endpoints_fail_clearly(
+    hosts: tuple[Host, Host], etcd: EtcdCluster
+) -> None:
+    a, b = hosts
+    with ExitStack() as stack:
+        for h in (a, b):
+            await create_network(h)
+        ip_b = await run_container(b, stack)
+        await run_container(a, stack)
+        (ca,) = a.containers.values()
+        assert await ping(ca, ip_b)
+        for i in range(len(etcd.members)):
+            etcd.stop(i)
+        try:
+            assert await ping(ca, ip_b), "the kernel needs no etcd"
+            with pytest.raises(StoreUnavailable, match="cluster store etcd"):
+                await run_container(a, stack)
+            # Local networks are not affected at all.
+            pool = await a.d.addresses.request_pool(
+                "PouchLocal", ipaddress.ip_network("10.63.0.0/24"), None, False
+            )
+            gw = await a.d.addresses.request_address(pool.pool_id, None, True)
+            await a.d.networks.create_network(
+                "l" * 64, NetworkOptions(), [IPAMData("PouchLocal", pool.network, gw)], []
+            )
+        finally:
+            etcd.heal()
+        assert a.d.cluster is not None
+        assert await a.d.cluster.wait_connected(15), a.d.cluster.last_error
+        ip_a2 = await run_container(a, stack)
+        eid = list(a.containers)[-1]
+        mac = a.d.state.endpoints[eid].mac
+        await eventually(lambda: mac in b.fdb_macs(), 3.0)
+        assert ip_a2 != ip_b
+
+
+async def test_status_check_and_gc_cover_cluster_networks(
+    hosts: tuple[Host, Host], etcd: EtcdCluster
+) -> None:
+    """status shows what this host holds and what etcd says; check finds the kernel out of
+    step with etcd and gc repairs it; a dead host's blocks come back only through gc."""
+    a, b = hosts
+    with ExitStack() as stack:
+        for h in (a, b):
+            await create_network(h)
+        await run_container(a, stack)
+        await run_container(b, stack)
+        (eid_b,) = b.containers
+        mac_b = b.d.state.endpoints[eid_b].mac
+        await eventually(lambda: mac_b in a.fdb_macs(), 1.0)
+        view = a.d.status().cluster
+        assert view is not None and view.connected
+        (net,) = view.networks
+        assert (net.name, set(net.members), net.remote_endpoints) == (
+            "mesh",
+            {a.vtep, b.vtep},
+            1,
+        )
+        assert len(net.blocks) == 1 and net.vni is not None
+        assert a.d.cluster is not None
+        assert await a.d.cluster.audit(repair=False) == ([], [])
+        a.ns.sh("bridge", "fdb", "del", mac_b, "dev", a.vxlan())
+        problems, _ = await a.d.cluster.audit(repair=False)
+        assert problems == [f"cluster network mesh: endpoint {mac_b} is out of date"]
+        _, repaired = await a.d.cluster.audit(repair=True)
+        assert repaired and mac_b in a.fdb_macs()
+        # B goes silent for good: its lease lapses, its endpoint is withdrawn, but its block
+        # stays until gc returns it.
+        assert b.d.cluster is not None and b.d.cluster._task is not None
+        b.d.cluster._task.cancel()
+        await eventually(lambda: mac_b not in a.fdb_macs(), TTL + 4)
+        blocks = etcdctl(etcd, "get", "--prefix", "--keys-only", "/pouch/v1/blocks/mesh/")
+        assert len(blocks.split()) == 2, "a lapsed lease returns no addresses by itself"
+        problems, repaired = await a.d.cluster.audit(repair=True)
+        assert any(f"of host {b.vtep}, whose lease is gone" in p for p in problems), problems
+        blocks = etcdctl(etcd, "get", "--prefix", "--keys-only", "/pouch/v1/blocks/mesh/")
+        assert len(blocks.split()) == 1, blocks
+
+
+async def test_losing_one_etcd_member_of_three_changes_nothing(
+    hosts: tuple[Host, Host], etcd: EtcdCluster
+) -> None:
+    a, b = hosts
+    with ExitStack() as stack:
+        for h in (a, b):
+            await create_network(h)
+        etcd.kill(0)
+        ip_a = await run_container(a, stack)
+        ip_b = await run_container(b, stack)
+        for h, other in ((a, b), (b, a)):
+            (eid,) = other.containers
+            mac = other.d.state.endpoints[eid].mac
+            await eventually(lambda h=h, mac=mac: mac in h.fdb_macs(), 3.0)  # type: ignore[misc]
+        (ca,), (cb,) = a.containers.values(), b.containers.values()
+        assert await ping(ca, ip_b) and await ping(cb, ip_a)
+        assert a.d.cluster is not None and a.d.cluster.connected
