@@ -1,8 +1,10 @@
 """Fixtures for the multi-host tests: two Docker hosts on one machine, joined by etcd.
 
 * ``hosts`` (session): :func:`harness.bring_up` with two hosts, ``a`` and ``b``, each a netns +
-  mount namespace with its own dockerd 20.10 and plugin (``--cluster-lease-ttl 3``), an
-  underlay 198.51.100.0/24 and three etcd members. Started once, erased at session end.
+  mount namespace with its own dockerd 20.10 and plugin (lease TTL 3 s), an underlay
+  198.51.100.0/24 and three etcd members. Host a joins by flags over ``etcd://``, host b by
+  ``POUCH_DRIVER_*`` variables over ``etcds://`` with a client certificate. Started once,
+  erased at session end.
 * ``mh`` (function): a :class:`Pair` of e2e :class:`~tests.e2e.harness.Scope` objects, one per
   host, with the same test index (so a network has the same name on both hosts). Before the
   test every host and etcd member is up; afterwards the test's containers and networks are
@@ -46,6 +48,7 @@ _REQUIRED_TOOLS = (
     "bridge",
     "iptables",
     "umount",
+    "openssl",
     ETCDCTL,
 )
 
@@ -83,7 +86,7 @@ def hosts(cluster_feature: bool) -> Iterator[MultiHost]:
         missing.append(ETCD)
     if missing:
         _fail_or_skip(f"multihost tests need {', '.join(missing)} (scripts/setup --test)")
-    with bring_up(2, cluster=cluster_feature) as mh:
+    with bring_up(2, cluster=cluster_feature, vary_config=True) as mh:
         _hosts = mh
         try:
             yield mh

@@ -88,6 +88,7 @@ SWITCH_ADDR = "198.51.100.1"
 HOST_UPLINK = "eth0"  # inside each host netns
 ETCD_CLIENT_PORT = 23810  # tests/cluster uses 23790-23802
 ETCD_PEER_PORT = 23820
+ETCD_TLS_PORT = 23813  # the same members over TLS with client certificates (vary_config)
 ETCD_MEMBERS = 3
 ETCD = "/usr/bin/etcd"
 ETCDCTL = "etcdctl"
@@ -222,6 +223,10 @@ class EtcdMember:
         return f"http://{SWITCH_ADDR}:{ETCD_CLIENT_PORT + self.index}"
 
     @property
+    def tls_url(self) -> str:
+        return f"https://{SWITCH_ADDR}:{ETCD_TLS_PORT + self.index}"
+
+    @property
     def peer_url(self) -> str:
         return f"http://{SWITCH_ADDR}:{ETCD_PEER_PORT + self.index}"
 
@@ -231,11 +236,16 @@ class EtcdMember:
 
 
 class Etcd:
-    """Three etcd members in netns ``netns``, listening on the underlay switch's address."""
+    """Three etcd members in netns ``netns``, listening on the underlay switch's address;
+    with ``pki`` (see :func:`make_pki`) each also listens over TLS, requiring a client
+    certificate there."""
 
-    def __init__(self, netns: str, root: Path, members: int = ETCD_MEMBERS) -> None:
+    def __init__(
+        self, netns: str, root: Path, members: int = ETCD_MEMBERS, pki: Path | None = None
+    ) -> None:
         self.netns = netns
         self.root = root
+        self.pki = pki
         self.token = f"{PREFIX}-{os.getpid()}-{time.time_ns()}"
         self.members = [EtcdMember(i, root / f"m{i}", root / f"m{i}.log") for i in range(members)]
 
@@ -248,16 +258,32 @@ class Etcd:
         """The plugin's ``--cluster`` value: ``etcd://H:P,H:P,H:P``."""
         return "etcd://" + ",".join(m.client_url.removeprefix("http://") for m in self.members)
 
+    @property
+    def cluster_tls_url(self) -> str:
+        """The same over TLS: ``etcds://H:P,H:P,H:P``."""
+        return "etcds://" + ",".join(m.tls_url.removeprefix("https://") for m in self.members)
+
     def _argv(self, m: EtcdMember) -> list[str]:
         initial = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
+        clients = m.client_url
+        tls: list[str] = []
+        if self.pki is not None:
+            clients += f",{m.tls_url}"
+            tls = [
+                f"--cert-file={self.pki / 'server.pem'}",
+                f"--key-file={self.pki / 'server.key'}",
+                "--client-cert-auth",
+                f"--trusted-ca-file={self.pki / 'ca.pem'}",
+            ]
         return nsenter(
             self.netns,
             [
                 ETCD,
                 f"--name={m.name}",
                 f"--data-dir={m.data_dir}",
-                f"--listen-client-urls={m.client_url}",
-                f"--advertise-client-urls={m.client_url}",
+                f"--listen-client-urls={clients}",
+                f"--advertise-client-urls={clients}",
+                *tls,
                 f"--listen-peer-urls={m.peer_url}",
                 f"--initial-advertise-peer-urls={m.peer_url}",
                 f"--initial-cluster={initial}",
@@ -361,6 +387,28 @@ class Etcd:
 
     def close(self) -> None:
         self.kill_all()
+
+
+def make_pki(d: Path) -> None:
+    """A CA, a server certificate for the etcd members (IP SAN: the switch's address) and a
+    client certificate, in ``d``: ca.pem, server.pem/.key, client.pem/.key."""
+    d.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    rsa = ("-newkey", "rsa:2048", "-nodes")
+    openssl("req", "-x509", *rsa, "-days", "1", "-subj", f"/CN={PREFIX}-ca",
+            "-keyout", "ca.key", "-out", "ca.pem")  # fmt: skip
+    (d / "san.cnf").write_text(
+        f"subjectAltName=IP:{SWITCH_ADDR}\nextendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    for name in ("server", "client"):
+        openssl("req", *rsa, "-subj", f"/CN={PREFIX}-{name}",
+                "-keyout", f"{name}.key", "-out", f"{name}.csr")  # fmt: skip
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "1", "-extfile", "san.cnf",
+                "-out", f"{name}.pem")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -656,23 +704,36 @@ class Host(Engine):
 class MultiHost:
     """The underlay switch, etcd and ``n`` hosts. Use :func:`bring_up`."""
 
-    def __init__(self, n: int, *, cluster: bool = True, lease_ttl: int = LEASE_TTL) -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        cluster: bool = True,
+        lease_ttl: int = LEASE_TTL,
+        vary_config: bool = False,
+    ) -> None:
         if not 1 <= n <= len(_HOST_LETTERS):
             raise ValueError(f"1..{len(_HOST_LETTERS)} hosts, not {n}")
         self.tag = random_tag()
         self.base = TMP / f"{PREFIX}-{self.tag}"
         self.switch_ns = f"{PREFIX}-{self.tag}-u"
-        self.etcd = Etcd(self.switch_ns, self.base / "etcd")
+        self.pki = self.base / "pki" if vary_config else None
+        self.etcd = Etcd(self.switch_ns, self.base / "etcd", pki=self.pki)
         self.cluster = cluster
         self.lease_ttl = lease_ttl
         self.hosts = [Host(self.tag, i, self.base) for i in range(n)]
         for h in self.hosts:
             h.plugin.env["PYTHONPATH"] = str(REPO_ROOT)
-            if cluster:
+            if not cluster:
+                continue
+            if self.pki is not None and h.index % 2:
+                h.plugin.env.update(self.cluster_env(h, self.pki))
+            else:
                 h.plugin.extra_args = self.cluster_args(h)
         self.timings: dict[str, float] = {}
 
     def cluster_args(self, host: Host) -> tuple[str, ...]:
+        """Plain etcd://, by flags."""
         return (
             "--cluster",
             self.etcd.cluster_url,
@@ -681,6 +742,17 @@ class MultiHost:
             "--cluster-lease-ttl",
             str(self.lease_ttl),
         )
+
+    def cluster_env(self, host: Host, pki: Path) -> dict[str, str]:
+        """etcds:// with a client certificate, by environment variables."""
+        return {
+            "POUCH_DRIVER_CLUSTER": self.etcd.cluster_tls_url,
+            "POUCH_DRIVER_ADVERTISE_ADDRESS": host.address,
+            "POUCH_DRIVER_CLUSTER_LEASE_TTL": str(self.lease_ttl),
+            "POUCH_DRIVER_CLUSTER_CA": str(pki / "ca.pem"),
+            "POUCH_DRIVER_CLUSTER_CERT": str(pki / "client.pem"),
+            "POUCH_DRIVER_CLUSTER_KEY": str(pki / "client.key"),
+        }
 
     def start(self) -> None:
         check_no_overlap(str(UNDERLAY))
@@ -691,6 +763,8 @@ class MultiHost:
         # unshare --mount=FILE needs FILE on a mount that does not propagate.
         run(["mount", "--bind", str(ns_dir), str(ns_dir)])
         run(["mount", "--make-private", str(ns_dir)])
+        if self.pki is not None:
+            make_pki(self.pki)
         for cmd in (
             ["ip", "netns", "add", self.switch_ns],
             ["ip", "-n", self.switch_ns, "link", "set", "lo", "up"],
@@ -767,6 +841,7 @@ def bring_up(
     *,
     cluster: bool = True,
     lease_ttl: int = LEASE_TTL,
+    vary_config: bool = False,
     lock_wait: float = 1800.0,
     log: Callable[[str], None] = lambda msg: print(f"[pdmh] {msg}"),
 ) -> Iterator[MultiHost]:
@@ -775,9 +850,13 @@ def bring_up(
     For tests and benchmarks alike. Holds /tmp/pdmh.lock and the e2e suite's lock (only one
     set of dockerds at a time on this machine), cleans leftovers of interrupted runs first.
     ``cluster=False`` starts the plugins without cluster flags (local networks only).
+    ``vary_config=True``: the etcd members also serve TLS with client certificates, and every
+    second host (b, d, ...) joins through it, configured by ``POUCH_DRIVER_*`` environment
+    variables instead of flags, so each scenario covers both ways.
     Every host, its plugin and etcd are up when it yields; see :meth:`MultiHost.heal`.
     """
     own, e2e = SessionLock(LOCK_PATH), SessionLock()
+    waited = time.monotonic()
     own.acquire(timeout=lock_wait)
     try:
         # In one pytest run with tests/e2e, its session (and lock) lives on until the end:
@@ -786,8 +865,10 @@ def bring_up(
             e2e.acquire(timeout=lock_wait)
         try:
             t0 = time.monotonic()
+            waited = t0 - waited
             cleanup_leftovers(log)
-            mh = MultiHost(n, cluster=cluster, lease_ttl=lease_ttl)
+            mh = MultiHost(n, cluster=cluster, lease_ttl=lease_ttl, vary_config=vary_config)
+            mh.timings["lock wait"] = waited
             mh.timings["leftover cleanup"] = time.monotonic() - t0
             try:
                 mh.start()

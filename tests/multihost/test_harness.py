@@ -6,6 +6,7 @@ If these fail, the multihost results mean nothing: fix the harness first.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from tests.e2e.harness import PLUGIN_DIR
 
@@ -37,6 +38,15 @@ def test_each_host_has_its_own_netns_mount_ns_dockerd_and_plugin(pair: Pair) -> 
         assert listing == [f"{DRIVER}.sock"], listing
         assert h.plugin.answers()
     assert len(seen_net) == len(seen_mnt) == len(pair.hosts.hosts)
+    if pair.hosts.cluster:
+        # a joins by flags over etcd://, b by environment over etcds:// (vary_config).
+        a_pid, b_pid = pair.ha.plugin.pid, pair.hb.plugin.pid
+        a_argv = Path(f"/proc/{a_pid}/cmdline").read_bytes().split(b"\0")
+        b_argv = Path(f"/proc/{b_pid}/cmdline").read_bytes().split(b"\0")
+        b_env = Path(f"/proc/{b_pid}/environ").read_bytes().split(b"\0")
+        assert b"--cluster" in a_argv and b"--cluster" not in b_argv
+        assert any(v.startswith(b"POUCH_DRIVER_CLUSTER=etcds://") for v in b_env), b_env
+        assert any(v.startswith(b"POUCH_DRIVER_CLUSTER_CERT=") for v in b_env), b_env
     assert os.stat("/proc/self/ns/mnt").st_ino not in seen_mnt
     assert not (PLUGIN_DIR / f"{DRIVER}.sock").exists()
 
