@@ -163,6 +163,11 @@ class Cluster:
     async def start(self) -> None:
         """Keep a session open in the background: the daemon serves local networks even
         while etcd is away."""
+        for net in self.local_networks():
+            try:  # after a reboot: the device (its VNI is in the record) before etcd answers
+                await self.ensure_device(net)
+            except DriverError as exc:
+                log.warning("cluster network %s: %s", cluster_name(net), exc.message)
         self._task = asyncio.create_task(self._run(), name="cluster")
 
     async def stop(self) -> None:

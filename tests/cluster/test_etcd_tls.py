@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from pouch_driver.cluster.etcd import EtcdClient, TlsFiles
+from pouch_driver.config import Settings
+from pouch_driver.daemon import build_driver
 from pouch_driver.errors import StoreUnavailable
 
 from .conftest import ETCD, EtcdCluster
@@ -80,3 +82,42 @@ async def test_client_certificate_round_trip_and_refusal_without_it(tls_member: 
     async with EtcdClient([URL], timeout=0.5, deadline=1.0, tls=no_cert) as client:
         with pytest.raises(StoreUnavailable, match="23797"):
             await client.get("/pdtest/tls")
+
+
+async def test_the_driver_joins_the_cluster_over_tls_with_client_certificates(
+    tls_member: Path, tmp_path: Path
+) -> None:
+    """``--cluster etcds://`` with ``--cluster-ca/-cert/-key``: the session opens and writes
+    this host's record; without the client pair the store refuses and says so."""
+
+    def settings(**certs: Path) -> Settings:
+        return Settings(
+            socket=tmp_path / "p.sock",
+            state_dir=tmp_path / "state",
+            cluster="etcds://127.0.0.1:23797",
+            advertise_address="198.51.100.9",
+            cluster_ca=tls_member / "ca.pem",
+            gc_interval=0,
+            firewall=False,
+            **certs,
+        )
+
+    good = build_driver(
+        settings(cluster_cert=tls_member / "client.pem", cluster_key=tls_member / "client.key")
+    )
+    assert good.cluster is not None
+    await good.cluster.start()
+    try:
+        assert await good.cluster.wait_connected(10), good.cluster.last_error
+        assert good.status().cluster is not None
+        assert "198.51.100.9" in good.cluster.mirror.hosts
+    finally:
+        await good.stop()
+    bad = build_driver(settings())
+    assert bad.cluster is not None
+    await bad.cluster.start()
+    try:
+        assert not await bad.cluster.wait_connected(3)
+        assert "etcd" in bad.cluster.last_error
+    finally:
+        await bad.stop()

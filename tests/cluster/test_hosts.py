@@ -225,6 +225,11 @@ async def test_containers_on_two_hosts_reach_each_other_in_both_families(
         (ca,), (cb,) = a.containers.values(), b.containers.values()
         assert a.d.state.networks[a.network_id].vni == b.d.state.networks[b.network_id].vni
         assert await ping(ca, ip_b) and await ping(cb, ip_a)
+        # Each host routes and masquerades its own containers' way out.
+        bridge = a.d.state.networks[a.network_id].bridge
+        assert f"-A PK-POSTROUTING -s 10.61.0.0/16 ! -o {bridge} -j MASQUERADE" in (
+            a.ns.iptables_save()
+        )
         six_a, six_b = (
             str(h.d.state.endpoints[next(iter(h.containers))].address_v6.ip)  # type: ignore[union-attr]
             for h in (a, b)

@@ -123,3 +123,14 @@ async def test_ipv6_only_on_an_engine_that_ignores_it_is_refused(plugin: Plugin)
     doc = await plugin.call("NetworkDriver.CreateNetwork", body, status=400)
     assert "does not honour it" in doc["Err"] and "Engine 28" in doc["Err"]
     assert plugin.service.state.networks == {}
+
+
+async def test_a_cluster_network_on_a_plugin_without_a_cluster_is_refused_clearly(
+    plugin: Plugin,
+) -> None:
+    """``pouch.cluster`` needs ``--cluster``: the error says so and nothing is made."""
+    body = create_body({"pouch.cluster": "mesh"})
+    err = await plugin.call("NetworkDriver.CreateNetwork", body, status=400)
+    assert "option pouch.cluster" in err["Err"] and "--cluster" in err["Err"], err
+    assert not plugin.service.state.networks
+    assert not plugin.links.links

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 
-from pouch_driver.kernel import FirewallPlan, NetworkRules, PortForward
+from pouch_driver.kernel import FirewallPlan, NetworkRules, PortForward, VxlanFilter
 from pouch_driver.kernel.iptables import IptablesFirewall
 
 from .conftest import Netns
@@ -298,3 +298,27 @@ async def test_docker_bridges_are_other_networks_and_loopback_ports_work(
         await firewall.differences(FirewallPlan(networks=(NET_A, user_named), forwards=(FWD,)))
         == []
     )
+
+
+async def test_vxlan_from_the_cluster_hosts_only_and_untracked(
+    firewall: IptablesFirewall, netns: Netns
+) -> None:
+    """The cluster's VXLAN filter: the peers' packets to our VTEP skip connection tracking and
+    pass, anyone else's are dropped; a changed peer list is applied exactly, and ``differences``
+    reads it back without drift."""
+    local, peer = ipaddress.ip_address("198.51.100.11"), ipaddress.ip_address("198.51.100.12")
+    plan = FirewallPlan(networks=(NET_A,), vxlan=VxlanFilter(local, 4789, (peer,)))
+    await firewall.apply(plan)
+    assert await firewall.differences(plan) == []
+    assert rules(netns.iptables_save(), "raw")[-3:] == [
+        "-A PK-RAW -s 198.51.100.12/32 -d 198.51.100.11/32 -p udp -m udp --dport 4789 "
+        "-j CT --notrack",
+        "-A PK-RAW -s 198.51.100.12/32 -d 198.51.100.11/32 -p udp -m udp --dport 4789 -j RETURN",
+        "-A PK-RAW -d 198.51.100.11/32 -p udp -m udp --dport 4789 -j DROP",
+    ]
+    alone = FirewallPlan(networks=(NET_A,), vxlan=VxlanFilter(local, 4789, ()))
+    await firewall.apply(alone)
+    assert await firewall.differences(alone) == []
+    assert [r for r in rules(netns.iptables_save(), "raw") if "4789" in r] == [
+        "-A PK-RAW -d 198.51.100.11/32 -p udp -m udp --dport 4789 -j DROP"
+    ]
