@@ -225,3 +225,48 @@ def test_plugin_restart_rebuilds_the_kernel_entries(mh: Pair, kill: bool) -> Non
     ip_a2 = mh.a.container_ip(a2, net)
     wait_announced(mh.hb, mh.ha, [ip_a2])
     mh.b.assert_ping(b1, ip_a2)
+
+
+@pytest.mark.timeout(180)
+def test_plugin_restart_while_etcd_is_down_keeps_existing_traffic(mh: Pair) -> None:
+    """etcd gone, then host a's plugin restarted: it cannot re-read etcd, and must leave
+    what the kernel knows alone (forwarding entries, and the VXLAN filter's peers), so the
+    existing containers keep talking; once etcd is back a new container works again."""
+    net = mh.mesh("blind", "10.76.0.0/16")
+    a1 = mh.a.run_container(net, "a1", *HTTPD)
+    b1 = mh.b.run_container(net, "b1", *HTTPD)
+    ip_a1, ip_b1 = mh.a.container_ip(a1, net), mh.b.container_ip(b1, net)
+    wait_announced(mh.ha, mh.hb, [ip_b1])
+    wait_announced(mh.hb, mh.ha, [ip_a1])
+    before = mh.ha.entries_towards(mh.hb)
+
+    mh.hosts.etcd.kill_all()
+    mh.ha.plugin.restart()
+    mh.a.assert_ping(a1, ip_b1)
+    mh.b.assert_ping(b1, ip_a1)
+    assert PAGE in mh.a.http_get(a1, f"http://{ip_b1}/").stdout
+    assert mh.ha.entries_towards(mh.hb) == before
+
+    mh.hosts.etcd.heal()
+    attempt = 0
+
+    def new_container() -> str | None:
+        nonlocal attempt
+        attempt += 1
+        n = mh.a.name(f"a{attempt + 1}")
+        mh.a.containers.append(n)
+        r = mh.a.docker(
+            "run", "-d", "--name", n, "--network", net, mh.a.engine.image, *SLEEPER,
+            check=False, timeout=120,
+        )  # fmt: skip
+        if r.returncode == 0:
+            return n
+        mh.a.remove_container(n, check=False)
+        return None
+
+    a2 = wait_until(new_container, timeout=30, interval=1, message="a container again")
+    assert a2 is not None
+    ip_a2 = mh.a.container_ip(a2, net)
+    wait_announced(mh.hb, mh.ha, [ip_a1, ip_a2])
+    mh.b.assert_ping(b1, ip_a2)
+    assert mh.ha.entries_towards(mh.hb) == before
