@@ -1026,3 +1026,94 @@ def containers_on(host: Host, network: str) -> dict[str, tuple[str, str, str]]:
         v6 = str(c.get("IPv6Address", "")).split("/")[0]
         out[str(c["Name"])] = (v4, v6, str(c.get("MacAddress", "")).lower())
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Hand-made VXLAN packets (what a stranger on the underlay could send)
+# --------------------------------------------------------------------------------------------
+
+#: Send argv[3] (hex) to argv[1]:argv[2] over UDP three times.
+_UDP_SEND = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(3):
+    s.sendto(bytes.fromhex(sys.argv[3]), (sys.argv[1], int(sys.argv[2])))
+    time.sleep(0.1)
+"""
+
+#: Print each datagram received on UDP port argv[1] for argv[2] seconds, one a line.
+_UDP_LISTEN = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(0.2)
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    try:
+        data, _ = s.recvfrom(4096)
+    except socket.timeout:
+        continue
+    print(data.decode(errors="replace"), flush=True)
+"""
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def vxlan_udp_frame(
+    vni: int, *, dst_mac: str, src_mac: str, src: str, dst: str, port: int, payload: bytes
+) -> bytes:
+    """A VXLAN payload (header + inner Ethernet/IPv4/UDP frame) carrying ``payload`` to
+    ``dst``:``port``; the UDP checksum is left out (0), as IPv4 allows."""
+    udp = (
+        (40000).to_bytes(2, "big") + port.to_bytes(2, "big")
+        + (8 + len(payload)).to_bytes(2, "big") + b"\0\0" + payload
+    )  # fmt: skip
+    header = bytearray(
+        b"\x45\x00" + (20 + len(udp)).to_bytes(2, "big") + b"\0\0\x40\x00\x40\x11\0\0"
+        + ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed
+    )  # fmt: skip
+    header[10:12] = _checksum(bytes(header)).to_bytes(2, "big")
+    ether = bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", ""))
+    inner = ether + b"\x08\x00" + bytes(header) + udp
+    return b"\x08\0\0\0" + vni.to_bytes(3, "big") + b"\0" + inner
+
+
+def send_udp(netns: str, dst: str, port: int, data: bytes) -> None:
+    """Three UDP datagrams ``data`` to ``dst``:``port`` from netns ``netns``."""
+    run(nsenter(netns, [sys.executable, "-c", _UDP_SEND, dst, str(port), data.hex()]), timeout=20)
+
+
+@contextlib.contextmanager
+def udp_listener(host: Host, container: str, port: int, seconds: float) -> Iterator[list[str]]:
+    """Listen on UDP ``port`` in ``container``'s netns for up to ``seconds``; the list it
+    yields holds the datagrams received, filled when the block ends."""
+    pid = container_pid(host, container)
+    proc = subprocess.Popen(
+        ["nsenter", "-t", str(pid), "-n", "--", sys.executable, "-c", _UDP_LISTEN,
+         str(port), str(seconds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    received: list[str] = []
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline().strip()
+        if first != "ready":
+            raise AssertionError(f"UDP listener did not start: {first!r} {proc.stderr}")
+        yield received
+    finally:
+        try:
+            out, _err = proc.communicate(timeout=seconds + 10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _err = proc.communicate()
+        received.extend(line for line in out.splitlines() if line)

@@ -18,8 +18,12 @@ from .harness import (
     OVERLAY_MTU,
     PAGE,
     container_net,
+    containers_on,
     df_ping,
     parallel,
+    send_udp,
+    udp_listener,
+    vxlan_udp_frame,
     wait_announced,
 )
 
@@ -168,3 +172,41 @@ def test_cluster_networks_and_a_local_network_are_isolated(mh: Pair) -> None:
     results = parallel(*(lambda s=s, c=c, t=t: attempt(s, c, t) for s, c, t in negatives))
     reached = [(c, t) for c, t, rc in results if rc == 0]
     assert not reached, f"reachable across networks: {reached}"
+
+
+def test_vxlan_from_a_stranger_on_the_underlay_is_dropped(mh: Pair) -> None:
+    """A VXLAN packet with the network's VNI and a container's MAC reaches the container when
+    a cluster host sends it, and is dropped when the underlay's switch (no cluster host)
+    does: the kernel would decapsulate it from anyone."""
+    net = mh.mesh("guard", "10.77.0.0/16")
+    a1 = mh.a.run_container(net, "a1")
+    b1 = mh.b.run_container(net, "b1")
+    ip_a1, ip_b1 = mh.a.container_ip(a1, net), mh.b.container_ip(b1, net)
+    wait_announced(mh.ha, mh.hb, [ip_b1])
+    vni = int(mh.ha.vxlan_of(net)["vni"])
+    mac_a1 = containers_on(mh.ha, net)[a1][2]
+    port = 9999
+
+    def frame(text: str) -> bytes:
+        return vxlan_udp_frame(
+            vni,
+            dst_mac=mac_a1,
+            src_mac="02:00:5e:10:00:99",
+            src=ip_b1,
+            dst=ip_a1,
+            port=port,
+            payload=text.encode(),
+        )
+
+    with udp_listener(mh.ha, a1, port, seconds=4) as received:
+        send_udp(mh.hosts.switch_ns, mh.ha.address, VXLAN_PORT, frame("from-stranger"))
+        send_udp(mh.hb.netns, mh.ha.address, VXLAN_PORT, frame("from-member"))
+    assert "from-member" in received, f"positive control failed: {received}"
+    assert "from-stranger" not in received, received
+    # And what dropped it is the firewall's rule for VXLAN from anyone else (counted).
+    dropped = [
+        line
+        for line in mh.ha.in_engine_ns("iptables-save", "-c", "-t", "raw").stdout.splitlines()
+        if "--dport 4789" in line and line.endswith("-j DROP") and not line.startswith("[0:")
+    ]
+    assert dropped, mh.ha.in_engine_ns("iptables-save", "-c", "-t", "raw").stdout
