@@ -473,6 +473,9 @@ class Host(Engine):
         self.address = host_address(index)
         #: docker0 of this host's dockerd, in a test range (it lives in the host netns only).
         self.bip = f"10.59.{index}.1/24"
+        #: More dockerd flags (benchmarks: e.g. ``--bridge none`` for a Swarm reference,
+        #: which also drops ``--bip`` and the Docker-host check).
+        self.dockerd_args: tuple[str, ...] = ()
         self.plugin: HostPlugin = HostPlugin(
             name=DRIVER,
             netns=self.netns,
@@ -562,7 +565,11 @@ class Host(Engine):
     def dockerd_command(self) -> list[str]:
         cmd = super().dockerd_command()  # nsenter --net=... -- dockerd ...
         assert cmd[0] == "nsenter"
-        return [cmd[0], f"--mount={self.mount_ns}", *cmd[1:], "--bip", self.bip]
+        bridge = () if self._own_bridge() else ("--bip", self.bip)
+        return [cmd[0], f"--mount={self.mount_ns}", *cmd[1:], *bridge, *self.dockerd_args]
+
+    def _own_bridge(self) -> bool:
+        return any(a == "--bridge" or a.startswith(("--bridge=", "-b")) for a in self.dockerd_args)
 
     def start(self) -> None:
         """dockerd, the plugin and the image; the namespaces exist already."""
@@ -571,7 +578,8 @@ class Host(Engine):
         t0 = time.monotonic()
         self.start_dockerd()
         self.timings["dockerd start"] = time.monotonic() - t0
-        self.check_docker_host()
+        if not self._own_bridge():
+            self.check_docker_host()
         t0 = time.monotonic()
         self.plugin.start()
         self.timings["plugin start"] = time.monotonic() - t0
@@ -711,6 +719,7 @@ class MultiHost:
         cluster: bool = True,
         lease_ttl: int = LEASE_TTL,
         vary_config: bool = False,
+        dockerd_args: Sequence[str] = (),
     ) -> None:
         if not 1 <= n <= len(_HOST_LETTERS):
             raise ValueError(f"1..{len(_HOST_LETTERS)} hosts, not {n}")
@@ -723,6 +732,7 @@ class MultiHost:
         self.lease_ttl = lease_ttl
         self.hosts = [Host(self.tag, i, self.base) for i in range(n)]
         for h in self.hosts:
+            h.dockerd_args = tuple(dockerd_args)
             h.plugin.env["PYTHONPATH"] = str(REPO_ROOT)
             if not cluster:
                 continue
@@ -842,6 +852,7 @@ def bring_up(
     cluster: bool = True,
     lease_ttl: int = LEASE_TTL,
     vary_config: bool = False,
+    dockerd_args: Sequence[str] = (),
     lock_wait: float = 1800.0,
     log: Callable[[str], None] = lambda msg: print(f"[pdmh] {msg}"),
 ) -> Iterator[MultiHost]:
@@ -852,7 +863,19 @@ def bring_up(
     ``cluster=False`` starts the plugins without cluster flags (local networks only).
     ``vary_config=True``: the etcd members also serve TLS with client certificates, and every
     second host (b, d, ...) joins through it, configured by ``POUCH_DRIVER_*`` environment
-    variables instead of flags, so each scenario covers both ways.
+    variables instead of flags, so each scenario covers both ways. ``dockerd_args``: more
+    flags for every dockerd.
+
+    A benchmark::
+
+        with bring_up(3, lease_ttl=10) as mh:
+            scopes = [Scope(h, 1) for h in mh.hosts]   # tests.e2e.harness.Scope, one per host
+            for s in scopes:
+                s.create_network("mesh", subnet="10.61.0.0/16",
+                                 options={"pouch.cluster": "mesh"})
+            ...                                        # docker run on each, time it
+            for s in scopes:
+                s.cleanup()
     Every host, its plugin and etcd are up when it yields; see :meth:`MultiHost.heal`.
     """
     own, e2e = SessionLock(LOCK_PATH), SessionLock()
@@ -867,7 +890,13 @@ def bring_up(
             t0 = time.monotonic()
             waited = t0 - waited
             cleanup_leftovers(log)
-            mh = MultiHost(n, cluster=cluster, lease_ttl=lease_ttl, vary_config=vary_config)
+            mh = MultiHost(
+                n,
+                cluster=cluster,
+                lease_ttl=lease_ttl,
+                vary_config=vary_config,
+                dockerd_args=dockerd_args,
+            )
             mh.timings["lock wait"] = waited
             mh.timings["leftover cleanup"] = time.monotonic() - t0
             try:
