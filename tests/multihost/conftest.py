@@ -56,6 +56,8 @@ _hosts: MultiHost | None = None  # for the failure report hook
 _log_offsets = pytest.StashKey[list[tuple[int, int]]]()
 _test_counter = 0
 _timings: dict[str, float] = {}
+#: Engine bugs worked around during the session (shown in the summary, never silent).
+_engine_quirks: list[str] = []
 
 
 def _fail_or_skip(reason: str) -> None:
@@ -157,8 +159,15 @@ class Pair:
         return name
 
     def cleanup(self) -> list[str]:
-        """Each scope's cleanup, on both hosts at once. A network dockerd still counts an
-        endpoint on is retried for a while, then reported with what dockerd says is on it."""
+        """Each scope's cleanup, on both hosts at once.
+
+        A network dockerd refuses to remove for "active endpoints" while it lists no
+        container on it is Engine 20.10's stale endpoint count after many concurrent
+        endpoint operations (moby/moby#42119, with the built-in bridge driver too; a
+        dockerd restart recounts): that host's dockerd is restarted and the removal
+        retried, and the event is listed in the session summary. A network that does list
+        containers is a real leak and reported.
+        """
         networks = [list(s.networks) for s in self.scopes]
         problems = [p for ps in parallel(*(s.cleanup for s in self.scopes)) for p in ps]
         if not any("active endpoints" in p for p in problems):
@@ -167,16 +176,18 @@ class Pair:
         for s, names in zip(self.scopes, networks, strict=True):
             existing = set(s.docker("network", "ls", "--format", "{{.Name}}").stdout.split())
             for name in (n for n in names if n in existing):
-
-                def removed(s: Scope = s, name: str = name) -> bool:
-                    return s.docker("network", "rm", name, check=False).returncode == 0
-
-                try:
-                    wait_until(removed, timeout=15, interval=1, message=f"network rm {name}")
-                    problems.append(f"docker network rm {name}: active endpoints for a while")
-                except AssertionError:
-                    inspect = s.docker("network", "inspect", name, check=False).stdout
-                    problems.append(f"docker network rm {name}: active endpoints:\n{inspect}")
+                listed = self.host(s).docker_json("network", "inspect", name)[0]["Containers"]
+                if listed:
+                    problems.append(f"docker network rm {name}: containers left: {listed}")
+                    continue
+                host = self.host(s)
+                host.restart_dockerd()
+                r = s.docker("network", "rm", name, check=False)
+                note = f"host {host.letter}: network {name} stuck 'has active endpoints'"
+                if r.returncode == 0:
+                    _engine_quirks.append(f"{note}; removed after a dockerd restart")
+                else:
+                    problems.append(f"{note}, also after a dockerd restart: {r.stderr.strip()}")
         return problems
 
 
@@ -265,6 +276,10 @@ def pytest_runtest_makereport(
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _engine_quirks:
+        terminalreporter.write_sep("-", "pdmh: engine bugs worked around")
+        for line in _engine_quirks:
+            terminalreporter.write_line(line)
     if _timings:
         terminalreporter.write_sep("-", "pdmh timings")
         for k, v in _timings.items():
