@@ -481,3 +481,51 @@ async def test_losing_one_etcd_member_of_three_changes_nothing(
         (ca,), (cb,) = a.containers.values(), b.containers.values()
         assert await ping(ca, ip_b) and await ping(cb, ip_a)
         assert a.d.cluster is not None and a.d.cluster.connected
+
+
+async def test_two_cluster_networks_get_distinct_vnis_and_a_race_agrees_on_one(
+    hosts: tuple[Host, Host],
+) -> None:
+    """Both hosts define ``mesh`` at the same instant: one definition, one VNI; a second
+    cluster network gets another VNI."""
+    a, b = hosts
+    await asyncio.gather(create_network(a), create_network(b))
+    vni = a.d.state.networks[a.network_id].vni
+    assert vni is not None and vni == b.d.state.networks[b.network_id].vni
+    first = a.network_id
+    await create_network(a, subnet=ipaddress.ip_network("10.62.0.0/16"), name="other")
+    assert a.d.state.networks[a.network_id].vni not in (None, vni)
+    assert a.d.state.networks[first].vni == vni
+
+
+async def test_an_internal_cluster_network_has_no_way_out_on_any_host(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, b = hosts
+
+    async def internal(h: Host, value: bool) -> None:
+        v4 = await _pool(h, SUBNET)
+        h.network_id = secrets.token_hex(32)
+        try:
+            await h.d.networks.create_network(
+                h.network_id, NetworkOptions(cluster="mesh", internal=value), [v4], []
+            )
+        except Conflict:
+            await h.d.addresses.release_pool(h.pools[4])  # as the engine rolls back
+            raise
+
+    await internal(a, True)
+    # A host defining it as not internal is refused, naming the difference.
+    with pytest.raises(Conflict, match="internal: true in the cluster, false here"):
+        await internal(b, False)
+    await internal(b, True)
+    with ExitStack() as stack:
+        ip_a = await run_container(a, stack)
+        ip_b = await run_container(b, stack)
+        (ca,), (cb,) = a.containers.values(), b.containers.values()
+        assert await ping(ca, ip_b) and await ping(cb, ip_a)
+        for h in (a, b):
+            (eid,) = h.containers
+            joined = await h.d.endpoints.join(h.network_id, eid, "/again")
+            assert joined.gateway is None and joined.disable_gateway_service
+            assert "MASQUERADE" not in h.ns.iptables_save()
