@@ -26,7 +26,7 @@ from pathlib import Path
 from .common import ROOT, Record, bench_lock, cleanup_leftovers, loadavg, log
 
 DEFAULT = ("ipam", "plugin", "startup", "docker")
-ALL = (*DEFAULT, "profile", "cluster")
+ALL = (*DEFAULT, "profile", "cluster", "multihost")
 
 
 def _git(*args: str) -> str:
@@ -156,6 +156,7 @@ def _steps(rec: Record, only: list[str], args: argparse.Namespace, src: Path | N
         "docker": lambda: _docker(rec, args),
         "profile": lambda: _profile(rec, src, args.out, args.endpoints),
         "cluster": lambda: _cluster(rec, args),
+        "multihost": lambda: _multihost(rec, args),
     }
     failed = []
     for name in ALL:
@@ -199,6 +200,12 @@ def _cluster(rec: Record, args: argparse.Namespace) -> None:
     from . import cluster  # noqa: PLC0415
 
     cluster.run_cluster(rec, quick=args.quick)
+
+
+def _multihost(rec: Record, args: argparse.Namespace) -> None:
+    from . import multihost  # noqa: PLC0415 - needs tests/multihost (its harness)
+
+    multihost.run_multihost(rec, quick=args.quick)
 
 
 def _ipam(rec: Record) -> None:

@@ -192,19 +192,19 @@ class Host:
 
 
 # --- measurements ---------------------------------------------------------------------------
-def throughput(client: str, server: str, ip: str, seconds: int) -> float:
-    """Gbit/s of one TCP stream from ``client`` to ``server``."""
+def tcp_stream(client: list[str], server: list[str], ip: str, seconds: int) -> float:
+    """Gbit/s of one TCP stream (iperf3) between two network namespaces, each given as the
+    argv prefix that enters it (``nsenter --net=...``)."""
     srv = subprocess.Popen(
-        ["nsenter", f"--net=/run/netns/{server}", "iperf3", "-s", "-1", "-B", ip],
+        [*server, "iperf3", "-s", "-1", "-B", ip],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         give_up = time.monotonic() + 30  # the server may be slow to listen on a busy host
         while time.monotonic() < give_up:
-            out = _sh(client, "iperf3", "-c", ip, "-t", str(seconds), "-J", check=False)
-            doc = json.loads(out.stdout or "{}")
-            received = doc.get("end", {}).get("sum_received")
+            out = run(*client, "iperf3", "-c", ip, "-t", str(seconds), "-J", check=False)
+            received = json.loads(out.stdout or "{}").get("end", {}).get("sum_received")
             if out.returncode == 0 and received:
                 return float(received["bits_per_second"]) / 1e9
             time.sleep(0.1)
@@ -214,10 +214,34 @@ def throughput(client: str, server: str, ip: str, seconds: int) -> float:
         srv.wait()
 
 
-def rtt_ms(client: str, ip: str, count: int = 60) -> float:
-    out = _sh(client, "busybox", "ping", "-c", str(count), "-A", "-q", ip).stdout
+def ping_rtt_ms(client: list[str], ip: str, count: int = 60) -> float:
+    """Mean round trip of ``count`` back-to-back pings from the namespace ``client`` enters."""
+    out = run(*client, "busybox", "ping", "-c", str(count), "-A", "-q", ip).stdout
     # round-trip min/avg/max = 0.046/0.063/0.102 ms
     return float(out.strip().splitlines()[-1].split("=")[1].split("/")[1])
+
+
+def need_iperf3() -> None:
+    if shutil.which("iperf3") is None:
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "iperf3"],
+            check=True,
+            capture_output=True,
+            timeout=300,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+
+
+def _enter(ns: str) -> list[str]:
+    return ["nsenter", f"--net=/run/netns/{ns}"]
+
+
+def throughput(client: str, server: str, ip: str, seconds: int) -> float:
+    return tcp_stream(_enter(client), _enter(server), ip, seconds)
+
+
+def rtt_ms(client: str, ip: str) -> float:
+    return ping_rtt_ms(_enter(client), ip)
 
 
 class FdbWatcher:
@@ -310,8 +334,7 @@ async def _pouch(
 
 def run_cluster(rec: Record, *, quick: bool) -> None:
     rounds, seconds, lag_n, alloc_n = (1, 2, 10, 100) if quick else (3, 4, 40, 400)
-    if shutil.which("iperf3") is None:
-        run("apt-get", "install", "-y", "-q", "iperf3", timeout=300)
+    need_iperf3()
     log(f"cluster: floor VXLAN vs pouch across two hosts, {rounds} rounds of {seconds}s")
     floor_gbits, floor_rtt, tracked_gbits = [], [], []
     with etcd_cluster() as cluster, ExitStack() as stack:
