@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, ClassVar, TypeVar
 
 T = TypeVar("T")
 
@@ -267,9 +267,18 @@ class SessionLock:
     exists at start-up a leftover: its owner is gone.
     """
 
+    #: Lock files this process holds (flock conflicts between two descriptors of one process
+    #: too, so a second suite of the same pytest run must ask before waiting on itself).
+    _held: ClassVar[set[Path]] = set()
+
     def __init__(self, path: Path = LOCK_PATH) -> None:
         self.path = path
         self._file: IO[str] | None = None
+
+    @classmethod
+    def held_here(cls, path: Path = LOCK_PATH) -> bool:
+        """True if this process already holds the lock on ``path``."""
+        return path in cls._held
 
     def acquire(self, timeout: float = 0.0) -> None:
         f = self.path.open("a+")
@@ -293,12 +302,14 @@ class SessionLock:
         f.write(f"{os.getpid()}\n")
         f.flush()
         self._file = f
+        self._held.add(self.path)
 
     def release(self) -> None:
         if self._file is not None:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+            self._held.discard(self.path)
 
 
 def _pids() -> Iterator[int]:
