@@ -7,7 +7,9 @@
 Results: ``bench/results/<UTC timestamp>.json`` and ``.png``; a full run (all default
 benchmarks, installed package, not ``--quick``) also writes ``latest.json`` and ``latest.png``.
 ``profile`` (py-spy on the daemon) is not part of the default set: sampling perturbs the
-timings, so it runs on its own (``--only profile``).
+timings, so it runs on its own (``--only profile``). Nor is ``scale`` (``--only scale``, ~15 min:
+the host grown to 200 networks and 1,000 published ports on two engines; ``bench/scale.py``),
+which writes ``scale.json`` and ``scale.png``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from .common import ROOT, Record, bench_lock, cleanup_leftovers, loadavg, log
 
 DEFAULT = ("ipam", "plugin", "startup", "docker")
-ALL = (*DEFAULT, "profile", "cluster", "multihost")
+ALL = (*DEFAULT, "profile", "cluster", "multihost", "scale")
 
 
 def _git(*args: str) -> str:
@@ -70,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=3600,
         help="seconds to wait for another e2e/dockerd session to finish",
+    )
+    p.add_argument(
+        "--engines",
+        default="20.10,28.5.2",
+        help="scale: the engines to run it on (tests/e2e/harness.py ENGINES)",
     )
     p.add_argument("--quick", action="store_true", help="small counts, for a smoke test")
     p.add_argument("--no-chart", action="store_true")
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
     e2e = None
     try:
-        if "docker" in only:
+        if {"docker", "scale"} & set(only):
             # Held for the whole run, not just the docker step: no other engineer's dockerd
             # session (the heaviest neighbour on this machine) runs during any measurement.
             from .docker import e2e_lock  # noqa: PLC0415
@@ -138,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     rec.meta["failed"] = failed
 
     full = set(DEFAULT) <= set(only) and not args.quick and src is None
-    _write(rec, args.out, stamp, chart=not args.no_chart, latest=full)
+    charted = not args.no_chart and bool(set(only) - {"scale"})  # scale draws its own
+    _write(rec, args.out, stamp, chart=charted, latest=full)
     log(
         f"done in {rec.meta['duration_s']:.0f} s (lock wait "
         f"{rec.meta.get('docker_lock_wait_s', 0):.0f} s); load {rec.meta['load_at_start']} -> "
@@ -157,6 +165,7 @@ def _steps(rec: Record, only: list[str], args: argparse.Namespace, src: Path | N
         "profile": lambda: _profile(rec, src, args.out, args.endpoints),
         "cluster": lambda: _cluster(rec, args),
         "multihost": lambda: _multihost(rec, args),
+        "scale": lambda: _scale(rec, args),
     }
     failed = []
     for name in ALL:
@@ -246,6 +255,20 @@ def _profile(rec: Record, src: Path | None, out: Path, endpoints: int) -> None:
     from . import profile  # noqa: PLC0415
 
     profile.run_all(rec, out, src=src, n_endpoints=endpoints)
+
+
+def _scale(rec: Record, args: argparse.Namespace) -> None:
+    from . import scale  # noqa: PLC0415
+
+    if args.plugin_src:
+        rec.note("the scale benchmark runs the installed plugin, not --plugin-src")
+    scale.run_all(
+        rec,
+        args.out,
+        quick=args.quick,
+        engines=tuple(e.strip() for e in args.engines.split(",") if e.strip()),
+        chart=not args.no_chart,
+    )
 
 
 if __name__ == "__main__":

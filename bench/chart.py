@@ -240,3 +240,58 @@ def render(doc: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def scale_chart(data: dict[str, Any], path: Path) -> None:
+    """``bench.scale``: one row per engine; per operation the median (p10-p90 band) against
+    the host's size, pouch beside the bridge driver, and the forwarded throughput."""
+    engines = list(data["engines"].items())
+    ops = ("network_create", "run_p", "connect", "disconnect")
+    titles = {
+        "network_create": "network create",
+        "run_p": "run -d -p HOST:80",
+        "connect": "network connect",
+        "disconnect": "network disconnect",
+    }
+    fig, axes = plt.subplots(
+        max(1, len(engines)), len(ops) + 1, figsize=(20, 3.8 * max(1, len(engines))), squeeze=False
+    )
+    for row, (name, res) in enumerate(engines):
+        steps = res["steps"]
+        labels = [f"{s['networks']}n\n{s['ports']}p" for s in steps]
+        x = list(range(len(steps)))
+        for col, op in enumerate(ops):
+            ax = axes[row][col]
+            for driver, color in (("pouch", POUCH), ("bridge", BRIDGE)):
+                med = [s[driver][op]["median"] for s in steps]
+                lo = [s[driver][op]["p10"] for s in steps]
+                hi = [s[driver][op]["p90"] for s in steps]
+                g = res["growth"][driver][op]["total"]
+                ax.plot(x, med, marker="o", color=color, label=f"{driver} (x{g:.2f})")
+                ax.fill_between(x, lo, hi, color=color, alpha=0.15)
+            ax.set_title(f"{name}: {titles[op]} (ms)", fontsize=9)
+            ax.set_xticks(x, labels, fontsize=7)
+            ax.set_ylim(bottom=0)
+            ax.legend(fontsize=7)
+        ax = axes[row][len(ops)]
+        for driver, color in (("pouch", POUCH), ("bridge", BRIDGE)):
+            med = [s[driver]["throughput_gbit"]["median"] for s in steps]
+            lo = [s[driver]["throughput_gbit"]["min"] for s in steps]
+            hi = [s[driver]["throughput_gbit"]["max"] for s in steps]
+            g = res["growth"][driver]["throughput"]["total"]
+            ax.plot(x, med, marker="o", color=color, label=f"{driver} (x{g:.2f})")
+            ax.fill_between(x, lo, hi, color=color, alpha=0.15)
+        ax.set_title(f"{name}: forwarded throughput, 1 TCP stream (Gbit/s)", fontsize=9)
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    meta = data.get("meta", {})
+    fig.suptitle(
+        f"pouch-driver vs bridge as the host grows (networks n, published ports p per driver); "
+        f"commit {str(meta.get('commit', ''))[:10]}, {meta.get('started', '')}; "
+        "legend: growth largest/smallest",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
