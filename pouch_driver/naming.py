@@ -101,6 +101,20 @@ class Names:
             return None
         return {"b": "bridge", "h": "host", "c": "container", "x": "vxlan"}[m.group(1)]
 
+    def net_chain(self, part: str, bridge: str) -> str:
+        """The chain holding one network's rules of one part of the firewall (``NET_CHAINS``):
+        a change to that network rewrites this chain, not every network's."""
+        return f"{self.prefix.upper()}-{part}-{bridge}"
+
+    def is_net_chain(self, chain: str) -> bool:
+        head = f"{self.prefix.upper()}-"
+        return (
+            chain.startswith(head)
+            and len(chain) > len(head) + 2
+            and chain[len(head)] in NET_CHAINS
+            and chain[len(head) + 1] == "-"
+        )
+
     def all_chains(self) -> tuple[str, ...]:
         return (
             self.chain_forward,
@@ -110,6 +124,10 @@ class Names:
             self.chain_dnat,
             self.chain_raw,
         )
+
+
+#: Per-network chains, by the letter after the prefix: the table each lives in.
+NET_CHAINS = {"I": "mangle", "F": "filter", "N": "nat", "D": "nat", "R": "raw"}
 
 
 def endpoint_mac(endpoint_id: str, address: ipaddress.IPv4Interface | None) -> str:

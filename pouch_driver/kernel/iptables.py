@@ -1,11 +1,15 @@
-"""The real ``Firewall``: our own iptables chains, rewritten whole in one transaction per family.
+"""The real ``Firewall``: our own iptables chains, changed in one transaction per family.
 
 Each ``apply`` loads what ``rules`` renders with one ``iptables-restore --noflush`` per address
 family: declaring a chain there empties it, so the result is exact and idempotent, and chains
-and rules of others (Docker's, the user's) are never touched. Only the jumps into our chains
-live in built-in chains; they carry a comment that marks them ours. With no network left, the
-plan is empty and every chain and jump of ours is removed: deleting the last network (which
-``docker plugin rm`` requires) leaves the firewall as we found it.
+and rules of others (Docker's, the user's) are never touched. Each network has chains of its
+own, and an apply rewrites only the chains whose rules changed since the last one (none: no
+exec at all), so its cost is that of the change, not of the host's firewall. The first apply,
+the one after a failure and the one after the sweep found a difference rewrite every chain
+(and delete chains of ours no longer wanted). Only the jumps into our chains live in built-in
+chains; they carry a comment that marks them ours. With no network left, the plan is empty and
+every chain and jump of ours is removed: deleting the last network (which ``docker plugin rm``
+requires) leaves the firewall as we found it.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ class IptablesFirewall:
         self._netns = netns
         self._lock = asyncio.Lock()
         self._v6_used = True  # clean IPv6 chains once at start, then only while needed
-        # Families whose jumps into our chains are known present: their applies skip the
-        # iptables-save that checks for them (one exec instead of two per change).
-        self._jumps_ok: set[int] = set()
+        # Per family, the chains the kernel is known to hold (the last apply's, its jumps
+        # checked): the next apply rewrites only what differs, and skips the iptables-save.
+        self._applied: dict[int, dict[str, list[str]]] = {}
         # Known to hold nothing of ours (after an empty plan): further empty plans cost no
         # exec. Unknown at start, so the first empty plan clears what an earlier run left.
         self._absent = False
@@ -94,27 +98,32 @@ class IptablesFirewall:
 
     async def _apply_family(self, plan: FirewallPlan, version: int) -> None:
         restore = "iptables-restore" if version == 4 else "ip6tables-restore"
-        present = None if version in self._jumps_ok else await self._read(version)
+        previous = self._applied.pop(version, None)
+        present = None if previous is not None else await self._read(version)
 
-        def text() -> str:
-            return rules.restore_input(
-                plan,
-                version,
-                self.names,
-                docker_isolation=version in self._docker_isolation,
-                present=present,
-            )
+        def render() -> dict[str, list[str]]:
+            isolation = version in self._docker_isolation
+            return rules.render(plan, version, self.names, docker_isolation=isolation)
 
+        chains = render()
+        text = rules.restore_changes(
+            chains, version, self.names, present=present, previous=previous
+        )
         try:
-            await self._exec([restore, "--noflush"], text())
+            if text:
+                await self._exec([restore, "--noflush"], text)
         except KernelError:
-            self._jumps_ok.discard(version)
             if present is not None:
                 raise
-            # What we knew may be stale (FORWARD flushed, Docker's chain gone): look again.
+            # What we knew may be stale (FORWARD flushed, Docker's chain gone, a chain of ours
+            # deleted): look again and rewrite everything.
             present = await self._read(version)
-            await self._exec([restore, "--noflush"], text())
-        self._jumps_ok.add(version)
+            chains = render()
+            text = rules.restore_changes(
+                chains, version, self.names, present=present, previous=None
+            )
+            await self._exec([restore, "--noflush"], text)
+        self._applied[version] = chains
 
     async def differences(self, plan: FirewallPlan) -> list[str]:
         """What ``apply(plan)`` would change, one line each; empty when in sync."""
@@ -131,8 +140,8 @@ class IptablesFirewall:
                 present,
                 docker_isolation=version in self._docker_isolation,
             )
-            if found:  # the next apply checks the jumps again
-                self._jumps_ok.discard(version)
+            if found:  # the next apply checks the jumps and rewrites every chain
+                self._applied.pop(version, None)
             out.extend(found)
         return out
 
@@ -145,8 +154,8 @@ class IptablesFirewall:
         for version in self._families():
             present = await self._read(version)
             restore = "iptables-restore" if version == 4 else "ip6tables-restore"
+            self._applied.pop(version, None)
             await self._exec([restore, "--noflush"], rules.removal_input(present, self.names))
-            self._jumps_ok.discard(version)
         self._v6_used = False
         self._absent = True
 

@@ -39,9 +39,11 @@ Where our rules sit, and why:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..errors import KernelError
 from ..model import GatewayMode
-from ..naming import Names
+from ..naming import NET_CHAINS, Names
 from . import FirewallPlan, NetworkRules, PortForward, VxlanFilter
 
 MANGLE, FILTER, NAT, RAW = "mangle", "filter", "nat", "raw"
@@ -129,12 +131,14 @@ def render(
 ) -> dict[str, list[str]]:
     """The rules of each of our chains, in ``iptables-save`` syntax, for one family.
 
+    Our top-level chains hold only jumps (and the few rules that are not one network's); each
+    network's rules live in chains of its own (``Names.net_chain``), so a change to one network
+    or its ports changes only its chains. Only non-empty per-network chains are rendered.
     ``docker_isolation``: Docker's isolation chain is in force in this family's filter table
     (``has_docker_isolation``).
     """
     n = names
     chains: dict[str, list[str]] = {c: [] for c in n.all_chains()}
-    iso, iso2 = chains[n.chain_isolation], chains[n.chain_isolation2]
     fwd, post, dnat = chains[n.chain_forward], chains[n.chain_postrouting], chains[n.chain_dnat]
     raw = chains[n.chain_raw]
     # Gateway mode nat: published ports are the only way in, so the raw table drops what is
@@ -144,52 +148,94 @@ def render(
         for net in plan.networks
         if net.masquerade and net.mode(version) is GatewayMode.NAT and not _internal(net, version)
     }
-
-    def family(nets: NetworkRules) -> list[str]:
-        return [str(s) for s in nets.subnets if s.version == version]
-
-    # Traffic inside one network is never an isolation matter (and a user may name a pouch
-    # bridge br-something, which the Docker-bridge rules below would otherwise catch).
-    iso.extend(
-        f"-A {n.chain_isolation} -i {net.bridge} -o {net.bridge} -j RETURN" for net in plan.networks
-    )
-    for net in plan.networks:
-        b = net.bridge
-        _isolate(n, net, version, iso, iso2)
-        verdict = "ACCEPT" if net.icc else "DROP"
-        fwd.append(f"-A {n.chain_forward} -i {b} -o {b} -j {verdict}")
-        fwd.append(
-            f"-A {n.chain_forward} -o {b} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-        )
-        if _internal(net, version):
-            continue
-        if docker_isolation:
-            fwd.append(f"-A {n.chain_forward} -i {b} ! -o {b} -j {DOCKER_ISOLATION}")
-        fwd.append(f"-A {n.chain_forward} -i {b} ! -o {b} -j ACCEPT")
-        fwd.extend(_mode_accepts(n, net, version))
-        if net.masquerade and net.mode(version) is not GatewayMode.ROUTED:
-            source = net.snat(version)
-            target = f"SNAT --to-source {source}" if source is not None else "MASQUERADE"
-            for subnet in family(net):
-                post.append(f"-A {n.chain_postrouting} -s {subnet} ! -o {b} -j {target}")
-        if (
-            version == 4
-            and net.mode(4) is not GatewayMode.ROUTED
-            and any(f.bridge == b for f in plan.forwards)
-        ):
-            # 127.0.0.1:PORT reached from the host itself: hide the loopback source.
-            post.append(
-                f"-A {n.chain_postrouting} -s 127.0.0.0/8 -o {b} -m addrtype "
-                "--src-type LOCAL -j MASQUERADE"
-            )
-    if any(not _internal(net, version) for net in plan.networks):
-        iso2.extend(f"-A {n.chain_isolation2} -o {d} -j DROP" for d in DOCKER_BRIDGES)
     routed = {net.bridge for net in plan.networks if net.mode(version) is GatewayMode.ROUTED}
+    forwards: dict[str, list[PortForward]] = {}
     for f in plan.forwards:
         if f.container_ip.version != version:
             continue
         if f.host_ip is not None and f.host_ip.version != version:
             continue
+        forwards.setdefault(f.bridge, []).append(f)
+    bridges = [net.bridge for net in plan.networks]
+    bridges += [b for b in forwards if b not in bridges]
+
+    def own(part: str, bridge: str) -> list[str]:
+        return chains.setdefault(n.net_chain(part, bridge), [])
+
+    _isolation(n, plan, version, forwards, chains)
+    published = {f.bridge for f in plan.forwards}
+    for net in plan.networks:
+        _network(n, net, version, own, docker_isolation=docker_isolation, published=published)
+    for b, fs in forwards.items():
+        own("F", b)[0:0] = _publish(n, b, fs, version, own, protected=protected, routed=routed)
+    # The top-level chains: jumps into each network's chains, in the plan's order. A packet
+    # is matched against a network's FORWARD rules only if it enters or leaves its bridge
+    # (every rule there names the bridge); NAT and raw rules match on addresses.
+    for b in bridges:
+        for part, top, jumps_in in (
+            ("F", fwd, (f"-o {b} ", f"-i {b} ")),
+            ("N", post, ("",)),
+            ("D", dnat, ("",)),
+            ("R", raw, ("",)),
+        ):
+            name = n.net_chain(part, b)
+            if chains.get(name):
+                top.extend(f"-A {_top(n, part)} {m}-j {name}" for m in jumps_in)
+            else:
+                chains.pop(name, None)
+    if plan.vxlan is not None and plan.vxlan.local.version == version:
+        raw.extend(_vxlan_filter(n, plan.vxlan))
+    return chains
+
+
+def _network(
+    n: Names,
+    net: NetworkRules,
+    version: int,
+    own: Callable[[str, str], list[str]],
+    *,
+    docker_isolation: bool,
+    published: set[str],
+) -> None:
+    """One network's ``<P>-F-<bridge>`` (filter) and ``<P>-N-<bridge>`` (masquerading)."""
+    b = net.bridge
+    fc, nc = n.net_chain("F", b), n.net_chain("N", b)
+    verdict = "ACCEPT" if net.icc else "DROP"
+    own("F", b).append(f"-A {fc} -i {b} -o {b} -j {verdict}")
+    own("F", b).append(f"-A {fc} -o {b} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+    if _internal(net, version):
+        return
+    if docker_isolation:
+        own("F", b).append(f"-A {fc} -i {b} ! -o {b} -j {DOCKER_ISOLATION}")
+    own("F", b).append(f"-A {fc} -i {b} ! -o {b} -j ACCEPT")
+    own("F", b).extend(_mode_accepts(n, net, version))
+    if net.masquerade and net.mode(version) is not GatewayMode.ROUTED:
+        source = net.snat(version)
+        target = f"SNAT --to-source {source}" if source is not None else "MASQUERADE"
+        own("N", b).extend(
+            f"-A {nc} -s {s} ! -o {b} -j {target}" for s in net.subnets if s.version == version
+        )
+    if version == 4 and net.mode(4) is not GatewayMode.ROUTED and b in published:
+        # 127.0.0.1:PORT reached from the host itself: hide the loopback source.
+        own("N", b).append(
+            f"-A {nc} -s 127.0.0.0/8 -o {b} -m addrtype --src-type LOCAL -j MASQUERADE"
+        )
+
+
+def _publish(
+    n: Names,
+    b: str,
+    forwards: list[PortForward],
+    version: int,
+    own: Callable[[str, str], list[str]],
+    *,
+    protected: dict[str, tuple[str, ...]],
+    routed: set[str],
+) -> list[str]:
+    """The DNAT, hairpin and raw rules of one bridge's published ports; returns the ACCEPTs
+    that go first in its ``<P>-F-<bridge>``."""
+    accepts = []
+    for f in forwards:
         # Host addresses are written as iptables-save prints them (/32, /128), so that
         # ``differences`` compares like with like.
         cip = f"{f.container_ip}/{f.container_ip.max_prefixlen}"
@@ -205,30 +251,91 @@ def render(
         )
         # This accepts traffic entering the bridge, which no other rule of ours does for NEW
         # connections, so it goes first.
-        fwd.insert(
-            0,
-            f"-A {n.chain_forward} -d {cip} ! -i {f.bridge} -o {f.bridge} "
-            f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j ACCEPT",
+        accepts.append(
+            f"-A {n.net_chain('F', b)} -d {cip} ! -i {b} -o {b} "
+            f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j ACCEPT"
         )
-        _harden(n, f, cip, protected=protected, routed=routed, raw=raw)
-        if f.bridge in routed:
+        _harden(n, f, cip, protected=protected, routed=routed, raw=own("R", b))
+        if b in routed:
             continue  # the container port itself is published: no DNAT, no hairpin
         # No "! -i <bridge>": containers of the same network reach the published port through
-        # the host's address too (Docker leaves that to docker-proxy, which the engine does not
-        # run for remote drivers).
-        dnat.append(
-            f"-A {n.chain_dnat} {dst}-p {f.proto} -m {f.proto} "
+        # the host's address too (Docker leaves that to docker-proxy, which the engine does
+        # not run for remote drivers).
+        own("D", b).append(
+            f"-A {n.net_chain('D', b)} {dst}-p {f.proto} -m {f.proto} "
             f"--dport {f.host_port} -j DNAT --to-destination {target}"
         )
-        post.append(
-            f"-A {n.chain_postrouting} -s {cip} -d {cip} "
+        own("N", b).append(
+            f"-A {n.net_chain('N', b)} -s {cip} -d {cip} "
             f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j MASQUERADE"
         )
-    same_network = len(plan.networks)
-    iso[same_network:same_network] = _exceptions(n, plan, version)
-    if plan.vxlan is not None and plan.vxlan.local.version == version:
-        raw.extend(_vxlan_filter(n, plan.vxlan))
-    return chains
+    return accepts
+
+
+def _top(n: Names, part: str) -> str:
+    return {
+        "I": n.chain_isolation,
+        "F": n.chain_forward,
+        "N": n.chain_postrouting,
+        "D": n.chain_dnat,
+        "R": n.chain_raw,
+    }[part]
+
+
+def _isolation(
+    n: Names,
+    plan: FirewallPlan,
+    version: int,
+    forwards: dict[str, list[PortForward]],
+    chains: dict[str, list[str]],
+) -> None:
+    """``<P>-ISOLATION`` (mangle) and each network's ``<P>-I-<bridge>``.
+
+    Every rule here is a RETURN or a DROP, and every RETURN of the old single chain came
+    before every DROP: a packet is dropped if no exception matches and some drop does. So
+    the top chain sends (``-g``, goto: a RETURN there ends ``<P>-ISOLATION`` as a whole) each
+    packet entering one of our bridges to that bridge's chain, which holds every exception and
+    every drop that can match a packet entering it: traffic inside the network, the
+    exceptions of its published ports, and the drops of what comes from another of our
+    networks (``<P>-ISOLATION-2`` lists our bridges), from Docker's default bridges, or new
+    and not published. What leaves our bridges for anything else: an internal network's
+    traffic is dropped, the others' is dropped only towards Docker's bridges. Replies leaving
+    a routed network are let through first, for any destination.
+    """
+    iso, iso2 = chains[n.chain_isolation], chains[n.chain_isolation2]
+    top = n.chain_isolation
+    for net in plan.networks:
+        if not _internal(net, version) and net.mode(version) is GatewayMode.ROUTED:
+            # Replies leaving for a network that would not take new connections from here.
+            iso.append(
+                f"-A {top} -i {net.bridge} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
+            )
+    for net in plan.networks:
+        b = net.bridge
+        c = n.net_chain("I", b)
+        iso.append(f"-A {top} -o {b} -g {c}")
+        iso2.append(f"-A {n.chain_isolation2} -i {b} -j DROP")
+        rules = chains[c] = [f"-A {c} -i {b} -o {b} -j RETURN"]
+        if _internal(net, version):
+            rules.append(f"-A {c} ! -i {b} -o {b} -j DROP")
+            continue
+        rules.extend(_exceptions(c, net, version, forwards.get(b, [])))
+        # From another of our networks (internal or not).
+        rules.append(f"-A {c} ! -i {b} -o {b} -j {n.chain_isolation2}")
+        if _drops_new_inbound(net, version):
+            # A network without masquerading is meant to be reached; a NATed one only through
+            # its published ports, a routed one only at them (the exceptions before this).
+            rules.append(
+                f"-A {c} ! -i {b} -o {b} -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+            )
+        # Docker's own bridges (default names) are other networks too: keep them out.
+        rules.extend(f"-A {c} -i {d} -o {b} -j DROP" for d in DOCKER_BRIDGES)
+    for net in plan.networks:
+        if _internal(net, version):
+            iso.append(f"-A {top} -i {net.bridge} -j DROP")
+    if any(not _internal(net, version) for net in plan.networks):
+        # Out of our networks into Docker's (default names): those drops for every network.
+        iso.extend(f"-A {top} -o {d} -j {n.chain_isolation2}" for d in DOCKER_BRIDGES)
 
 
 def _vxlan_filter(n: Names, v: VxlanFilter) -> list[str]:
@@ -259,13 +366,14 @@ def _harden(
     reached by routing to its address from outside its bridge (trusted host interfaces may),
     and a port published on 127.0.0.1 only from the host itself."""
     rules: list[str] = []
+    c = n.net_chain("R", f.bridge)
     if f.bridge in protected:
-        rules.extend(f"-A {n.chain_raw} -d {cip} -i {t} -j RETURN" for t in protected[f.bridge])
-        rules.append(f"-A {n.chain_raw} -d {cip} ! -i {f.bridge} -j DROP")
+        rules.extend(f"-A {c} -d {cip} -i {t} -j RETURN" for t in protected[f.bridge])
+        rules.append(f"-A {c} -d {cip} ! -i {f.bridge} -j DROP")
     if f.bridge not in routed and f.host_ip is not None and f.host_ip.is_loopback:
         # ::1 is refused upstream; routed networks map no host port.
         rules.append(
-            f"-A {n.chain_raw} -d {f.host_ip}/{f.host_ip.max_prefixlen} ! -i lo "
+            f"-A {c} -d {f.host_ip}/{f.host_ip.max_prefixlen} ! -i lo "
             f"-p {f.proto} -m {f.proto} --dport {f.host_port} -j DROP"
         )
     raw.extend(r for r in rules if r not in raw)
@@ -273,48 +381,35 @@ def _harden(
 
 def _mode_accepts(names: Names, net: NetworkRules, version: int) -> list[str]:
     """What a gateway mode lets into a (not internal) network besides published ports."""
-    n, b = names, net.bridge
+    b = net.bridge
+    c = names.net_chain("F", b)
     mode = net.mode(version)
     if mode is GatewayMode.ROUTED:
-        return [f"-A {n.chain_forward} -o {b} -p {_icmp(version)} -j ACCEPT"]
+        return [f"-A {c} -o {b} -p {_icmp(version)} -j ACCEPT"]
     if mode is GatewayMode.NAT_UNPROTECTED:
-        return [f"-A {n.chain_forward} ! -i {b} -o {b} -j ACCEPT"]
+        return [f"-A {c} ! -i {b} -o {b} -j ACCEPT"]
     return []
 
 
-def _exceptions(names: Names, plan: FirewallPlan, version: int) -> list[str]:
-    """``<P>-ISOLATION`` RETURNs ahead of every drop: a routed network's ICMP, published
-    container ports and replies, and published ports seen from trusted host interfaces."""
-    n = names
+def _exceptions(
+    chain: str, net: NetworkRules, version: int, forwards: list[PortForward]
+) -> list[str]:
+    """RETURNs ahead of every drop of a (not internal) network's ``<P>-I-<bridge>``: a routed
+    network's ICMP and published container ports, and published ports seen from trusted host
+    interfaces."""
+    b = net.bridge
     out: list[str] = []
-    by_bridge: dict[str, NetworkRules] = {}
-    for net in plan.networks:
-        if _internal(net, version):
-            continue
-        b = net.bridge
-        by_bridge[b] = net
-        if net.mode(version) is GatewayMode.ROUTED:
-            # Replies leaving for a network that would not take new connections from here.
-            out.append(
-                f"-A {n.chain_isolation} -i {b} -m conntrack --ctstate RELATED,ESTABLISHED "
-                "-j RETURN"
-            )
-            out.append(f"-A {n.chain_isolation} ! -i {b} -o {b} -p {_icmp(version)} -j RETURN")
-    for f in plan.forwards:
-        owner = by_bridge.get(f.bridge)
-        if owner is None or f.container_ip.version != version:
-            continue
-        if f.host_ip is not None and f.host_ip.version != version:
-            continue
-        b = f.bridge
+    if net.mode(version) is GatewayMode.ROUTED:
+        out.append(f"-A {chain} ! -i {b} -o {b} -p {_icmp(version)} -j RETURN")
+    for f in forwards:
         match = (
             f"-d {f.container_ip}/{f.container_ip.max_prefixlen} %s -o {b} "
             f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j RETURN"
         )
-        if owner.mode(version) is GatewayMode.ROUTED:
-            out.append(f"-A {n.chain_isolation} " + match % f"! -i {b}")
-        elif _drops_new_inbound(owner, version):
-            out.extend(f"-A {n.chain_isolation} " + match % f"-i {t}" for t in owner.trusted)
+        if net.mode(version) is GatewayMode.ROUTED:
+            out.append(f"-A {chain} " + match % f"! -i {b}")
+        elif _drops_new_inbound(net, version):
+            out.extend(f"-A {chain} " + match % f"-i {t}" for t in net.trusted)
     return out
 
 
@@ -334,6 +429,14 @@ def check_plan(plan: FirewallPlan) -> None:
             raise KernelError(f"refusing to put {value!r} into a firewall rule")
 
 
+def table_of(names: Names, chain: str) -> str:
+    """The table one of our chains (top-level or per-network) lives in."""
+    for table, ours_ in tables(names).items():
+        if chain in ours_:
+            return table
+    return NET_CHAINS[chain[len(names.prefix) + 1]]
+
+
 def restore_input(
     plan: FirewallPlan,
     version: int,
@@ -348,18 +451,54 @@ def restore_input(
     left in an old table) must be checked; None when they are known to be in place.
     """
     chains = render(plan, version, names, docker_isolation=docker_isolation)
+    return restore_changes(chains, version, names, present=present, previous=None)
+
+
+def restore_changes(
+    chains: dict[str, list[str]],
+    version: int,
+    names: Names,
+    *,
+    present: Saved | None,
+    previous: dict[str, list[str]] | None,
+) -> str:
+    """``iptables-restore --noflush`` input taking our chains to ``chains`` (``render``).
+
+    ``previous``: what the kernel is known to hold (the last apply's ``chains``): only the
+    chains whose rules differ are declared (declaring empties them) and rewritten, and those
+    gone are deleted, so the cost of a change is that of the chains it touches, not of the
+    host's whole firewall. None: unknown, every chain is rewritten, and chains of ours that
+    ``present`` holds but ``chains`` does not are deleted. Empty when nothing changes.
+    """
+    if previous is None:
+        changed = dict(chains)
+        held = [c for _, (_, cs) in ours(present or {}, names).items() for c in cs]
+        gone = [c for c in held if c not in chains]
+    else:
+        changed = {c: r for c, r in chains.items() if previous.get(c) != r}
+        gone = [c for c in previous if c not in chains]
     out: list[str] = []
-    for table, ours in tables(names).items():
-        out.append(f"*{table}")
-        out.extend(f":{c} - [0:0]" for c in ours)  # declaring empties it (--noflush)
-        for c in ours:
-            out.extend(chains[c])
+    for table in tables(names):
+        declare = [c for c in changed if table_of(names, c) == table]
+        delete = [c for c in gone if table_of(names, c) == table]
+        extra: list[str] = []
         if present is not None:
             for t, chain, position, match in jumps(names, version):
                 if t == table and not has_rule(present, table, chain, match):
-                    out.append(f"{position} {match}")
-            out.extend(old_layout(present, table, names))
+                    extra.append(f"{position} {match}")
+            extra.extend(old_layout(present, table, names))
+        if previous is not None and not (declare or delete or extra):
+            continue
+        out.append(f"*{table}")
+        out.extend(f":{c} - [0:0]" for c in (*declare, *delete))
+        for c in declare:
+            out.extend(chains[c])
+        # Whatever jumped to a deleted chain was declared above (its text changed).
+        out.extend(f"-X {c}" for c in delete)
+        out.extend(extra)
         out.append("COMMIT")
+    if not out:
+        return ""
     text = "\n".join(out) + "\n"
     for line in text.splitlines():
         # Defence in depth: every value we render is validated upstream, but a rule line must
@@ -394,9 +533,9 @@ def differences(
     """What applying ``plan`` would change in one family, one line each."""
     out: list[str] = []
     tag = f"IPv{version}"
-    table_of = {c: t for t, chains in tables(names).items() for c in chains}
-    for chain, want in render(plan, version, names, docker_isolation=docker_isolation).items():
-        have = [r for r in present.get(table_of[chain], []) if r.startswith(f"-A {chain} ")]
+    rendered = render(plan, version, names, docker_isolation=docker_isolation)
+    for chain, want in rendered.items():
+        have = [r for r in present.get(table_of(names, chain), []) if r.startswith(f"-A {chain} ")]
         want_norm = [normalize(r) for r in want]
         have_norm = [normalize(r) for r in have]
         out.extend(f"{tag} missing rule: {r}" for r in want_norm if r not in have_norm)
@@ -404,6 +543,8 @@ def differences(
     for table, chain, _, match in jumps(names, version):
         if not has_rule(present, table, chain, match):
             out.append(f"{tag} missing jump in {table}/{chain} to our chain")
+    for table, (_, held) in ours(present, names).items():
+        out.extend(f"{tag} unexpected chain {table}/{c}" for c in held if c not in rendered)
     for table in tables(names):
         if stale := old_layout(present, table, names):
             out.append(f"{tag} our chains in the wrong table ({table}): " + "; ".join(stale))
@@ -421,7 +562,9 @@ def ours(present: Saved, names: Names) -> dict[str, tuple[list[str], list[str]]]
             if r.startswith("-A ")
             and (f'--comment "{names.comment}"' in r or f"--comment {names.comment}" in r)
         ]
-        chains = [c for c in names.all_chains() if any(r.startswith(f":{c} ") for r in lines)]
+        declared = [r[1:].split(" ", 1)[0] for r in lines if r.startswith(":")]
+        chains = [c for c in names.all_chains() if c in declared]
+        chains += [c for c in declared if names.is_net_chain(c) and table_of(names, c) == table]
         out[table] = (jumps_in, chains)
     return out
 

@@ -79,11 +79,17 @@ def firewall_lines(plugin: Plugin) -> list[str]:
 
 
 def foreign_lines(plugin: Plugin) -> list[str]:
-    ours = tuple(f"-A {c} " for c in Names("pu").all_chains())
+    names = Names("pu")
+
+    def ours(line: str) -> bool:
+        """A rule in one of our chains (top-level or per-network)."""
+        chain = line.split(" ", 2)[1] if line.startswith("-A ") else ""
+        return chain in names.all_chains() or names.is_net_chain(chain)
+
     return [
         line
         for line in firewall_lines(plugin)
-        if not (line.startswith((*ours, ":PU-", "*")) or line == "COMMIT")
+        if not (ours(line) or line.startswith((":PU-", "*")) or line == "COMMIT")
     ]
 
 

@@ -22,7 +22,7 @@ from .packets import Lab, reaches
 from .test_firewall import NET_A, PLAN, rules
 
 STAGE2 = "DOCKER-ISOLATION-STAGE-2"
-JUMP = f"-A PK-FORWARD -i {NET_A.bridge} ! -o {NET_A.bridge} -j {STAGE2}"
+JUMP = f"-A PK-F-{NET_A.bridge} -i {NET_A.bridge} ! -o {NET_A.bridge} -j {STAGE2}"
 
 # Engine 20.10-27: isolation in STAGE-1/2, which always end with a RETURN.
 LAYOUT_27 = f"""*filter

@@ -67,18 +67,23 @@ async def test_rules_say_what_the_policy_says(firewall: IptablesFirewall, netns:
     got = rules(netns.iptables_save())
     a, b = NET_A.bridge, NET_B.bridge
     assert got[0] == "-A FORWARD -m comment --comment pk-driver -j PK-ISOLATION"
-    assert f"-A PK-FORWARD -i {a} -o {a} -j ACCEPT" in got
-    assert f"-A PK-FORWARD -i {b} -o {b} -j DROP" in got  # icc=false
-    assert f"-A PK-FORWARD -i {a} ! -o {a} -j ACCEPT" in got
-    assert f"-A PK-FORWARD -i {b} ! -o {b} -j ACCEPT" not in got  # internal: no way out
-    assert f"-A PK-ISOLATION -i {b} ! -o {b} -j DROP" in got
-    assert f"-A PK-ISOLATION ! -i {b} -o {b} -j DROP" in got
-    assert f"-A PK-ISOLATION-2 -o {a} -j DROP" in got
-    assert "-A PK-POSTROUTING -s 10.61.0.0/24 ! -o pkbaaaaaaaaaaaa -j MASQUERADE" in got
+    # Each network's rules in chains of its own, the top-level chains jump there.
+    assert f"-A PK-FORWARD -o {a} -j PK-F-{a}" in got
+    assert f"-A PK-FORWARD -i {a} -j PK-F-{a}" in got
+    assert f"-A PK-ISOLATION -o {a} -g PK-I-{a}" in got
+    assert f"-A PK-F-{a} -i {a} -o {a} -j ACCEPT" in got
+    assert f"-A PK-F-{b} -i {b} -o {b} -j DROP" in got  # icc=false
+    assert f"-A PK-F-{a} -i {a} ! -o {a} -j ACCEPT" in got
+    assert f"-A PK-F-{b} -i {b} ! -o {b} -j ACCEPT" not in got  # internal: no way out
+    assert f"-A PK-ISOLATION -i {b} -j DROP" in got
+    assert f"-A PK-I-{b} ! -i {b} -o {b} -j DROP" in got
+    assert f"-A PK-I-{a} ! -i {a} -o {a} -j PK-ISOLATION-2" in got
+    assert f"-A PK-ISOLATION-2 -i {b} -j DROP" in got
+    assert f"-A PK-N-{a} -s 10.61.0.0/24 ! -o pkbaaaaaaaaaaaa -j MASQUERADE" in got
     assert not any("10.62.0.0/24" in r and "MASQUERADE" in r for r in got)
-    assert ("-A PK-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.61.0.2:80") in got
+    assert (f"-A PK-D-{a} -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.61.0.2:80") in got
     v6 = rules(netns.iptables_save(v6=True))
-    assert "-A PK-POSTROUTING -s fd70:61::/64 ! -o pkbaaaaaaaaaaaa -j MASQUERADE" in v6
+    assert f"-A PK-N-{a} -s fd70:61::/64 ! -o pkbaaaaaaaaaaaa -j MASQUERADE" in v6
     assert netns.sh("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
 
 
@@ -109,14 +114,15 @@ async def test_ipv6_published_ports_go_to_ip6tables(
     )
     await firewall.apply(plan)
     got6 = rules(netns.iptables_save(v6=True))
-    assert "-A PK-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd70:61::2]:80" in got6
+    d = f"PK-D-{NET_A.bridge}"
+    assert f"-A {d} -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd70:61::2]:80" in got6
     assert (
-        "-A PK-DNAT -d 2001:db8::5/128 -p udp -m udp --dport 5353 -j DNAT "
+        f"-A {d} -d 2001:db8::5/128 -p udp -m udp --dport 5353 -j DNAT "
         "--to-destination [fd70:61::2]:53"
     ) in got6
     assert (
-        f"-A PK-FORWARD -d fd70:61::2/128 ! -i {NET_A.bridge} -o {NET_A.bridge} -p tcp -m tcp "
-        "--dport 80 -j ACCEPT"
+        f"-A PK-F-{NET_A.bridge} -d fd70:61::2/128 ! -i {NET_A.bridge} -o {NET_A.bridge} "
+        "-p tcp -m tcp --dport 80 -j ACCEPT"
     ) in got6
     # The host's own ::1 is never DNAT'd (the kernel would drop a loopback source anyway).
     assert any(r.startswith("-A OUTPUT ! -d ::1/128") and "PK-DNAT" in r for r in got6), got6
@@ -131,7 +137,7 @@ async def test_isolation_consults_dockers_chain_once_it_exists(
     bridge's name; traffic leaving our networks goes through it. dockerd may start after us:
     the chain appearing later is drift that ``differences`` reports and ``apply`` repairs."""
     a = NET_A.bridge
-    jump = f"-A PK-FORWARD -i {a} ! -o {a} -j DOCKER-ISOLATION-STAGE-2"
+    jump = f"-A PK-F-{a} -i {a} ! -o {a} -j DOCKER-ISOLATION-STAGE-2"
     await firewall.apply(PLAN)
     assert jump not in rules(netns.iptables_save())  # no Docker here (yet)
     netns.sh("iptables", "-N", "DOCKER-ISOLATION-STAGE-2")
@@ -143,12 +149,11 @@ async def test_isolation_consults_dockers_chain_once_it_exists(
     fwd = rules(netns.iptables_save(), "filter")
     # Just before the rule that lets the network's traffic out: Docker's chain drops what
     # heads for a Docker bridge and returns the rest.
-    assert fwd.index(jump) + 1 == fwd.index(f"-A PK-FORWARD -i {a} ! -o {a} -j ACCEPT")
+    assert fwd.index(jump) + 1 == fwd.index(f"-A PK-F-{a} -i {a} ! -o {a} -j ACCEPT")
     assert await firewall.differences(PLAN) == []
     # A masqueraded network takes no new connection from outside but published ports.
     assert (
-        f"-A PK-ISOLATION ! -i {NET_A.bridge} -o {NET_A.bridge} -m conntrack ! --ctstate "
-        "RELATED,ESTABLISHED,DNAT -j DROP"
+        f"-A PK-I-{a} ! -i {a} -o {a} -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
     ) in got
 
 
@@ -246,7 +251,8 @@ async def test_differences_report_drift_and_remove_all_cleans_up(
     firewall: IptablesFirewall, netns: Netns
 ) -> None:
     await firewall.apply(PLAN)
-    netns.sh("iptables", "-D", "PK-FORWARD", "-i", NET_A.bridge, "-o", NET_A.bridge, "-j", "ACCEPT")
+    a = NET_A.bridge
+    netns.sh("iptables", "-D", f"PK-F-{a}", "-i", a, "-o", a, "-j", "ACCEPT")
     netns.sh("iptables", "-A", "PK-FORWARD", "-j", "ACCEPT")
     diffs = await firewall.differences(PLAN)
     assert any("missing rule" in d and NET_A.bridge in d for d in diffs)
@@ -283,17 +289,17 @@ async def test_docker_bridges_are_other_networks_and_loopback_ports_work(
     got = rules(netns.iptables_save())
     a = NET_A.bridge
     # Inside one network: never an isolation matter, even for a bridge named br-*.
-    assert got.index("-A PK-ISOLATION -i br-mine -o br-mine -j RETURN") < got.index(
-        "-A PK-ISOLATION -i br-+ -o br-mine -j DROP"
+    assert got.index("-A PK-I-br-mine -i br-mine -o br-mine -j RETURN") < got.index(
+        "-A PK-I-br-mine -i br-+ -o br-mine -j DROP"
     )
-    assert f"-A PK-ISOLATION -i docker0 -o {a} -j DROP" in got
-    assert "-A PK-ISOLATION-2 -o docker0 -j DROP" in got
-    assert "-A PK-ISOLATION-2 -o br-+ -j DROP" in got
+    assert f"-A PK-I-{a} -i docker0 -o {a} -j DROP" in got
+    # Out of our networks into Docker's: the drops of PK-ISOLATION-2 (from our bridges).
+    assert "-A PK-ISOLATION -o docker0 -j PK-ISOLATION-2" in got
+    assert "-A PK-ISOLATION -o br-+ -j PK-ISOLATION-2" in got
+    assert f"-A PK-ISOLATION-2 -i {a} -j DROP" in got
     # 127.0.0.1:8080 from the host: DNAT'd (no loopback exclusion) and masqueraded.
     assert "-A OUTPUT -m addrtype --dst-type LOCAL -m comment --comment pk-driver -j PK-DNAT" in got
-    assert (
-        f"-A PK-POSTROUTING -s 127.0.0.0/8 -o {a} -m addrtype --src-type LOCAL -j MASQUERADE"
-    ) in got
+    assert (f"-A PK-N-{a} -s 127.0.0.0/8 -o {a} -m addrtype --src-type LOCAL -j MASQUERADE") in got
     assert (
         await firewall.differences(FirewallPlan(networks=(NET_A, user_named), forwards=(FWD,)))
         == []

@@ -171,7 +171,7 @@ async def test_routed_reaches_published_ports_and_icmp_at_the_container_address(
     got = rules(lab.host.iptables_save())
     assert not any("-j MASQUERADE" in r or "-j DNAT" in r for r in got), got
     assert (
-        f"-A PK-FORWARD -d {CONTAINER}/32 ! -i {BRIDGE} -o {BRIDGE} -p tcp -m tcp --dport 80 "
+        f"-A PK-F-{BRIDGE} -d {CONTAINER}/32 ! -i {BRIDGE} -o {BRIDGE} -p tcp -m tcp --dport 80 "
         "-j ACCEPT"
     ) in got
     assert await asyncio.to_thread(_reach, lab, lab.outside, CONTAINER, 80) == OUTSIDE
@@ -204,8 +204,8 @@ async def test_host_ipv4_is_the_source_of_masqueraded_traffic(
     plan = FirewallPlan((snat,), (WEB,))
     await _apply(firewall, plan)
     got = rules(lab.host.iptables_save(), "nat")
-    assert f"-A PK-POSTROUTING -s 10.61.0.0/24 ! -o {BRIDGE} -j SNAT --to-source 10.99.0.5" in got
-    assert f"-A PK-POSTROUTING -s 10.61.0.0/24 ! -o {BRIDGE} -j MASQUERADE" not in got
+    assert f"-A PK-N-{BRIDGE} -s 10.61.0.0/24 ! -o {BRIDGE} -j SNAT --to-source 10.99.0.5" in got
+    assert f"-A PK-N-{BRIDGE} -s 10.61.0.0/24 ! -o {BRIDGE} -j MASQUERADE" not in got
     assert await asyncio.to_thread(_reach, lab, lab.container, OUTSIDE, 9000) == "10.99.0.5"
 
 

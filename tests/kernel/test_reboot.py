@@ -48,7 +48,7 @@ async def test_networks_come_back_and_dead_endpoints_release_their_addresses(
             assert rebooted.link(bridge) is not None
             assert "10.66.0.1/16" in rebooted.addresses(bridge)
             save = rebooted.iptables_save()
-            assert f"-A PK-FORWARD -i {bridge} -o {bridge} -j ACCEPT" in save
+            assert f"-A PK-F-{bridge} -i {bridge} -o {bridge} -j ACCEPT" in save
             assert "-A FORWARD -m comment --comment pk-driver -j PK-FORWARD" in save
             assert "--dport 18080" not in save, "the dead endpoint's published port is gone"
             assert not any(n.startswith(("pkh", "pkc")) for n in rebooted.names())

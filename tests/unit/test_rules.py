@@ -12,7 +12,7 @@ import pytest
 
 from pouch_driver.errors import KernelError
 from pouch_driver.kernel import FirewallPlan, NetworkRules, PortForward
-from pouch_driver.kernel.rules import check_plan, differences, render, tables
+from pouch_driver.kernel.rules import check_plan, differences, render, restore_changes, table_of
 from pouch_driver.model import GatewayMode
 from pouch_driver.naming import Names
 
@@ -25,11 +25,11 @@ NET = NetworkRules(
     masquerade=True,
     internal=False,
 )
+# Each network's own chains: isolation (mangle), filter, masquerading, DNAT, raw.
+ISO, FWD, POST, DNAT, RAW = (NAMES.net_chain(part, B) for part in "IFNDR")
 WEB4 = PortForward(B, "tcp", None, 8080, ipaddress.ip_address("10.61.0.2"), 80)
 WEB6 = PortForward(B, "tcp", None, 8080, ipaddress.ip_address("fd70:61::2"), 80)
-DROP_NEW = (
-    f"-A PK-ISOLATION ! -i {B} -o {B} -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
-)
+DROP_NEW = f"-A {ISO} ! -i {B} -o {B} -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
 
 
 def rules(plan: FirewallPlan, version: int = 4) -> list[str]:
@@ -53,8 +53,8 @@ def test_nat_is_todays_rule_set() -> None:
         FirewallPlan((with_mode(GatewayMode.NAT),), (WEB4,))
     )
     got = rules(FirewallPlan((old,), (WEB4,)))
-    assert "-A PK-POSTROUTING -s 10.61.0.0/24 ! -o pkbaaaaaaaaaaaa -j MASQUERADE" in got
-    assert "-A PK-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.61.0.2:80" in got
+    assert f"-A {POST} -s 10.61.0.0/24 ! -o pkbaaaaaaaaaaaa -j MASQUERADE" in got
+    assert f"-A {DNAT} -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.61.0.2:80" in got
     assert DROP_NEW in got
     assert not any("RETURN" in r and "--dport" in r for r in got)
 
@@ -63,29 +63,31 @@ def test_routed_has_no_nat_and_opens_the_published_container_port() -> None:
     plan = FirewallPlan((with_mode(GatewayMode.ROUTED),), (WEB4, WEB6))
     v4 = rules(plan)
     assert not any("MASQUERADE" in r or "DNAT --to" in r or "SNAT" in r for r in v4), v4
-    iso = chain(plan, "PK-ISOLATION")
-    opened = f"-A PK-ISOLATION -d 10.61.0.2/32 ! -i {B} -o {B} -p tcp -m tcp --dport 80 -j RETURN"
-    icmp = f"-A PK-ISOLATION ! -i {B} -o {B} -p icmp -j RETURN"
+    iso = chain(plan, ISO)
+    opened = f"-A {ISO} -d 10.61.0.2/32 ! -i {B} -o {B} -p tcp -m tcp --dport 80 -j RETURN"
+    icmp = f"-A {ISO} ! -i {B} -o {B} -p icmp -j RETURN"
     replies = f"-A PK-ISOLATION -i {B} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
     # Ahead of every drop (and of the jump to the inter-network drops), after the RETURN
     # for traffic inside the network; everything else new coming in is dropped.
-    assert iso[:4] == [f"-A PK-ISOLATION -i {B} -o {B} -j RETURN", replies, icmp, opened], iso
+    assert iso[:3] == [f"-A {ISO} -i {B} -o {B} -j RETURN", icmp, opened], iso
+    # Replies leaving it are let through ahead of the goto into any network's chain.
+    assert chain(plan, "PK-ISOLATION")[:2] == [replies, f"-A PK-ISOLATION -o {B} -g {ISO}"]
     assert DROP_NEW in iso
-    fwd = chain(plan, "PK-FORWARD")
+    fwd = chain(plan, FWD)
     assert fwd[0] == (
-        f"-A PK-FORWARD -d 10.61.0.2/32 ! -i {B} -o {B} -p tcp -m tcp --dport 80 -j ACCEPT"
+        f"-A {FWD} -d 10.61.0.2/32 ! -i {B} -o {B} -p tcp -m tcp --dport 80 -j ACCEPT"
     )
-    assert f"-A PK-FORWARD -o {B} -p icmp -j ACCEPT" in fwd
+    assert f"-A {FWD} -o {B} -p icmp -j ACCEPT" in fwd
     # IPv6 keeps its own (default) mode: NAT.
     v6 = rules(plan, 6)
-    assert f"-A PK-POSTROUTING -s fd70:61::/64 ! -o {B} -j MASQUERADE" in v6
-    assert "-A PK-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd70:61::2]:80" in v6
+    assert f"-A {POST} -s fd70:61::/64 ! -o {B} -j MASQUERADE" in v6
+    assert f"-A {DNAT} -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd70:61::2]:80" in v6
     assert not any("RETURN" in r and "--dport" in r for r in v6)
 
 
 def test_routed_ipv6_uses_icmpv6() -> None:
     plan = FirewallPlan((replace(NET, mode_v6=GatewayMode.ROUTED),))
-    assert f"-A PK-FORWARD -o {B} -p ipv6-icmp -j ACCEPT" in rules(plan, 6)
+    assert f"-A {FWD} -o {B} -p ipv6-icmp -j ACCEPT" in rules(plan, 6)
     assert not any("icmp" in r for r in rules(plan, 4))
 
 
@@ -98,20 +100,21 @@ def test_nat_unprotected_lets_any_port_in_and_still_masquerades() -> None:
     plan = FirewallPlan((with_mode(GatewayMode.NAT_UNPROTECTED),), (WEB4,))
     got = rules(plan)
     assert DROP_NEW not in got
-    assert f"-A PK-FORWARD ! -i {B} -o {B} -j ACCEPT" in got
-    assert f"-A PK-POSTROUTING -s 10.61.0.0/24 ! -o {B} -j MASQUERADE" in got
-    assert "-A PK-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.61.0.2:80" in got
+    assert f"-A {FWD} ! -i {B} -o {B} -j ACCEPT" in got
+    assert f"-A {POST} -s 10.61.0.0/24 ! -o {B} -j MASQUERADE" in got
+    assert f"-A {DNAT} -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.61.0.2:80" in got
     # Other networks stay out: the isolation jump is still there.
-    assert f"-A PK-ISOLATION -i {B} ! -o {B} -j PK-ISOLATION-2" in got
+    assert f"-A {ISO} ! -i {B} -o {B} -j PK-ISOLATION-2" in got
 
 
 def test_isolated_is_internal_for_its_family_only() -> None:
     plan = FirewallPlan((with_mode(GatewayMode.ISOLATED),))
     v4, v6 = rules(plan), rules(plan, 6)
-    assert f"-A PK-ISOLATION -i {B} ! -o {B} -j DROP" in v4
-    assert f"-A PK-FORWARD -i {B} ! -o {B} -j ACCEPT" not in v4
+    assert f"-A PK-ISOLATION -i {B} -j DROP" in v4  # out of it, to a bridge not ours
+    assert f"-A {ISO} ! -i {B} -o {B} -j DROP" in v4  # into it
+    assert f"-A {FWD} -i {B} ! -o {B} -j ACCEPT" not in v4
     assert not any("MASQUERADE" in r for r in v4)
-    assert f"-A PK-FORWARD -i {B} ! -o {B} -j ACCEPT" in v6
+    assert f"-A {FWD} -i {B} ! -o {B} -j ACCEPT" in v6
 
 
 def test_host_ip_is_the_snat_source() -> None:
@@ -119,12 +122,12 @@ def test_host_ip_is_the_snat_source() -> None:
         NET, snat_v4=ipaddress.ip_address("10.9.8.7"), snat_v6=ipaddress.ip_address("2001:db8::7")
     )
     v4, v6 = rules(FirewallPlan((net,), (WEB4,))), rules(FirewallPlan((net,)), 6)
-    assert f"-A PK-POSTROUTING -s 10.61.0.0/24 ! -o {B} -j SNAT --to-source 10.9.8.7" in v4
-    assert f"-A PK-POSTROUTING -s 10.61.0.0/24 ! -o {B} -j MASQUERADE" not in v4
-    assert f"-A PK-POSTROUTING -s fd70:61::/64 ! -o {B} -j SNAT --to-source 2001:db8::7" in v6
+    assert f"-A {POST} -s 10.61.0.0/24 ! -o {B} -j SNAT --to-source 10.9.8.7" in v4
+    assert f"-A {POST} -s 10.61.0.0/24 ! -o {B} -j MASQUERADE" not in v4
+    assert f"-A {POST} -s fd70:61::/64 ! -o {B} -j SNAT --to-source 2001:db8::7" in v6
     # The hairpin of published ports still masquerades (its source must be the bridge's).
     assert (
-        "-A PK-POSTROUTING -s 10.61.0.2/32 -d 10.61.0.2/32 -p tcp -m tcp --dport 80 -j MASQUERADE"
+        f"-A {POST} -s 10.61.0.2/32 -d 10.61.0.2/32 -p tcp -m tcp --dport 80 -j MASQUERADE"
     ) in v4
     # No NAT at all in routed mode, so no SNAT either; nor with masquerading off.
     routed = replace(net, mode_v4=GatewayMode.ROUTED)
@@ -135,9 +138,9 @@ def test_host_ip_is_the_snat_source() -> None:
 
 def test_trusted_interfaces_reach_published_container_ports() -> None:
     net = replace(NET, trusted=("eth1", "vxlan.1"))
-    iso = chain(FirewallPlan((net,), (WEB4,)), "PK-ISOLATION")
+    iso = chain(FirewallPlan((net,), (WEB4,)), ISO)
     for t in ("eth1", "vxlan.1"):
-        rule = f"-A PK-ISOLATION -d 10.61.0.2/32 -i {t} -o {B} -p tcp -m tcp --dport 80 -j RETURN"
+        rule = f"-A {ISO} -d 10.61.0.2/32 -i {t} -o {B} -p tcp -m tcp --dport 80 -j RETURN"
         assert rule in iso
         assert iso.index(rule) < iso.index(DROP_NEW)
     # Only published ports, only for them: no blanket RETURN for the interface.
@@ -170,10 +173,9 @@ def test_what_we_render_is_what_check_finds_in_sync(net: NetworkRules) -> None:
     plan = FirewallPlan((net,), (WEB4, WEB6))
     for version in (4, 6):
         rendered = render(plan, version, NAMES, docker_isolation=False)
-        table_of = {c: t for t, cs in tables(NAMES).items() for c in cs}
         present: dict[str, list[str]] = {}
         for c, lines in rendered.items():
-            present.setdefault(table_of[c], []).extend(lines)
+            present.setdefault(table_of(NAMES, c), []).extend([f":{c} - [0:0]", *lines])
         missing_jumps = [
             d
             for d in differences(plan, version, NAMES, present, docker_isolation=False)
@@ -187,3 +189,32 @@ def test_trusted_names_and_snat_addresses_are_checked_before_iptables() -> None:
     bad = replace(NET, trusted=("eth1 -j ACCEPT",))
     with pytest.raises(KernelError, match="refusing to put"):
         check_plan(FirewallPlan((bad,)))
+
+
+def test_a_change_rewrites_only_the_chains_it_touches() -> None:
+    """A published port is one network's business: the next apply declares (and so rewrites)
+    only that network's chains, whatever else the host holds; no change, no input at all."""
+    others = tuple(
+        replace(
+            NET,
+            bridge=f"pkb{i:012d}",
+            subnets=(ipaddress.ip_network(f"10.70.{i}.0/24"),),
+        )
+        for i in range(50)
+    )
+    before = FirewallPlan((NET, *others), (WEB4,))
+    web2 = replace(WEB4, host_port=8081, container_ip=ipaddress.ip_address("10.61.0.3"))
+    after = replace(before, forwards=(WEB4, web2))
+    old = render(before, 4, NAMES, docker_isolation=False)
+    new = render(after, 4, NAMES, docker_isolation=False)
+    text = restore_changes(new, 4, NAMES, present=None, previous=old)
+    declared = {line[1:].split()[0] for line in text.splitlines() if line.startswith(":")}
+    assert declared == {FWD, POST, DNAT, RAW}, declared
+    assert all(line.split()[1] in declared for line in text.splitlines() if line[:3] == "-A ")
+    assert restore_changes(new, 4, NAMES, present=None, previous=new) == ""
+    # A network gone: its chains are deleted, the top-level chains that jumped there rewritten.
+    gone = render(replace(before, networks=(NET, *others[1:])), 4, NAMES, docker_isolation=False)
+    text = restore_changes(gone, 4, NAMES, present=None, previous=old)
+    deleted = {line.split()[1] for line in text.splitlines() if line.startswith("-X ")}
+    assert deleted == {NAMES.net_chain(p, others[0].bridge) for p in "IFN"}, deleted
+    assert ":PK-ISOLATION - [0:0]" in text and ":PK-DNAT - [0:0]" not in text
