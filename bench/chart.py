@@ -246,6 +246,7 @@ def scale_chart(data: dict[str, Any], path: Path) -> None:
     """``bench.scale``: one row per engine; per operation the median (p10-p90 band) against
     the host's size, pouch beside the bridge driver, and the forwarded throughput."""
     engines = list(data["engines"].items())
+    fw = data.get("firewall")
     ops = ("network_create", "run_p", "connect", "disconnect")
     titles = {
         "network_create": "network create",
@@ -253,9 +254,12 @@ def scale_chart(data: dict[str, Any], path: Path) -> None:
         "connect": "network connect",
         "disconnect": "network disconnect",
     }
+    rows = len(engines) + (1 if fw else 0)
     fig, axes = plt.subplots(
-        max(1, len(engines)), len(ops) + 1, figsize=(20, 3.8 * max(1, len(engines))), squeeze=False
+        max(1, rows), len(ops) + 1, figsize=(20, 3.8 * max(1, rows)), squeeze=False
     )
+    if fw:
+        _firewall_row(axes[len(engines)], fw)
     for row, (name, res) in enumerate(engines):
         steps = res["steps"]
         labels = [f"{s['networks']}n\n{s['ports']}p" for s in steps]
@@ -295,3 +299,29 @@ def scale_chart(data: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _firewall_row(axes: Any, fw: dict[str, Any]) -> None:
+    steps = fw["steps"]
+    labels = [f"{s['networks']}n\n{s['ports']}p" for s in steps]
+    x = list(range(len(steps)))
+    for ax, key, title in (
+        (axes[0], "port_change_ms", "firewall alone: one published port added or removed (ms)"),
+        (axes[1], "network_change_ms", "firewall alone: one network added or removed (ms)"),
+        (axes[2], "throughput_gbit", "firewall alone: forwarded, 1 TCP stream (Gbit/s)"),
+    ):
+        med = [s[key]["median"] for s in steps]
+        ax.plot(x, med, marker="o", color=POUCH, label=f"pouch (x{fw['growth'][key]:.2f})")
+        ax.fill_between(
+            x,
+            [s[key]["min"] for s in steps],
+            [s[key]["max"] for s in steps],
+            color=POUCH,
+            alpha=0.15,
+        )
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    for ax in axes[3:]:
+        ax.axis("off")

@@ -16,6 +16,8 @@ scripts/fetch-engine), in one run and interleaved, pouch beside Docker's bridge 
 
 Growth ratio = median at the largest host / median at the smallest, per operation and
 driver; also per axis (networks: 200 vs 1 with one port; ports: 1,000 vs 1 with 200 networks).
+First, our firewall alone (``bench/forward.py``, no dockerd): the time of one change and
+forwarded throughput as its plan grows, the network under test last in the plan.
 Results: ``bench/results/scale.json`` and ``scale.png`` (``scale-quick.*`` with ``--quick``).
 dockerd runs with ``--userland-proxy=false`` (both drivers): with the proxy, the bridge
 driver would start one docker-proxy process per published port (1,000 of them), which the
@@ -380,7 +382,13 @@ def run_all(
         "engines": {},
         "meta": rec.meta,
     }
+    from . import forward  # noqa: PLC0415 - imports the firewall of the package under test
+
+    log("--- our firewall alone, no dockerd (bench/forward.py) ---")
+    data["firewall"] = forward.run_all(quick=quick)
     for name in engines:
+        if name == "none":
+            continue
         kind = ENGINES[name]
         if kind.bin_dir is not None and not (kind.bin_dir / "dockerd").exists():
             rec.note(f"scale: engine {name} not fetched (scripts/fetch-engine); skipped")
@@ -388,7 +396,11 @@ def run_all(
         data["engines"][name] = run_engine(
             kind, sizes, reps=reps, tput_reps=tput_reps, seconds=seconds
         )
-    lines = []
+    g = data["firewall"]["growth"]
+    lines = [
+        f"firewall alone: growth one port {g['port_change_ms']:.2f}, one network "
+        f"{g['network_change_ms']:.2f}, throughput {g['throughput_gbit']:.2f}"
+    ]
     for name, res in data["engines"].items():
         for d in DRIVERS:
             g = res["growth"][d]
