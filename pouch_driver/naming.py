@@ -106,6 +106,10 @@ class Names:
         a change to that network rewrites this chain, not every network's."""
         return f"{self.prefix.upper()}-{part}-{bridge}"
 
+    def bridged_set(self, version: int) -> str:
+        """The ipset of our bridges whose containers talk to each other (icc), per family."""
+        return f"{self.prefix.upper()}-ICC{version}"
+
     def is_net_chain(self, chain: str) -> bool:
         head = f"{self.prefix.upper()}-"
         return (

@@ -39,10 +39,13 @@ Where our rules sit, and why:
 
 from __future__ import annotations
 
+import difflib
+import functools
+import ipaddress
 from collections.abc import Callable
 
 from ..errors import KernelError
-from ..model import GatewayMode
+from ..model import GatewayMode, IPNetwork
 from ..naming import NET_CHAINS, Names
 from . import FirewallPlan, NetworkRules, PortForward, VxlanFilter
 
@@ -127,7 +130,12 @@ def _isolate(
 
 
 def render(
-    plan: FirewallPlan, version: int, names: Names, *, docker_isolation: bool
+    plan: FirewallPlan,
+    version: int,
+    names: Names,
+    *,
+    docker_isolation: bool,
+    bridged_set: bool = False,
 ) -> dict[str, list[str]]:
     """The rules of each of our chains, in ``iptables-save`` syntax, for one family.
 
@@ -135,12 +143,21 @@ def render(
     network's rules live in chains of its own (``Names.net_chain``), so a change to one network
     or its ports changes only its chains. Only non-empty per-network chains are rendered.
     ``docker_isolation``: Docker's isolation chain is in force in this family's filter table
-    (``has_docker_isolation``).
+    (``has_docker_isolation``). ``bridged_set``: the ipset ``Names.bridged_set`` holds
+    ``bridged_members`` (see ``<P>-FORWARD``'s first rule).
     """
     n = names
     chains: dict[str, list[str]] = {c: [] for c in n.all_chains()}
     fwd, post, dnat = chains[n.chain_forward], chains[n.chain_postrouting], chains[n.chain_dnat]
     raw = chains[n.chain_raw]
+    if bridged_set and plan.networks:
+        # What stays inside one bridge (br_netfilter) of a network whose containers may talk:
+        # accepted by one hash lookup, as that network's first rule would accept it (the
+        # dispatch below walks a rule per network). Not in the set: the same rules decide.
+        fwd.append(
+            f"-A {n.chain_forward} -m physdev --physdev-is-bridged "
+            f"-m set --match-set {n.bridged_set(version)} src,src -j ACCEPT"
+        )
     # Gateway mode nat: published ports are the only way in, so the raw table drops what is
     # routed straight to a publishing container (routed and nat-unprotected mean reachable).
     protected = {
@@ -162,12 +179,17 @@ def render(
     def own(part: str, bridge: str) -> list[str]:
         return chains.setdefault(n.net_chain(part, bridge), [])
 
+    subnets = {net.bridge: net.subnets for net in plan.networks}
     _isolation(n, plan, version, forwards, chains)
     published = {f.bridge for f in plan.forwards}
     for net in plan.networks:
         _network(n, net, version, own, docker_isolation=docker_isolation, published=published)
     for b, fs in forwards.items():
-        own("F", b)[0:0] = _publish(n, b, fs, version, own, protected=protected, routed=routed)
+        # After the network's own rule for traffic inside it (-i b -o b, which no ACCEPT of a
+        # published port matches: they are ! -i b), so that traffic does not walk them all.
+        accepts = _publish(n, b, fs, version, own, protected=protected, routed=routed)
+        at = 1 if b in subnets else 0
+        own("F", b)[at:at] = accepts
     # The top-level chains: jumps into each network's chains, in the plan's order. A packet
     # is matched against a network's FORWARD rules only if it enters or leaves its bridge
     # (every rule there names the bridge); NAT and raw rules match on addresses.
@@ -176,7 +198,7 @@ def render(
             ("F", fwd, (f"-o {b} ", f"-i {b} ")),
             ("N", post, ("",)),
             ("D", dnat, ("",)),
-            ("R", raw, ("",)),
+            ("R", raw, _raw_dispatch(b, chains.get(n.net_chain("R", b), []), subnets.get(b, ()))),
         ):
             name = n.net_chain(part, b)
             if chains.get(name):
@@ -235,41 +257,89 @@ def _publish(
     """The DNAT, hairpin and raw rules of one bridge's published ports; returns the ACCEPTs
     that go first in its ``<P>-F-<bridge>``."""
     accepts = []
+    raw, seen = own("R", b), set(own("R", b))
+    trusted, is_routed = protected.get(b), b in routed
     for f in forwards:
-        # Host addresses are written as iptables-save prints them (/32, /128), so that
-        # ``differences`` compares like with like.
-        cip = f"{f.container_ip}/{f.container_ip.max_prefixlen}"
-        dst = (
-            f"-d {f.host_ip}/{f.host_ip.max_prefixlen} "
-            if f.host_ip is not None and not f.host_ip.is_unspecified
-            else ""
-        )
-        target = (
-            f"{f.container_ip}:{f.container_port}"
-            if version == 4
-            else f"[{f.container_ip}]:{f.container_port}"
-        )
-        # This accepts traffic entering the bridge, which no other rule of ours does for NEW
-        # connections, so it goes first.
-        accepts.append(
-            f"-A {n.net_chain('F', b)} -d {cip} ! -i {b} -o {b} "
-            f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j ACCEPT"
-        )
-        _harden(n, f, cip, protected=protected, routed=routed, raw=own("R", b))
-        if b in routed:
-            continue  # the container port itself is published: no DNAT, no hairpin
-        # No "! -i <bridge>": containers of the same network reach the published port through
-        # the host's address too (Docker leaves that to docker-proxy, which the engine does
-        # not run for remote drivers).
-        own("D", b).append(
-            f"-A {n.net_chain('D', b)} {dst}-p {f.proto} -m {f.proto} "
-            f"--dport {f.host_port} -j DNAT --to-destination {target}"
-        )
-        own("N", b).append(
-            f"-A {n.net_chain('N', b)} -s {cip} -d {cip} "
-            f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j MASQUERADE"
-        )
+        accept, hardening, dnat, hairpin = _forward_rules(n, f, version, trusted, is_routed)
+        accepts.append(accept)
+        for rule in hardening:
+            if rule not in seen:  # two ports of one container share their address's rule
+                seen.add(rule)
+                raw.append(rule)
+        if dnat is not None:
+            own("D", b).append(dnat)
+        if hairpin is not None:
+            own("N", b).append(hairpin)
     return accepts
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _forward_rules(
+    n: Names, f: PortForward, version: int, trusted: tuple[str, ...] | None, routed: bool
+) -> tuple[str, tuple[str, ...], str | None, str | None]:
+    """(ACCEPT, raw hardening, DNAT, hairpin) of one published port, remembered: a host with
+    a thousand ports renders only the one that changed. ``trusted``: the network's trusted
+    interfaces where its containers are protected (gateway mode nat), else None."""
+    b = f.bridge
+    # Host addresses are written as iptables-save prints them (/32, /128), so that
+    # ``differences`` compares like with like.
+    cip = f"{f.container_ip}/{f.container_ip.max_prefixlen}"
+    dst = (
+        f"-d {f.host_ip}/{f.host_ip.max_prefixlen} "
+        if f.host_ip is not None and not f.host_ip.is_unspecified
+        else ""
+    )
+    target = (
+        f"{f.container_ip}:{f.container_port}"
+        if version == 4
+        else f"[{f.container_ip}]:{f.container_port}"
+    )
+    # This accepts traffic entering the bridge, which no other rule of ours does for NEW
+    # connections, so it goes first.
+    accept = (
+        f"-A {n.net_chain('F', b)} -d {cip} ! -i {b} -o {b} "
+        f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j ACCEPT"
+    )
+    hardening = tuple(_harden(n, f, cip, trusted=trusted, routed=routed))
+    if routed:
+        return accept, hardening, None, None  # the container port itself: no DNAT, no hairpin
+    # No "! -i <bridge>": containers of the same network reach the published port through the
+    # host's address too (Docker leaves that to docker-proxy, which the engine does not run
+    # for remote drivers).
+    dnat = (
+        f"-A {n.net_chain('D', b)} {dst}-p {f.proto} -m {f.proto} "
+        f"--dport {f.host_port} -j DNAT --to-destination {target}"
+    )
+    hairpin = (
+        f"-A {n.net_chain('N', b)} -s {cip} -d {cip} "
+        f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j MASQUERADE"
+    )
+    return accept, hardening, dnat, hairpin
+
+
+def _raw_dispatch(b: str, rules: list[str], subnets: tuple[IPNetwork, ...]) -> tuple[str, ...]:
+    """The matches of the jumps into a network's raw chain: every packet of the host passes
+    raw PREROUTING, so it enters a network's chain only if its destination is one that chain
+    names (every rule there has ``-d ADDRESS/LEN``): for a container's address the network's
+    subnet holding it, and not from the bridge itself (what could match there is ``! -i b``
+    or a trusted host interface); for a loopback address of a published port, that address
+    from anywhere (a neighbour's packet for 127.0.0.1 is what that rule drops)."""
+    out: list[str] = []
+    for rule in rules:
+        words = rule.split()
+        dst = ipaddress.ip_network(words[words.index("-d") + 1])
+        if "lo" in words:  # ! -i lo: the loopback address of a published port
+            match = f"-d {dst} "
+        else:
+            wider = next((s for s in subnets if _within(dst, s)), dst)
+            match = f"-d {wider} ! -i {b} "
+        if match not in out:
+            out.append(match)
+    return tuple(out)
+
+
+def _within(a: IPNetwork, b: IPNetwork) -> bool:
+    return a.version == b.version and a.subnet_of(b)  # type: ignore[arg-type]
 
 
 def _top(n: Names, part: str) -> str:
@@ -304,6 +374,12 @@ def _isolation(
     """
     iso, iso2 = chains[n.chain_isolation], chains[n.chain_isolation2]
     top = n.chain_isolation
+    if plan.networks:
+        # A bridged packet (br_netfilter) enters and leaves the same bridge: inside one of our
+        # networks that is the first RETURN below, and no rule here matches it inside anyone
+        # else's bridge. One rule, whatever the number of networks, for the bulk of the
+        # traffic (ours, Docker's, everyone's) that this chain sees first.
+        iso.append(f"-A {top} -m physdev --physdev-is-bridged -j RETURN")
     for net in plan.networks:
         if not _internal(net, version) and net.mode(version) is GatewayMode.ROUTED:
             # Replies leaving for a network that would not take new connections from here.
@@ -354,29 +430,23 @@ def _vxlan_filter(n: Names, v: VxlanFilter) -> list[str]:
 
 
 def _harden(
-    n: Names,
-    f: PortForward,
-    cip: str,
-    *,
-    protected: dict[str, tuple[str, ...]],
-    routed: set[str],
-    raw: list[str],
-) -> None:
-    """Engine 28's published-port hardening, in ``<P>-RAW``: a publishing container is not
-    reached by routing to its address from outside its bridge (trusted host interfaces may),
-    and a port published on 127.0.0.1 only from the host itself."""
+    n: Names, f: PortForward, cip: str, *, trusted: tuple[str, ...] | None, routed: bool
+) -> list[str]:
+    """Engine 28's published-port hardening, in ``<P>-R-<bridge>``: a publishing container is
+    not reached by routing to its address from outside its bridge (trusted host interfaces
+    may), and a port published on 127.0.0.1 only from the host itself."""
     rules: list[str] = []
     c = n.net_chain("R", f.bridge)
-    if f.bridge in protected:
-        rules.extend(f"-A {c} -d {cip} -i {t} -j RETURN" for t in protected[f.bridge])
+    if trusted is not None:
+        rules.extend(f"-A {c} -d {cip} -i {t} -j RETURN" for t in trusted)
         rules.append(f"-A {c} -d {cip} ! -i {f.bridge} -j DROP")
-    if f.bridge not in routed and f.host_ip is not None and f.host_ip.is_loopback:
+    if not routed and f.host_ip is not None and f.host_ip.is_loopback:
         # ::1 is refused upstream; routed networks map no host port.
         rules.append(
             f"-A {c} -d {f.host_ip}/{f.host_ip.max_prefixlen} ! -i lo "
             f"-p {f.proto} -m {f.proto} --dport {f.host_port} -j DROP"
         )
-    raw.extend(r for r in rules if r not in raw)
+    return rules
 
 
 def _mode_accepts(names: Names, net: NetworkRules, version: int) -> list[str]:
@@ -411,6 +481,40 @@ def _exceptions(
         elif _drops_new_inbound(net, version):
             out.extend(f"-A {chain} " + match % f"-i {t}" for t in net.trusted)
     return out
+
+
+def bridged_members(plan: FirewallPlan, version: int) -> frozenset[str]:
+    """The entries of ``Names.bridged_set``: (subnet, bridge) of every network whose
+    containers talk to each other. What the set does not hold (another source address: a
+    link-local one) gets the same verdict from the network's rules, one rule per network
+    later. (One entry per network with any address, in two /1 halves since /0 is refused,
+    would put every entry in one hash bucket: ipset fills it at a few dozen.)"""
+    return frozenset(
+        f"{s},{net.bridge}"
+        for net in plan.networks
+        if net.icc
+        for s in net.subnets
+        if s.version == version
+    )
+
+
+def set_input(
+    names: Names, version: int, members: frozenset[str], previous: frozenset[str] | None
+) -> str:
+    """``ipset restore`` input taking the set from ``previous`` (None: unknown, refill) to
+    ``members``; empty when nothing changes."""
+    name = n = names.bridged_set(version)
+    family = "inet" if version == 4 else "inet6"
+    out = [f"create {name} hash:net,iface family {family} -exist"]
+    if previous is None:
+        out.append(f"flush {n}")
+        out.extend(f"add {n} {m}" for m in sorted(members))
+    else:
+        if previous == members:
+            return ""
+        out.extend(f"del {n} {m} -exist" for m in sorted(previous - members))
+        out.extend(f"add {n} {m} -exist" for m in sorted(members - previous))
+    return "\n".join(out) + "\n"
 
 
 def check_plan(plan: FirewallPlan) -> None:
@@ -477,9 +581,13 @@ def restore_changes(
     else:
         changed = {c: r for c, r in chains.items() if previous.get(c) != r}
         gone = [c for c in previous if c not in chains]
+    # A chain already there that changed a little is edited in place (a port among a
+    # thousand is one line deleted or inserted), a new one or one changed a lot rewritten.
+    edits = {} if previous is None else _edits(changed, previous)
     out: list[str] = []
     for table in tables(names):
-        declare = [c for c in changed if table_of(names, c) == table]
+        declare = [c for c in changed if table_of(names, c) == table and c not in edits]
+        edit = [line for c in changed if table_of(names, c) == table for line in edits.get(c, [])]
         delete = [c for c in gone if table_of(names, c) == table]
         extra: list[str] = []
         if present is not None:
@@ -487,12 +595,13 @@ def restore_changes(
                 if t == table and not has_rule(present, table, chain, match):
                     extra.append(f"{position} {match}")
             extra.extend(old_layout(present, table, names))
-        if previous is not None and not (declare or delete or extra):
+        if previous is not None and not (declare or delete or extra or edit):
             continue
         out.append(f"*{table}")
         out.extend(f":{c} - [0:0]" for c in (*declare, *delete))
         for c in declare:
             out.extend(chains[c])
+        out.extend(edit)
         # Whatever jumped to a deleted chain was declared above (its text changed).
         out.extend(f"-X {c}" for c in delete)
         out.extend(extra)
@@ -506,6 +615,38 @@ def restore_changes(
         if "\x00" in line or "\r" in line:
             raise KernelError(f"refusing to load a firewall rule with control characters: {line!r}")
     return text
+
+
+def _edits(changed: dict[str, list[str]], previous: dict[str, list[str]]) -> dict[str, list[str]]:
+    out = {}
+    for c, new in changed.items():
+        if c in previous and (lines := _edit(c, previous[c], new)) is not None:
+            out[c] = lines
+    return out
+
+
+def _edit(chain: str, old: list[str], new: list[str]) -> list[str] | None:
+    """``-D``/``-I``/``-A`` lines taking ``chain`` from ``old`` to ``new`` by position, or None
+    when rewriting the chain whole is as short. Edits run from the end of the chain, so the
+    positions of those before stay valid."""
+    matcher = difflib.SequenceMatcher(a=old, b=new, autojunk=False)
+    ops = [op for op in matcher.get_opcodes() if op[0] != "equal"]
+    if sum((i2 - i1) + (j2 - j1) for _, i1, i2, j1, j2 in ops) * 2 > len(new):
+        return None
+    head = f"-A {chain} "
+    out: list[str] = []
+    length = len(old)
+    for _, i1, i2, j1, j2 in reversed(ops):
+        out.extend(f"-D {chain} {i1 + 1}" for _ in range(i2 - i1))
+        length -= i2 - i1
+        for k, rule in enumerate(new[j1:j2]):
+            body = rule[len(head) :]
+            if i1 + k == length:
+                out.append(f"-A {chain} {body}")
+            else:
+                out.append(f"-I {chain} {i1 + k + 1} {body}")
+            length += 1
+    return out
 
 
 def old_layout(present: Saved, table: str, names: Names) -> list[str]:
@@ -528,18 +669,32 @@ def old_layout(present: Saved, table: str, names: Names) -> list[str]:
 
 
 def differences(
-    plan: FirewallPlan, version: int, names: Names, present: Saved, *, docker_isolation: bool
+    plan: FirewallPlan,
+    version: int,
+    names: Names,
+    present: Saved,
+    *,
+    docker_isolation: bool,
+    bridged_set: bool = False,
 ) -> list[str]:
     """What applying ``plan`` would change in one family, one line each."""
     out: list[str] = []
     tag = f"IPv{version}"
-    rendered = render(plan, version, names, docker_isolation=docker_isolation)
+    rendered = render(
+        plan, version, names, docker_isolation=docker_isolation, bridged_set=bridged_set
+    )
+    by_chain: dict[tuple[str, str], list[str]] = {}
+    for table, lines in present.items():
+        for r in lines:
+            if r.startswith("-A "):
+                by_chain.setdefault((table, r.split(" ", 2)[1]), []).append(r)
     for chain, want in rendered.items():
-        have = [r for r in present.get(table_of(names, chain), []) if r.startswith(f"-A {chain} ")]
+        have = by_chain.get((table_of(names, chain), chain), [])
         want_norm = [normalize(r) for r in want]
         have_norm = [normalize(r) for r in have]
-        out.extend(f"{tag} missing rule: {r}" for r in want_norm if r not in have_norm)
-        out.extend(f"{tag} unexpected rule: {r}" for r in have_norm if r not in want_norm)
+        want_set, have_set = set(want_norm), set(have_norm)
+        out.extend(f"{tag} missing rule: {r}" for r in want_norm if r not in have_set)
+        out.extend(f"{tag} unexpected rule: {r}" for r in have_norm if r not in want_set)
     for table, chain, _, match in jumps(names, version):
         if not has_rule(present, table, chain, match):
             out.append(f"{tag} missing jump in {table}/{chain} to our chain")

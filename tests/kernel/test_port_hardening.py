@@ -94,17 +94,29 @@ async def test_raw_rules_are_part_of_the_plan(firewall: IptablesFirewall, netns:
     await firewall.apply(plan)
     await firewall.apply(plan)
     raw = rules(netns.iptables_save(), "raw")
-    jumps = ["-A PREROUTING -m comment --comment pk-driver -j PK-RAW", f"-A PK-RAW -j {RAW_A}"]
+    jump = "-A PREROUTING -m comment --comment pk-driver -j PK-RAW"
+    # Into the network's chain only what is addressed to what it names (every packet of the
+    # host passes raw PREROUTING).
+    dispatch = [
+        f"-A PK-RAW -d 10.61.0.0/24 ! -i {A} -j {RAW_A}",
+        f"-A PK-RAW -d 127.0.0.1/32 -j {RAW_A}",
+    ]
     assert sorted(raw) == sorted(
         [
-            *jumps,
+            jump,
+            *dispatch,
             DIRECT_DROP,  # once, though the container publishes two ports
             LOOPBACK_DROP,
         ]
     )
     assert [r for r in raw if r.startswith(f"-A {RAW_A} ")] == [DIRECT_DROP, LOOPBACK_DROP]
+    assert [r for r in raw if r.startswith("-A PK-RAW ")] == dispatch
     assert sorted(rules(netns.iptables_save(v6=True), "raw")) == sorted(
-        [*jumps, f"-A {RAW_A} -d fd70:61::2/128 ! -i {A} -j DROP"]
+        [
+            jump,
+            f"-A PK-RAW -d fd70:61::/64 ! -i {A} -j {RAW_A}",
+            f"-A {RAW_A} -d fd70:61::2/128 ! -i {A} -j DROP",
+        ]
     )
     assert await firewall.differences(plan) == []
     netns.sh("iptables", "-t", "raw", "-F", RAW_A)
@@ -129,7 +141,7 @@ async def test_raw_rules_are_part_of_the_plan(firewall: IptablesFirewall, netns:
     )
     await firewall.apply(unprotected)
     assert [r for r in rules(netns.iptables_save(), "raw") if "-j PK-" not in r] == [LOOPBACK_DROP]
-    assert rules(netns.iptables_save(v6=True), "raw") == [jumps[0]]
+    assert rules(netns.iptables_save(v6=True), "raw") == [jump]
     assert await firewall.differences(unprotected) == []
     await firewall.apply(FirewallPlan())
     for family in (False, True):

@@ -9,10 +9,19 @@ import ipaddress
 from dataclasses import replace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pouch_driver.errors import KernelError
 from pouch_driver.kernel import FirewallPlan, NetworkRules, PortForward
-from pouch_driver.kernel.rules import check_plan, differences, render, restore_changes, table_of
+from pouch_driver.kernel.rules import (
+    _edit,
+    check_plan,
+    differences,
+    render,
+    restore_changes,
+    table_of,
+)
 from pouch_driver.model import GatewayMode
 from pouch_driver.naming import Names
 
@@ -70,13 +79,21 @@ def test_routed_has_no_nat_and_opens_the_published_container_port() -> None:
     # Ahead of every drop (and of the jump to the inter-network drops), after the RETURN
     # for traffic inside the network; everything else new coming in is dropped.
     assert iso[:3] == [f"-A {ISO} -i {B} -o {B} -j RETURN", icmp, opened], iso
-    # Replies leaving it are let through ahead of the goto into any network's chain.
-    assert chain(plan, "PK-ISOLATION")[:2] == [replies, f"-A PK-ISOLATION -o {B} -g {ISO}"]
+    # Replies leaving it are let through ahead of the goto into any network's chain (after
+    # the one rule that returns what stays inside one bridge).
+    assert chain(plan, "PK-ISOLATION")[:3] == [
+        "-A PK-ISOLATION -m physdev --physdev-is-bridged -j RETURN",
+        replies,
+        f"-A PK-ISOLATION -o {B} -g {ISO}",
+    ]
     assert DROP_NEW in iso
     fwd = chain(plan, FWD)
-    assert fwd[0] == (
-        f"-A {FWD} -d 10.61.0.2/32 ! -i {B} -o {B} -p tcp -m tcp --dport 80 -j ACCEPT"
-    )
+    # Right after the rule for traffic inside the network (which it cannot match), ahead of
+    # everything that could decide a packet entering the bridge.
+    assert fwd[:2] == [
+        f"-A {FWD} -i {B} -o {B} -j ACCEPT",
+        f"-A {FWD} -d 10.61.0.2/32 ! -i {B} -o {B} -p tcp -m tcp --dport 80 -j ACCEPT",
+    ]
     assert f"-A {FWD} -o {B} -p icmp -j ACCEPT" in fwd
     # IPv6 keeps its own (default) mode: NAT.
     v6 = rules(plan, 6)
@@ -191,6 +208,52 @@ def test_trusted_names_and_snat_addresses_are_checked_before_iptables() -> None:
         check_plan(FirewallPlan((bad,)))
 
 
+def touched_chain(line: str) -> str | None:
+    """The chain a line of iptables-restore input declares or changes."""
+    if line.startswith(":"):
+        return line[1:].split(maxsplit=1)[0]
+    if line[:3] in ("-A ", "-D ", "-I ", "-X "):
+        return line.split()[1]
+    return None
+
+
+def apply_edits(rules: list[str], chain: str, lines: list[str]) -> list[str]:
+    """What iptables does with ``-D N``, ``-I N RULE`` and ``-A RULE`` to one chain."""
+    out = list(rules)
+    for line in lines:
+        op, _, rest = line.split(" ", 2)
+        if op == "-D":
+            del out[int(rest) - 1]
+        elif op == "-I":
+            pos, body = rest.split(" ", 1)
+            assert 1 <= int(pos) <= len(out), line
+            out.insert(int(pos) - 1, f"-A {chain} {body}")
+        else:
+            out.append(f"-A {chain} {rest}")
+    return out
+
+
+@given(
+    st.lists(st.integers(0, 30), max_size=40),
+    st.lists(st.tuples(st.integers(0, 40), st.integers(0, 30)), max_size=6),
+    st.lists(st.integers(0, 40), max_size=6),
+)
+def test_edits_in_place_reach_exactly_the_new_chain(
+    old: list[int], inserts: list[tuple[int, int]], deletes: list[int]
+) -> None:
+    """Positional edits from the end of the chain keep every position right."""
+    before = [f"-A C -j R{i}" for i in old]
+    after = list(before)
+    for at in deletes:
+        if after:
+            del after[at % len(after)]
+    for at, value in inserts:
+        after.insert(at % (len(after) + 1), f"-A C -j N{value}")
+    lines = _edit("C", before, after)
+    if lines is not None:
+        assert apply_edits(before, "C", lines) == after
+
+
 def test_a_change_rewrites_only_the_chains_it_touches() -> None:
     """A published port is one network's business: the next apply declares (and so rewrites)
     only that network's chains, whatever else the host holds; no change, no input at all."""
@@ -208,13 +271,18 @@ def test_a_change_rewrites_only_the_chains_it_touches() -> None:
     old = render(before, 4, NAMES, docker_isolation=False)
     new = render(after, 4, NAMES, docker_isolation=False)
     text = restore_changes(new, 4, NAMES, present=None, previous=old)
-    declared = {line[1:].split()[0] for line in text.splitlines() if line.startswith(":")}
-    assert declared == {FWD, POST, DNAT, RAW}, declared
-    assert all(line.split()[1] in declared for line in text.splitlines() if line[:3] == "-A ")
+    touched = {touched_chain(line) for line in text.splitlines()} - {None}
+    assert touched == {FWD, POST, DNAT, RAW}, touched
+    # Edited in place: one rule each (two in raw: the address's rule, no new subnet).
+    assert len([line for line in text.splitlines() if touched_chain(line)]) == 4, text
     assert restore_changes(new, 4, NAMES, present=None, previous=new) == ""
     # A network gone: its chains are deleted, the top-level chains that jumped there rewritten.
     gone = render(replace(before, networks=(NET, *others[1:])), 4, NAMES, docker_isolation=False)
     text = restore_changes(gone, 4, NAMES, present=None, previous=old)
     deleted = {line.split()[1] for line in text.splitlines() if line.startswith("-X ")}
     assert deleted == {NAMES.net_chain(p, others[0].bridge) for p in "IFN"}, deleted
-    assert ":PK-ISOLATION - [0:0]" in text and ":PK-DNAT - [0:0]" not in text
+    # Its jumps are deleted from the top-level chains by position, before the chains go.
+    assert "-D PK-ISOLATION " in text and "PK-DNAT" not in text, text
+    assert text.index("-D PK-ISOLATION ") < text.index(
+        f"-X {NAMES.net_chain('I', others[0].bridge)}"
+    )
