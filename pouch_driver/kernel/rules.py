@@ -198,7 +198,11 @@ def render(
             ("F", fwd, (f"-o {b} ", f"-i {b} ")),
             ("N", post, ("",)),
             ("D", dnat, ("",)),
-            ("R", raw, _raw_dispatch(b, chains.get(n.net_chain("R", b), []), subnets.get(b, ()))),
+            (
+                "R",
+                raw,
+                _raw_dispatch(b, tuple(chains.get(n.net_chain("R", b), ())), subnets.get(b, ())),
+            ),
         ):
             name = n.net_chain(part, b)
             if chains.get(name):
@@ -317,7 +321,10 @@ def _forward_rules(
     return accept, hardening, dnat, hairpin
 
 
-def _raw_dispatch(b: str, rules: list[str], subnets: tuple[IPNetwork, ...]) -> tuple[str, ...]:
+@functools.lru_cache(maxsize=1 << 12)
+def _raw_dispatch(
+    b: str, rules: tuple[str, ...], subnets: tuple[IPNetwork, ...]
+) -> tuple[str, ...]:
     """The matches of the jumps into a network's raw chain: every packet of the host passes
     raw PREROUTING, so it enters a network's chain only if its destination is one that chain
     names (every rule there has ``-d ADDRESS/LEN``): for a container's address the network's
@@ -519,15 +526,28 @@ def set_input(
 
 def check_plan(plan: FirewallPlan) -> None:
     """Every value that becomes part of a rule is a plain token."""
-    names = [n.bridge for n in plan.networks] + [f.bridge for f in plan.forwards]
-    names += [t for n in plan.networks for t in n.trusted]
-    values = (
-        names
-        + [str(s) for n in plan.networks for s in n.subnets]
-        + [str(a) for n in plan.networks for a in (n.snat_v4, n.snat_v6) if a is not None]
-        + [str(v) for f in plan.forwards for v in (f.host_ip, f.container_ip) if v is not None]
-        + ([str(a) for a in (plan.vxlan.local, *plan.vxlan.peers)] if plan.vxlan else [])
-    )
+    for net in plan.networks:
+        _check_network(net)
+    for f in plan.forwards:
+        _check_forward(f)
+    if plan.vxlan:
+        _check_values(tuple(str(a) for a in (plan.vxlan.local, *plan.vxlan.peers)))
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _check_network(net: NetworkRules) -> None:
+    values = [net.bridge, *net.trusted, *(str(s) for s in net.subnets)]
+    values += [str(a) for a in (net.snat_v4, net.snat_v6) if a is not None]
+    _check_values(tuple(values))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _check_forward(f: PortForward) -> None:
+    """Remembered once passed (a refused value raises, and is never remembered)."""
+    _check_values((f.bridge, *(str(v) for v in (f.host_ip, f.container_ip) if v is not None)))
+
+
+def _check_values(values: tuple[str, ...]) -> None:
     for value in values:
         if not value or any(c.isspace() or c in "%\"'!#;" for c in value):
             raise KernelError(f"refusing to put {value!r} into a firewall rule")
