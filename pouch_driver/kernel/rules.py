@@ -35,6 +35,11 @@ Where our rules sit, and why:
   ``isolated`` is internal. Trusted host interfaces reach a NAT network's published ports at
   the container's address. These exceptions come right after the same-bridge RETURNs, ahead
   of every drop.
+
+Each of those chains holds jumps; a network's rules live in chains of its own
+(``<P>-I/F/N/D/R-<bridge>``), so that a change rewrites (``restore_changes``: or edits in
+place) only what it changes, and a packet inside one bridge is decided without walking a rule
+per network (``render``, ``_isolation``).
 """
 
 from __future__ import annotations
