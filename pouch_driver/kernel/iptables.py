@@ -15,12 +15,15 @@ requires) leaves the firewall as we found it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 
 from ..errors import KernelError
 from ..naming import Names
 from . import FirewallPlan, process, rules
 from .sysctl import Sysctls
+
+log = logging.getLogger(__name__)
 
 # Looked up once, at import: never a file-system walk on the event loop.
 _HAS_IP6TABLES = shutil.which("ip6tables-restore") is not None
@@ -147,8 +150,16 @@ class IptablesFirewall:
         members = rules.bridged_members(plan, version)
         previous = None if refill else self._set_members.pop(version, None)
         text = rules.set_input(self.names, version, members, previous)
-        if text:
-            await self._exec(["ipset", "restore"], text)
+        try:
+            if text:
+                await self._exec(["ipset", "restore"], text)
+        except KernelError as exc:
+            # An ipset command without the kernel's ip_set (a restricted host): the set only
+            # ever speeds a verdict up, so go on without it rather than fail every change.
+            log.warning("not using ipset for traffic inside a bridge: %s", exc)
+            self._has_ipset = False
+            self._set_members.clear()
+            return
         self._set_members[version] = members
 
     async def _set_differences(self, plan: FirewallPlan, version: int) -> list[str]:

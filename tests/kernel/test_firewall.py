@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from pouch_driver.errors import KernelError
 from pouch_driver.kernel import FirewallPlan, NetworkRules, PortForward, VxlanFilter
 from pouch_driver.kernel import rules as renderer
 from pouch_driver.kernel.iptables import IptablesFirewall
@@ -417,3 +418,24 @@ async def test_traffic_inside_a_bridge_is_accepted_by_one_set_lookup(
     assert await firewall.differences(plan) == []
     await firewall.apply(FirewallPlan())
     assert netns.sh("ipset", "list", "-n").stdout.strip() == ""
+
+
+class _NoIpset(IptablesFirewall):
+    """An ipset command whose kernel has no ip_set: every ipset call fails."""
+
+    async def _exec(self, argv: list[str], stdin: str | None = None) -> str:
+        if argv[0] == "ipset":
+            raise KernelError("ipset failed: Kernel error received: Operation not supported")
+        return await super()._exec(argv, stdin)
+
+
+async def test_without_a_working_ipset_the_rules_go_on_without_the_set(netns: Netns) -> None:
+    """The set only speeds a verdict up: an ipset that fails is dropped, never a change."""
+    firewall = _NoIpset(Names("pk"), netns=netns.name)
+    firewall._has_ipset = True
+    await firewall.apply(PLAN)
+    assert "match-set" not in netns.iptables_save()
+    assert f"-A PK-F-{NET_A.bridge} -i {NET_A.bridge} -o {NET_A.bridge} -j ACCEPT" in rules(
+        netns.iptables_save()
+    )
+    assert await firewall.differences(PLAN) == []
