@@ -419,13 +419,23 @@ class Store:
         """Durably apply ``ops`` as one unit; returns once they are fsynced."""
         if not ops:
             return
+        # Shielded: a cancelled request must not leave its ops half-known to the caller;
+        # once queued they are written, and the caller's compensation sees a consistent store.
+        await asyncio.shield(self.submit(ops))
+
+    async def flushed(self) -> None:
+        """Wait until everything queued so far is written (tests compare the file)."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+
+    def submit(self, ops: Sequence[Op]) -> asyncio.Future[None]:
+        """Queue ``ops`` now, in order with every other commit; the future is done once they
+        are fsynced. For writes nobody waits for, see ``service.durable.write_behind``."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(ops, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        # Shielded: a cancelled request must not leave its ops half-known to the caller;
-        # once queued they are written, and the caller's compensation sees a consistent store.
-        await asyncio.shield(fut)
+        return fut
 
     async def _flush(self) -> None:
         while self._pending:

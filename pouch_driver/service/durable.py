@@ -53,3 +53,17 @@ async def compensate(*steps: Callable[[], Awaitable[object]]) -> None:
             await asyncio.shield(step())
         except Exception:
             log.exception("compensation step failed; start-up reconcile will finish it")
+
+
+def write_behind(store: Store, ops: Sequence[Op], *, what: str) -> None:
+    """Queue ``ops`` without waiting for their fsync: memory is already changed and the answer
+    goes out at once. Only for facts the engine never asks back and no other record depends
+    on (a Join's sandbox key): they ride in the next group commit, in order with everything
+    queued after them, and are written by a clean shutdown. What a kill -9 can take is the last
+    few milliseconds of such facts, never a network, an endpoint or an address."""
+
+    def report(fut: asyncio.Future[None]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("recording %s failed: %s", what, fut.exception())
+
+    store.submit(ops).add_done_callback(report)

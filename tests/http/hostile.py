@@ -69,7 +69,13 @@ async def baseline(plugin: Plugin) -> None:
     await plugin.call("IpamDriver.RequestAddress", P["RequestAddressEndpoint"])
     await plugin.call("NetworkDriver.CreateEndpoint", P["CreateEndpoint"])
     await plugin.call("NetworkDriver.Join", P["Join"])
+    await settle(plugin)
+
+
+async def settle(plugin: Plugin) -> None:
+    """Background work done: deferred veth deletes, and writes queued behind an answer."""
     await plugin.service.deletes.drain()
+    await plugin.service.store.flushed()
 
 
 def store_rows(db_path: Path) -> dict[str, list[tuple[Any, ...]]]:

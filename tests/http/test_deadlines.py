@@ -104,7 +104,7 @@ async def test_stuck_create_endpoint_leaves_nothing_half_made(make_plugin: Plugi
     links.faults.delay["ensure_veth"] = 5.0
     status, _, doc = await timed(plugin, "NetworkDriver.CreateEndpoint", new_endpoint(addr))
     assert status == 504, doc
-    await plugin.service.deletes.drain()
+    await h.settle(plugin)
     assert not h.diff(before, h.snapshot(plugin)), "a timed-out CreateEndpoint left state"
     assert "puh" + EID2[:12] not in links.links
     del links.faults.delay["ensure_veth"]
@@ -138,7 +138,7 @@ async def test_stuck_delete_network_is_finished_by_the_next_reconcile(
     await plugin.call(
         "NetworkDriver.DeleteEndpoint", {"NetworkID": h.POUCH_NID, "EndpointID": h.POUCH_EID}
     )
-    await plugin.service.deletes.drain()
+    await h.settle(plugin)
     links.faults.delay["ensure_link_absent"] = 5.0
     status, _, _ = await timed(plugin, "NetworkDriver.DeleteNetwork", {"NetworkID": h.POUCH_NID})
     assert status == 504
@@ -190,7 +190,7 @@ async def test_kernel_work_finishing_after_the_deadline_is_reaped(
     assert veth in links.links, "expected: the late kernel work left an orphan veth"
     report = await plugin.call("Pouch.Reconcile", {"DryRun": False})
     assert any(veth in line for line in report["Repaired"]), report
-    await plugin.service.deletes.drain()
+    await h.settle(plugin)
     assert veth not in links.links
 
 
@@ -225,7 +225,7 @@ async def test_deadline_during_a_store_write_keeps_store_and_memory_equal(
         )
     assert status == 504
     await asyncio.sleep(1.2)  # the shielded write lands
-    await plugin.service.deletes.drain()
+    await h.settle(plugin)
     rows = h.store_rows(plugin.service.store.path)
     stored_eps = {r[0] for r in rows["endpoints"]}
     stored_addrs = {r[1] for r in rows["addresses"] if r[0] == "PouchLocal/10.1.0.0/24"}

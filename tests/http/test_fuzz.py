@@ -254,7 +254,7 @@ class Harness:
         before = h.snapshot(plugin)
         resp = await plugin.client.post(path, data=raw)
         text = await resp.text()
-        await plugin.service.deletes.drain()
+        await h.settle(plugin)
         after = h.snapshot(plugin)
         self.dirty = after != before
         self.requests += 1
@@ -515,7 +515,7 @@ async def test_truncated_and_stalled_bodies(make_plugin: PluginFactory) -> None:
     assert b" 504 " in status_line, answer[:300]
     doc = json.loads(rest.split(b"\r\n\r\n", 1)[1])
     assert "did not finish within 0.5s" in doc["Err"]
-    await plugin.service.deletes.drain()
+    await h.settle(plugin)
     assert not h.diff(before, h.snapshot(plugin))
     assert await plugin.call("Plugin.Activate")
 
@@ -583,13 +583,13 @@ async def test_memory_stays_bounded_over_a_long_hostile_run(make_plugin: PluginF
         try:
             for i in range(20):  # warm-up: caches, lazy imports, the connection pool
                 await round_(i)
-            await plugin.service.deletes.drain()
+            await h.settle(plugin)
             gc.collect()
             tracemalloc.start()
             first = tracemalloc.take_snapshot()
             for i in range(20, 120):
                 await round_(i)
-            await plugin.service.deletes.drain()
+            await h.settle(plugin)
             gc.collect()
             last = tracemalloc.take_snapshot()
         finally:

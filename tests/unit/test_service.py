@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
 
+from pouch_driver import store as st
 from pouch_driver.config import Settings
 from pouch_driver.daemon import build_driver
-from pouch_driver.errors import Conflict, Exhausted, InvalidRequest, KernelError, NotFound
+from pouch_driver.errors import (
+    Conflict,
+    Exhausted,
+    InvalidRequest,
+    KernelError,
+    NotFound,
+    StoreError,
+)
 from pouch_driver.ipam import ADDRESS, OWED, RECLAIMED
 from pouch_driver.kernel import LinkInfo
 from pouch_driver.kernel.fake import FakeFirewall, FakeLinks
@@ -90,6 +98,50 @@ async def test_veth_failure_leaves_no_endpoint(make_service: Factory) -> None:
     assert not any(n.startswith(("puh", "puc")) for n in svc.links.links)  # type: ignore[attr-defined]
     svc = await restart(svc, make_service)
     assert svc.state.endpoints == {}
+
+
+async def test_store_failure_leaves_no_veth(
+    make_service: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record's commit and the veth run together: a failed commit removes the veth."""
+    svc = await make_service()
+    await svc.networks.create_network(NID, NetworkOptions(), [V4], [])
+    real = svc.store.commit
+
+    async def failing(ops: Sequence[st.Op]) -> None:
+        if any(isinstance(op, st.PutEndpoint) for op in ops):
+            raise StoreError("disk full")
+        await real(ops)
+
+    monkeypatch.setattr(svc.store, "commit", failing)
+    with pytest.raises(StoreError, match="disk full"):
+        await svc.endpoints.create_endpoint(NID, EID, ADDR, None, None)
+    assert svc.state.endpoints == {}
+    await svc.deletes.drain()
+    assert not any(n.startswith(("puh", "puc")) for n in svc.links.links)  # type: ignore[attr-defined]
+    monkeypatch.undo()
+    svc = await restart(svc, make_service)
+    assert svc.state.endpoints == {}
+
+
+async def test_sandbox_keys_are_written_behind_in_order(make_service: Factory) -> None:
+    """Join and Leave answer before their record is fsynced; the records land in order with
+    the commits queued after them, so the store ends where memory does."""
+    svc = await make_service()
+    await svc.networks.create_network(NID, NetworkOptions(), [V4], [])
+    await svc.endpoints.create_endpoint(NID, EID, ADDR, None, None)
+    await svc.endpoints.create_endpoint(
+        NID, "f" * 64, ipaddress.ip_interface("10.5.0.3/24"), None, None
+    )  # type: ignore[arg-type]
+    await svc.endpoints.join(NID, EID, "/var/run/docker/netns/one")
+    assert svc.state.endpoints[EID].sandbox_key == "/var/run/docker/netns/one"
+    await svc.endpoints.join(NID, "f" * 64, "/var/run/docker/netns/two")
+    await svc.endpoints.leave(NID, "f" * 64)
+    await svc.endpoints.delete_endpoint(NID, "f" * 64)  # fsynced, queued after the leave
+    await svc.store.flushed()
+    svc = await restart(svc, make_service)
+    assert svc.state.endpoints[EID].sandbox_key == "/var/run/docker/netns/one"
+    assert "f" * 64 not in svc.state.endpoints
 
 
 async def test_program_failure_reverts_bindings(make_service: Factory) -> None:
