@@ -42,6 +42,7 @@ from pouch_driver.daemon import build_driver
 from pouch_driver.model import IPAMData, NetworkOptions
 from pouch_driver.service.driver import Driver
 from pouch_driver.service.reconcile import start_up
+from tests.etcd_members import member_argv
 
 from .common import Record, log, netns, ratio, run, summary
 
@@ -61,23 +62,17 @@ def etcd_cluster() -> Iterator[str]:
     root = Path(tempfile.mkdtemp(prefix="pdb-etcd-", dir="/tmp"))
     procs = []
     token = f"pdb-{os.getpid()}-{time.time_ns()}"
-    peers = ",".join(f"pdb{i}=http://127.0.0.1:{ETCD_PORT + 10 + i}" for i in range(3))
     try:
         for i in range(3):
-            client = f"http://127.0.0.1:{ETCD_PORT + i}"
-            argv = [
-                "etcd",
-                f"--name=pdb{i}",
-                f"--data-dir={root / str(i)}",
-                f"--listen-client-urls={client}",
-                f"--advertise-client-urls={client}",
-                f"--listen-peer-urls=http://127.0.0.1:{ETCD_PORT + 10 + i}",
-                f"--initial-advertise-peer-urls=http://127.0.0.1:{ETCD_PORT + 10 + i}",
-                f"--initial-cluster={peers}",
-                f"--initial-cluster-token={token}",
-                "--log-level=error",
-                "--logger=zap",
-            ]
+            argv = member_argv(
+                f"pdb{i}",
+                root / str(i),
+                clients=[f"http://127.0.0.1:{ETCD_PORT + i}"],
+                peer=f"http://127.0.0.1:{ETCD_PORT + 10 + i}",
+                cluster=[(f"pdb{j}", f"http://127.0.0.1:{ETCD_PORT + 10 + j}") for j in range(3)],
+                token=token,
+                log_level="error",
+            )
             with open(root / f"{i}.log", "wb") as out:
                 procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT))
         endpoints = ",".join(f"127.0.0.1:{ETCD_PORT + i}" for i in range(3))

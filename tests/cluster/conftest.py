@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import STRICT
+from tests.etcd_members import ETCD, member_argv
 
-ETCD = "/usr/bin/etcd"
 NAME_PREFIX = "pdetcd"
 DIR_PREFIX = "/tmp/pdetcd-"
 LOCK_PATH = "/tmp/pdetcd.lock"
@@ -74,21 +74,14 @@ class EtcdCluster:
         return [m.client_url for m in self.members]
 
     def _argv(self, m: Member) -> list[str]:
-        initial = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
-        return [
-            ETCD,
-            f"--name={m.name}",
-            f"--data-dir={m.data_dir}",
-            f"--listen-client-urls={m.client_url}",
-            f"--advertise-client-urls={m.client_url}",
-            f"--listen-peer-urls={m.peer_url}",
-            f"--initial-advertise-peer-urls={m.peer_url}",
-            f"--initial-cluster={initial}",
-            f"--initial-cluster-token={self.token}",
-            "--initial-cluster-state=new",  # ignored once the data dir holds a member
-            "--logger=zap",
-            "--log-level=warn",
-        ]
+        return member_argv(
+            m.name,
+            m.data_dir,
+            clients=[m.client_url],
+            peer=m.peer_url,
+            cluster=[(x.name, x.peer_url) for x in self.members],
+            token=self.token,
+        )
 
     def start(self, index: int) -> None:
         m = self.members[index]
