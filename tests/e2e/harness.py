@@ -914,7 +914,7 @@ class Engine:
             sock.unlink()
         with (self.base / "containerd.log").open("ab") as log:
             self.containerd = subprocess.Popen(
-                nsenter(self.netns, ["containerd", "--config", str(config)]),
+                self.containerd_command(config),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -934,6 +934,9 @@ class Engine:
                 f"containerd exited with {self.containerd.returncode}\n"
                 f"--- containerd log ---\n{tail(self.base / 'containerd.log', 40)}"
             )
+
+    def containerd_command(self, config: Path) -> list[str]:
+        return nsenter(self.netns, ["containerd", "--config", str(config)])
 
     def stop_containerd(self, *, timeout: float = 20.0) -> None:
         if self.containerd is None or self.containerd.poll() is not None:

@@ -1,7 +1,7 @@
 """Fixtures for the multi-host tests: two Docker hosts on one machine, joined by etcd.
 
 * ``hosts`` (session): :func:`harness.bring_up` with two hosts, ``a`` and ``b``, each a netns +
-  mount namespace with its own dockerd 20.10 and plugin (lease TTL 3 s), an underlay
+  mount namespace with its own dockerd (a: 20.10, b: 28.5.2) and plugin (lease TTL 3 s), an underlay
   198.51.100.0/24 and three etcd members. Host a joins by flags over ``etcd://``, host b by
   ``POUCH_DRIVER_*`` variables over ``etcds://`` with a client certificate. Started once,
   erased at session end.
@@ -31,6 +31,7 @@ from tests.e2e.harness import PLUGIN_LOG_NOISE, Scope, tail, wait_until
 from .harness import (
     ETCD,
     ETCDCTL,
+    MIXED_ENGINES,
     Host,
     MultiHost,
     bring_up,
@@ -79,7 +80,9 @@ def cluster_feature() -> bool:
 
 @pytest.fixture(scope="session")
 def hosts(cluster_feature: bool) -> Iterator[MultiHost]:
-    """Two hosts, etcd, the underlay (see harness)."""
+    """Two hosts, etcd, the underlay (see harness). Host a runs Engine 20.10 and joins etcd by
+    flags; host b runs Engine 28.5.2 and joins over TLS by environment variables: every
+    scenario crosses both engines and both ways of configuring the cluster."""
     global _hosts  # noqa: PLW0603
     if os.geteuid() != 0:
         _fail_or_skip("multihost tests need root (namespaces, dockerd)")
@@ -88,7 +91,7 @@ def hosts(cluster_feature: bool) -> Iterator[MultiHost]:
         missing.append(ETCD)
     if missing:
         _fail_or_skip(f"multihost tests need {', '.join(missing)} (scripts/setup --test)")
-    with bring_up(2, cluster=cluster_feature, vary_config=True) as mh:
+    with bring_up(2, cluster=cluster_feature, vary_config=True, engines=MIXED_ENGINES) as mh:
         _hosts = mh
         try:
             yield mh

@@ -14,7 +14,7 @@ Layout of one session (``tag`` is 6 random characters)::
     netns pdmh-<tag>-a, -b, ...       the hosts: eth0 198.51.100.11, .12, ... (a veth into br0)
     cgroup /pdmh-<tag>-a, ...         --cgroup-parent of each host's containers
 
-Each host runs its own dockerd (Debian's 20.10, via :class:`tests.e2e.harness.Engine`) and its
+Each host runs its own dockerd (20.10 or 28.5.2, via :class:`tests.e2e.harness.Engine`) and its
 own plugin, both entered into the host's netns **and** mount namespace (``nsenter --mount
 --net``): each dockerd finds only its own plugin socket in /run/docker/plugins, under the same
 driver name everywhere, as on real hosts. Nothing is added to the machine's own network
@@ -70,6 +70,7 @@ from tests.e2e.harness import (
     tail,
     wait_until,
 )
+from tests.etcd_members import member_argv
 
 T = TypeVar("T")
 
@@ -90,13 +91,14 @@ ETCD_CLIENT_PORT = 23810  # tests/cluster uses 23790-23802
 ETCD_PEER_PORT = 23820
 ETCD_TLS_PORT = 23813  # the same members over TLS with client certificates (vary_config)
 ETCD_MEMBERS = 3
-ETCD = "/usr/bin/etcd"
 ETCDCTL = "etcdctl"
 #: Lease TTL the tests give the plugins (--cluster-lease-ttl), in seconds.
 LEASE_TTL = 3
 UNDERLAY_MTU = 1500
 VXLAN_OVERHEAD = 50
 OVERLAY_MTU = UNDERLAY_MTU - VXLAN_OVERHEAD
+#: The suite's hosts: one of each engine the e2e suite runs, in one cluster.
+MIXED_ENGINES = ("20.10", "28.5.2")
 
 _BASE_RE = re.compile(rf"^{PREFIX}-[a-z0-9]{{6}}$")
 _NETNS_RE = re.compile(rf"^{PREFIX}-[a-z0-9]{{6}}-[a-z]$")
@@ -264,34 +266,17 @@ class Etcd:
         return "etcds://" + ",".join(m.tls_url.removeprefix("https://") for m in self.members)
 
     def _argv(self, m: EtcdMember) -> list[str]:
-        initial = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
-        clients = m.client_url
-        tls: list[str] = []
-        if self.pki is not None:
-            clients += f",{m.tls_url}"
-            tls = [
-                f"--cert-file={self.pki / 'server.pem'}",
-                f"--key-file={self.pki / 'server.key'}",
-                "--client-cert-auth",
-                f"--trusted-ca-file={self.pki / 'ca.pem'}",
-            ]
         return nsenter(
             self.netns,
-            [
-                ETCD,
-                f"--name={m.name}",
-                f"--data-dir={m.data_dir}",
-                f"--listen-client-urls={clients}",
-                f"--advertise-client-urls={clients}",
-                *tls,
-                f"--listen-peer-urls={m.peer_url}",
-                f"--initial-advertise-peer-urls={m.peer_url}",
-                f"--initial-cluster={initial}",
-                f"--initial-cluster-token={self.token}",
-                "--initial-cluster-state=new",  # ignored once the data dir holds a member
-                "--logger=zap",
-                "--log-level=warn",
-            ],
+            member_argv(
+                m.name,
+                m.data_dir,
+                clients=[m.client_url, *([m.tls_url] if self.pki is not None else [])],
+                peer=m.peer_url,
+                cluster=[(x.name, x.peer_url) for x in self.members],
+                token=self.token,
+                pki=self.pki,
+            ),
         )
 
     def start(self, index: int) -> None:
@@ -457,8 +442,8 @@ class Host(Engine):
     """One Docker host: :class:`Engine` minus its remote netns, plus a mount namespace, an
     underlay address and a plugin that joins the cluster."""
 
-    def __init__(self, session: str, index: int, base: Path) -> None:
-        super().__init__(tag=session, plugin_name=DRIVER, kind=ENGINES["20.10"])
+    def __init__(self, session: str, index: int, base: Path, engine: str = "20.10") -> None:
+        super().__init__(tag=session, plugin_name=DRIVER, kind=ENGINES[engine])
         self.index = index
         self.letter = _HOST_LETTERS[index]
         self.base = base / self.letter
@@ -567,6 +552,13 @@ class Host(Engine):
         assert cmd[0] == "nsenter"
         bridge = () if self._own_bridge() else ("--bip", self.bip)
         return [cmd[0], f"--mount={self.mount_ns}", *cmd[1:], *bridge, *self.dockerd_args]
+
+    def containerd_command(self, config: Path) -> list[str]:
+        # Engine 28's own containerd, in the host's mount namespace too: runc's hooks reach
+        # this host's dockerd through sockets under its /run/docker.
+        cmd = super().containerd_command(config)
+        assert cmd[0] == "nsenter"
+        return [cmd[0], f"--mount={self.mount_ns}", *cmd[1:]]
 
     def _own_bridge(self) -> bool:
         return any(a == "--bridge" or a.startswith(("--bridge=", "-b")) for a in self.dockerd_args)
@@ -720,6 +712,7 @@ class MultiHost:
         lease_ttl: int = LEASE_TTL,
         vary_config: bool = False,
         dockerd_args: Sequence[str] = (),
+        engines: Sequence[str] = ("20.10",),
     ) -> None:
         if not 1 <= n <= len(_HOST_LETTERS):
             raise ValueError(f"1..{len(_HOST_LETTERS)} hosts, not {n}")
@@ -730,7 +723,8 @@ class MultiHost:
         self.etcd = Etcd(self.switch_ns, self.base / "etcd", pki=self.pki)
         self.cluster = cluster
         self.lease_ttl = lease_ttl
-        self.hosts = [Host(self.tag, i, self.base) for i in range(n)]
+        # Host i runs engines[i % len(engines)]: a cluster can mix engine versions.
+        self.hosts = [Host(self.tag, i, self.base, engines[i % len(engines)]) for i in range(n)]
         for h in self.hosts:
             h.dockerd_args = tuple(dockerd_args)
             h.plugin.env["PYTHONPATH"] = str(REPO_ROOT)
@@ -853,6 +847,7 @@ def bring_up(
     lease_ttl: int = LEASE_TTL,
     vary_config: bool = False,
     dockerd_args: Sequence[str] = (),
+    engines: Sequence[str] = ("20.10",),
     lock_wait: float = 1800.0,
     log: Callable[[str], None] = lambda msg: print(f"[pdmh] {msg}"),
 ) -> Iterator[MultiHost]:
@@ -864,7 +859,8 @@ def bring_up(
     ``vary_config=True``: the etcd members also serve TLS with client certificates, and every
     second host (b, d, ...) joins through it, configured by ``POUCH_DRIVER_*`` environment
     variables instead of flags, so each scenario covers both ways. ``dockerd_args``: more
-    flags for every dockerd.
+    flags for every dockerd. ``engines``: host i runs ``engines[i % len(engines)]`` (names of
+    ``tests.e2e.harness.ENGINES``).
 
     A benchmark::
 
@@ -896,6 +892,7 @@ def bring_up(
                 lease_ttl=lease_ttl,
                 vary_config=vary_config,
                 dockerd_args=dockerd_args,
+                engines=engines,
             )
             mh.timings["lock wait"] = waited
             mh.timings["leftover cleanup"] = time.monotonic() - t0
