@@ -27,9 +27,9 @@ import pytest
 
 from tests.conftest import STRICT
 from tests.e2e.harness import PLUGIN_LOG_NOISE, Scope, tail, wait_until
+from tests.etcd_members import ETCD
 
 from .harness import (
-    ETCD,
     ETCDCTL,
     MIXED_ENGINES,
     Host,

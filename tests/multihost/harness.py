@@ -596,7 +596,13 @@ class Host(Engine):
         """Stop everything of this host and remove every trace; safe on a half-started one."""
         t0 = time.monotonic()
         errors: list[str] = []
-        for step in (self._remove_all_containers, self.stop_dockerd, self.plugin.stop):
+        steps = (
+            self._remove_all_containers,
+            self.stop_dockerd,
+            self.stop_containerd,
+            self.plugin.stop,
+        )
+        for step in steps:
             try:
                 step()
             except Exception as exc:  # noqa: BLE001 - keep tearing down, report at the end
