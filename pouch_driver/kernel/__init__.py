@@ -36,6 +36,9 @@ class VethSpec:
     bridge: str
     mtu: int | None
     peer_mac: str
+    # Only a container reaching its own published port through the host's address needs
+    # the bridge to send a packet back out the port it came in by.
+    hairpin: bool = False
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ class FakeLinks:
     def __init__(self, routes: list[IPNetwork] | None = None) -> None:
         self.links: dict[str, LinkInfo] = {}
         self.peers: dict[str, str] = {}
+        self.hairpin: set[str] = set()  # bridge ports in hairpin mode
         self.routes = list(routes or [])
         self.faults = Faults()
         self.calls: list[str] = []
@@ -105,6 +106,8 @@ class FakeLinks:
             )
         self.peers[spec.host] = spec.peer
         self.peers[spec.peer] = spec.host
+        if spec.hairpin:
+            self.hairpin.add(spec.host)
 
     async def ensure_link_absent(self, name: str) -> None:
         self.calls.append(f"ensure_link_absent {name}")

@@ -367,9 +367,9 @@ class NetlinkLinks:
             self._attach_port(ipr, host, master, spec.mtu)
 
         await self._run(f"ensure veth {spec.host}", ensure)
-        # Hairpin mode only matters to a container reaching its own published port: set it
-        # off the request path (the host end stays in this namespace; any time will do).
-        self._background(f"hairpin on {spec.host}", lambda ipr: self._hairpin(ipr, spec.host))
+        if spec.hairpin:
+            # Off the request path (the host end stays in this namespace; any time will do).
+            self._background(f"hairpin on {spec.host}", lambda ipr: self._hairpin(ipr, spec.host))
 
     @staticmethod
     def _attach_port(ipr: Any, msg: Any, master: int, mtu: int | None) -> None:

@@ -41,6 +41,7 @@ def veth_spec(ep: Endpoint, net: Network) -> VethSpec:
         bridge=net.bridge,
         mtu=net.options.mtu,
         peer_mac=ep.mac,
+        hairpin=bool(ep.port_bindings),
     )
 
 

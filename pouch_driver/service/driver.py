@@ -100,7 +100,7 @@ class Driver:
             firewall=self.firewall_sync,
             cluster=self.cluster,
         )
-        self.ports = PortService(store, self.state, self.guards, self.firewall_sync)
+        self.ports = PortService(store, self.state, self.guards, self.firewall_sync, links)
 
     async def start(self) -> None:
         """Load the store; the caller reconciles the kernel before serving."""

@@ -12,9 +12,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from ..errors import InvalidRequest
+from ..kernel import Links
 from ..model import Endpoint, PortBinding
 from ..ports import resolve_ports
 from ..store import Store
+from .desired import veth_spec
 from .durable import compensate
 from .endpoints import put_endpoint
 from .firewalling import FirewallSync
@@ -25,7 +27,10 @@ log = logging.getLogger(__name__)
 
 
 class PortService:
-    def __init__(self, store: Store, state: State, guards: Guards, firewall: FirewallSync) -> None:
+    def __init__(
+        self, store: Store, state: State, guards: Guards, firewall: FirewallSync, links: Links
+    ) -> None:
+        self._links = links
         self._store = store
         self._state = state
         self._guards = guards
@@ -61,6 +66,10 @@ class PortService:
                 await put_endpoint(self._store, self._state, replace(ep, port_bindings=resolved))
             try:
                 await self._firewall.sync()
+                if resolved:  # its bridge port in hairpin mode (``desired.veth_spec``)
+                    await self._links.ensure_veth(
+                        veth_spec(self._state.endpoint(network_id, endpoint_id), net)
+                    )
             except BaseException:
                 await compensate(
                     lambda: put_endpoint(self._store, self._state, ep), self._firewall.sync

@@ -221,6 +221,24 @@ async def test_duplicate_address_on_a_network_is_refused(make_service: Factory) 
         await svc.endpoints.create_endpoint(NID2, "f" * 64, ADDR, None, None)
 
 
+async def test_only_endpoints_with_published_ports_get_hairpin_mode(
+    make_service: Factory,
+) -> None:
+    """Set when ports are published (a container reaching its own published port), never on
+    a plain connect."""
+    svc = await make_service()
+    await svc.networks.create_network(NID, NetworkOptions(), [V4], [])
+    await svc.endpoints.create_endpoint(NID, EID, ADDR, None, None)
+    plain = ipaddress.ip_interface("10.5.0.3/24")
+    await svc.endpoints.create_endpoint(NID, "f" * 64, plain, None, None)  # type: ignore[arg-type]
+    links: FakeLinks = svc.links  # type: ignore[assignment]
+    assert links.hairpin == set()
+    await svc.ports.program_external_connectivity(
+        NID, EID, [PortBinding(Proto.TCP, 80, 18111, 18111)]
+    )
+    assert links.hairpin == {svc.state.endpoints[EID].host_ifname}
+
+
 async def test_bridge_port_limit_is_a_clear_error(make_service: Factory) -> None:
     svc = await make_service()
     big = IPAMData("PouchLocal", ipaddress.ip_network("10.6.0.0/16"))
