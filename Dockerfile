@@ -3,7 +3,8 @@
 # Build it with scripts/build-plugin, which first puts the wheels of the package and of its
 # dependencies into the build context (wheels/), so this build needs no package index: it
 # works where containers have no network. Any base with python3 (>= 3.11, with the venv
-# module) works; iptables and iproute2 are installed with apt only if the base lacks them.
+# module) works; iptables, ipset and iproute2 are installed with apt only if the base lacks
+# them (ipset: traffic inside a bridge accepted by one set lookup; without it, more rules).
 #
 #   scripts/build-plugin --base python:3.11-slim --name pouch-driver
 ARG BASE=python:3.11-slim
@@ -15,10 +16,11 @@ COPY wheels/ /tmp/wheels/
 # gives a console script with an absolute interpreter path, the same on Debian's python3 and on
 # the python:* images.
 RUN set -eu; \
-    if ! command -v iptables-restore >/dev/null || ! command -v ip >/dev/null; then \
+    if ! command -v iptables-restore >/dev/null || ! command -v ip >/dev/null \
+            || ! command -v ipset >/dev/null; then \
         apt-get update; \
         DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-            iptables iproute2; \
+            iptables ipset iproute2; \
         rm -rf /var/lib/apt/lists/*; \
     fi; \
     python3 -m venv /opt/pouch-driver; \

@@ -161,6 +161,10 @@ def test_managed_plugin_networks_and_containers(managed: Managed, e2e: Scope) ->
     e2e.assert_ping(b, ip_a)
     e2e.assert_ping(a, "10.35.0.1")
     assert f"-j {PREFIX.upper()}-FORWARD" in eng.iptables_save("filter")
+    # The image carries ipset: traffic inside the bridge is one set lookup, not a rule per
+    # network (kernel/iptables.py falls back to rules without it).
+    icc = eng.in_engine_ns("ipset", "list", f"{PREFIX.upper()}-ICC4", check=False)
+    assert icc.returncode == 0 and bridge in icc.stdout, icc.stdout + icc.stderr
     e2e.exec(b, "httpd", "-p", "80", "-h", "/www")
     assert "pouch-e2e-ok" in e2e.http_get(a, f"http://{ip_b}/").stdout
     # The store lives in the host directory mounted from config.json's "state" mount.
