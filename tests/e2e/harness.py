@@ -1026,9 +1026,9 @@ class Engine:
                 self.proc.kill()
                 self.proc.wait(10)
 
-    def close(self) -> None:
-        """Stop everything and remove every trace; safe to call on a half-started engine."""
-        t0 = time.monotonic()
+    def stop_daemons(self) -> list[str]:
+        """Containers removed, then dockerd, its own containerd and the plugin stopped; each
+        step runs whatever the others did. Returns what failed."""
         errors: list[str] = []
         steps = (
             self._remove_all_containers,
@@ -1041,6 +1041,12 @@ class Engine:
                 step()
             except Exception as exc:  # noqa: BLE001 - keep tearing down, report at the end
                 errors.append(f"{getattr(step, '__name__', step)}: {exc}")
+        return errors
+
+    def close(self) -> None:
+        """Stop everything and remove every trace; safe to call on a half-started engine."""
+        t0 = time.monotonic()
+        errors = self.stop_daemons()
         # Whatever still lives in our namespaces or cgroup (shims, proxies, containers).
         for ns in (self.netns, self.remote_netns):
             pids = _pids_in_netns(ns)

@@ -595,18 +595,7 @@ class Host(Engine):
     def close(self) -> None:
         """Stop everything of this host and remove every trace; safe on a half-started one."""
         t0 = time.monotonic()
-        errors: list[str] = []
-        steps = (
-            self._remove_all_containers,
-            self.stop_dockerd,
-            self.stop_containerd,
-            self.plugin.stop,
-        )
-        for step in steps:
-            try:
-                step()
-            except Exception as exc:  # noqa: BLE001 - keep tearing down, report at the end
-                errors.append(f"{getattr(step, '__name__', step)}: {exc}")
+        errors = self.stop_daemons()
         cgroups = _cgroup_dirs(re.compile(rf"^{re.escape(self.netns)}$"))
         pids = (
             _pids_in_netns(self.netns) | _pids_in_mount_ns([self.mount_ns]) | _cgroup_pids(cgroups)
