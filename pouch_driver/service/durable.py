@@ -1,8 +1,9 @@
 """The order every change follows: the store commits first, memory follows, failures compensate.
 
-A request is answered only after its change is fsynced; if the commit fails, memory is rolled
-back; if a later kernel step fails, compensation undoes what was done, and its own failures are
-logged, never masking the cause (start-up reconciliation finishes what they leave).
+A request is answered only after its change is fsynced (``write_behind`` is the one exception,
+for a fact the engine never asks back); if the commit fails, memory is rolled back; if a later
+kernel step fails, compensation undoes what was done, and its own failures are logged, never
+masking the cause (start-up reconciliation finishes what they leave).
 """
 
 from __future__ import annotations
