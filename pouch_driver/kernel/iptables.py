@@ -125,7 +125,12 @@ class IptablesFirewall:
         await self._fill_set(plan, version, refill=present is not None)
         chains = render()
         text = rules.restore_changes(
-            chains, version, self.names, present=present, previous=previous
+            chains,
+            version,
+            self.names,
+            present=present,
+            previous=previous,
+            bridged_set=self._has_ipset,
         )
         try:
             if text:
@@ -139,7 +144,12 @@ class IptablesFirewall:
             await self._fill_set(plan, version, refill=True)
             chains = render()
             text = rules.restore_changes(
-                chains, version, self.names, present=present, previous=None
+                chains,
+                version,
+                self.names,
+                present=present,
+                previous=None,
+                bridged_set=self._has_ipset,
             )
             await self._exec([restore, "--noflush"], text)
         self._applied[version] = chains

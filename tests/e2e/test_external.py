@@ -118,6 +118,11 @@ def test_rules_coexist_with_dockers_and_go_with_the_network(e2e: Scope) -> None:
     assert _docker_user_first(forward), (
         "DOCKER-USER is not the first rule of FORWARD:\n" + "\n".join(forward)
     )
+    # Inside one of our bridges the verdict is one set lookup at the end of DOCKER-USER,
+    # ahead of Docker's per-network rules (tests/kernel/test_docker_layouts.py).
+    listed = eng.in_engine_ns("iptables", "-L", "DOCKER-USER", "-v", "-x", "-n").stdout
+    fast = [line for line in listed.splitlines() if f"{eng.plugin.prefix.upper()}-ICC4" in line]
+    assert fast and int(fast[0].split()[0]) > 0, listed
     ours = our_rules(eng) + our_rules(eng, "nat")
     assert [r for r in ours if bridge in r], "no rule of ours for the bridge"
     assert [r for r in ours if f"{ip_a}:80" in r], "no DNAT for the published port"
@@ -138,6 +143,10 @@ def _flush_our_chains(e2e: Scope) -> None:
         for r in rules(eng, table):
             if r.startswith(f"-N {p}-"):
                 eng.in_engine_ns("iptables", "-t", table, "-F", r.split()[1])
+    # and our accept inside our bridges, at the end of Docker's DOCKER-USER
+    for r in rules(eng, "filter"):
+        if r.startswith("-A DOCKER-USER ") and f"{eng.plugin.prefix}-driver" in r:
+            eng.in_engine_ns("iptables", *shlex.split("-D" + r[2:]))
 
 
 def test_rules_reapplied_when_plugin_restarts(e2e: Scope) -> None:
