@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
         default="20.10,28.5.2",
         help="scale: the engines to run it on (tests/e2e/harness.py ENGINES)",
     )
+    p.add_argument(
+        "--engine",
+        default="20.10",
+        help="docker: the engine to run it on (tests/e2e/harness.py ENGINES)",
+    )
     p.add_argument("--quick", action="store_true", help="small counts, for a smoke test")
     p.add_argument("--no-chart", action="store_true")
     return p
@@ -248,6 +253,7 @@ def _docker(rec: Record, args: argparse.Namespace) -> None:
         parallel_rounds=args.parallel_rounds,
         lock_wait=args.lock_wait,
         locked=True,
+        engine=args.engine,
     )
 
 

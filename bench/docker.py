@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from tests.e2e.harness import (
+    ENGINES,
     PLUGIN_DIR,
     SLEEPER,
     Engine,
@@ -296,13 +297,15 @@ def run_all(
     parallel_rounds: int = 2,
     lock_wait: float = 3600,
     locked: bool = False,
+    engine: str = "20.10",
 ) -> None:
-    """``locked``: the caller already holds the e2e lock (``e2e_lock``)."""
+    """``locked``: the caller already holds the e2e lock (``e2e_lock``). ``engine``: a key
+    of the e2e harness's ``ENGINES``."""
     check_no_overlap(*SUBNETS.values())
     lock = None if locked else e2e_lock(rec, lock_wait)
     try:
         cleanup_leftovers(log=lambda m: log(f"[pde2e] {m}"))
-        eng = Engine()
+        eng = Engine(kind=ENGINES[engine])
         eng.plugin.extra_args = ("--log-level", "info")
         t0 = time.monotonic()
         try:
