@@ -214,11 +214,12 @@ def render(
     for net in plan.networks:
         _network(n, net, version, own, docker_isolation=docker_isolation, published=published)
     for b, fs in forwards.items():
-        # After the network's own rule for traffic inside it (-i b -o b, which no ACCEPT of a
-        # published port matches: they are ! -i b), so that traffic does not walk them all.
-        accepts = _publish(n, b, fs, version, own, protected=protected, routed=routed)
-        at = 1 if b in subnets else 0
-        own("F", b)[at:at] = accepts
+        # Last in the network's chain: every rule before them ACCEPTs or concerns traffic
+        # leaving the bridge, and they match only new traffic entering it (! -i b -o b), so
+        # the order changes no verdict. There, the bulk (inside the bridge, replies into it)
+        # is decided before them, and a new port is appended: iptables-restore reads a chain
+        # only to edit it by position, which cost a port in proportion to the others.
+        own("F", b).extend(_publish(n, b, fs, version, own, protected=protected, routed=routed))
     # The top-level chains: jumps into each network's chains, in the plan's order. A packet
     # is matched against a network's FORWARD rules only if it enters or leaves its bridge
     # (every rule there names the bridge); NAT and raw rules match on addresses.
@@ -253,28 +254,42 @@ def _network(
     published: set[str],
 ) -> None:
     """One network's ``<P>-F-<bridge>`` (filter) and ``<P>-N-<bridge>`` (masquerading)."""
+    forward, nat = _network_rules(n, net, version, docker_isolation, net.bridge in published)
+    own("F", net.bridge).extend(forward)
+    if nat:
+        own("N", net.bridge).extend(nat)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _network_rules(
+    n: Names, net: NetworkRules, version: int, docker_isolation: bool, published: bool
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(filter, nat) rules of one network, remembered like ``_forward_rules``: an apply on a
+    host with hundreds of networks renders only the one that changed."""
     b = net.bridge
     fc, nc = n.net_chain("F", b), n.net_chain("N", b)
     verdict = "ACCEPT" if net.icc else "DROP"
-    own("F", b).append(f"-A {fc} -i {b} -o {b} -j {verdict}")
-    own("F", b).append(f"-A {fc} -o {b} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+    forward = [
+        f"-A {fc} -i {b} -o {b} -j {verdict}",
+        f"-A {fc} -o {b} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+    ]
+    nat: list[str] = []
     if _internal(net, version):
-        return
+        return tuple(forward), ()
     if docker_isolation:
-        own("F", b).append(f"-A {fc} -i {b} ! -o {b} -j {DOCKER_ISOLATION}")
-    own("F", b).append(f"-A {fc} -i {b} ! -o {b} -j ACCEPT")
-    own("F", b).extend(_mode_accepts(n, net, version))
+        forward.append(f"-A {fc} -i {b} ! -o {b} -j {DOCKER_ISOLATION}")
+    forward.append(f"-A {fc} -i {b} ! -o {b} -j ACCEPT")
+    forward.extend(_mode_accepts(n, net, version))
     if net.masquerade and net.mode(version) is not GatewayMode.ROUTED:
         source = net.snat(version)
         target = f"SNAT --to-source {source}" if source is not None else "MASQUERADE"
-        own("N", b).extend(
+        nat.extend(
             f"-A {nc} -s {s} ! -o {b} -j {target}" for s in net.subnets if s.version == version
         )
-    if version == 4 and net.mode(4) is not GatewayMode.ROUTED and b in published:
+    if version == 4 and net.mode(4) is not GatewayMode.ROUTED and published:
         # 127.0.0.1:PORT reached from the host itself: hide the loopback source.
-        own("N", b).append(
-            f"-A {nc} -s 127.0.0.0/8 -o {b} -m addrtype --src-type LOCAL -j MASQUERADE"
-        )
+        nat.append(f"-A {nc} -s 127.0.0.0/8 -o {b} -m addrtype --src-type LOCAL -j MASQUERADE")
+    return tuple(forward), tuple(nat)
 
 
 def _publish(
@@ -360,18 +375,20 @@ def _raw_dispatch(
     subnet holding it, and not from the bridge itself (what could match there is ``! -i b``
     or a trusted host interface); for a loopback address of a published port, that address
     from anywhere (a neighbour's packet for 127.0.0.1 is what that rule drops)."""
-    out: list[str] = []
-    for rule in rules:
-        words = rule.split()
-        dst = ipaddress.ip_network(words[words.index("-d") + 1])
-        if "lo" in words:  # ! -i lo: the loopback address of a published port
-            match = f"-d {dst} "
-        else:
-            wider = next((s for s in subnets if _within(dst, s)), dst)
-            match = f"-d {wider} ! -i {b} "
-        if match not in out:
-            out.append(match)
-    return tuple(out)
+    # dict: the first of each match, in the rules' order
+    return tuple(dict.fromkeys(_dispatch_match(b, rule, subnets) for rule in rules))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _dispatch_match(b: str, rule: str, subnets: tuple[IPNetwork, ...]) -> str:
+    """One raw rule's dispatch match (``_raw_dispatch``), remembered: parsing a thousand
+    addresses on every apply would make a port's cost grow with the others'."""
+    words = rule.split()
+    dst = ipaddress.ip_network(words[words.index("-d") + 1])
+    if "lo" in words:  # ! -i lo: the loopback address of a published port
+        return f"-d {dst} "
+    wider = next((s for s in subnets if _within(dst, s)), dst)
+    return f"-d {wider} ! -i {b} "
 
 
 def _within(a: IPNetwork, b: IPNetwork) -> bool:
@@ -427,27 +444,38 @@ def _isolation(
         c = n.net_chain("I", b)
         iso.append(f"-A {top} -o {b} -g {c}")
         iso2.append(f"-A {n.chain_isolation2} -i {b} -j DROP")
-        rules = chains[c] = [f"-A {c} -i {b} -o {b} -j RETURN"]
-        if _internal(net, version):
-            rules.append(f"-A {c} ! -i {b} -o {b} -j DROP")
-            continue
-        rules.extend(_exceptions(c, net, version, forwards.get(b, [])))
-        # From another of our networks (internal or not).
-        rules.append(f"-A {c} ! -i {b} -o {b} -j {n.chain_isolation2}")
-        if _drops_new_inbound(net, version):
-            # A network without masquerading is meant to be reached; a NATed one only through
-            # its published ports, a routed one only at them (the exceptions before this).
-            rules.append(
-                f"-A {c} ! -i {b} -o {b} -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
-            )
-        # Docker's own bridges (default names) are other networks too: keep them out.
-        rules.extend(f"-A {c} -i {d} -o {b} -j DROP" for d in DOCKER_BRIDGES)
+        exceptions = _exceptions(c, net, version, tuple(forwards.get(b, ())))
+        chains[c] = list(_network_isolation(n, net, version, exceptions))
     for net in plan.networks:
         if _internal(net, version):
             iso.append(f"-A {top} -i {net.bridge} -j DROP")
     if any(not _internal(net, version) for net in plan.networks):
         # Out of our networks into Docker's (default names): those drops for every network.
         iso.extend(f"-A {top} -o {d} -j {n.chain_isolation2}" for d in DOCKER_BRIDGES)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _network_isolation(
+    n: Names, net: NetworkRules, version: int, exceptions: tuple[str, ...]
+) -> tuple[str, ...]:
+    """One network's ``<P>-I-<bridge>`` (see ``_isolation``), remembered."""
+    b, c = net.bridge, n.net_chain("I", net.bridge)
+    rules = [f"-A {c} -i {b} -o {b} -j RETURN"]
+    if _internal(net, version):
+        rules.append(f"-A {c} ! -i {b} -o {b} -j DROP")
+        return tuple(rules)
+    rules.extend(exceptions)
+    # From another of our networks (internal or not).
+    rules.append(f"-A {c} ! -i {b} -o {b} -j {n.chain_isolation2}")
+    if _drops_new_inbound(net, version):
+        # A network without masquerading is meant to be reached; a NATed one only through
+        # its published ports, a routed one only at them (the exceptions before this).
+        rules.append(
+            f"-A {c} ! -i {b} -o {b} -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+        )
+    # Docker's own bridges (default names) are other networks too: keep them out.
+    rules.extend(f"-A {c} -i {d} -o {b} -j DROP" for d in DOCKER_BRIDGES)
+    return tuple(rules)
 
 
 def _vxlan_filter(n: Names, v: VxlanFilter) -> list[str]:
@@ -498,15 +526,18 @@ def _mode_accepts(names: Names, net: NetworkRules, version: int) -> list[str]:
 
 
 def _exceptions(
-    chain: str, net: NetworkRules, version: int, forwards: list[PortForward]
-) -> list[str]:
+    chain: str, net: NetworkRules, version: int, forwards: tuple[PortForward, ...]
+) -> tuple[str, ...]:
     """RETURNs ahead of every drop of a (not internal) network's ``<P>-I-<bridge>``: a routed
     network's ICMP and published container ports, and published ports seen from trusted host
     interfaces."""
     b = net.bridge
     out: list[str] = []
-    if net.mode(version) is GatewayMode.ROUTED:
+    routed = net.mode(version) is GatewayMode.ROUTED
+    if routed:
         out.append(f"-A {chain} ! -i {b} -o {b} -p {_icmp(version)} -j RETURN")
+    elif _internal(net, version) or not (net.trusted and _drops_new_inbound(net, version)):
+        return ()  # no port of this network is an exception: do not walk them
     for f in forwards:
         match = (
             f"-d {f.container_ip}/{f.container_ip.max_prefixlen} %s -o {b} "
@@ -516,7 +547,7 @@ def _exceptions(
             out.append(f"-A {chain} " + match % f"! -i {b}")
         elif _drops_new_inbound(net, version):
             out.extend(f"-A {chain} " + match % f"-i {t}" for t in net.trusted)
-    return out
+    return tuple(out)
 
 
 def bridged_members(plan: FirewallPlan, version: int) -> frozenset[str]:

@@ -88,12 +88,12 @@ def test_routed_has_no_nat_and_opens_the_published_container_port() -> None:
     ]
     assert DROP_NEW in iso
     fwd = chain(plan, FWD)
-    # Right after the rule for traffic inside the network (which it cannot match), ahead of
-    # everything that could decide a packet entering the bridge.
-    assert fwd[:2] == [
-        f"-A {FWD} -i {B} -o {B} -j ACCEPT",
-        f"-A {FWD} -d 10.61.0.2/32 ! -i {B} -o {B} -p tcp -m tcp --dport 80 -j ACCEPT",
-    ]
+    # Last: every rule before it accepts or matches only what leaves the bridge, so the order
+    # changes no verdict, and a new port is an append (iptables-restore reads a chain only to
+    # edit it by position).
+    published = f"-A {FWD} -d 10.61.0.2/32 ! -i {B} -o {B} -p tcp -m tcp --dport 80 -j ACCEPT"
+    assert fwd[-1] == published, fwd
+    assert all(r.endswith("-j ACCEPT") or f" -i {B} " in r for r in fwd), fwd
     assert f"-A {FWD} -o {B} -p icmp -j ACCEPT" in fwd
     # IPv6 keeps its own (default) mode: NAT.
     v6 = rules(plan, 6)
@@ -273,8 +273,10 @@ def test_a_change_rewrites_only_the_chains_it_touches() -> None:
     text = restore_changes(new, 4, NAMES, present=None, previous=old)
     touched = {touched_chain(line) for line in text.splitlines()} - {None}
     assert touched == {FWD, POST, DNAT, RAW}, touched
-    # Edited in place: one rule each (two in raw: the address's rule, no new subnet).
+    # Edited in place: one rule each (two in raw: the address's rule, no new subnet), each
+    # appended: iptables-restore reads a chain's rules only to edit it by position.
     assert len([line for line in text.splitlines() if touched_chain(line)]) == 4, text
+    assert all(line.startswith("-A ") for line in text.splitlines() if touched_chain(line))
     assert restore_changes(new, 4, NAMES, present=None, previous=new) == ""
     # A network gone: its chains are deleted, the top-level chains that jumped there rewritten.
     gone = render(replace(before, networks=(NET, *others[1:])), 4, NAMES, docker_isolation=False)
