@@ -538,15 +538,14 @@ def _exceptions(
         out.append(f"-A {chain} ! -i {b} -o {b} -p {_icmp(version)} -j RETURN")
     elif _internal(net, version) or not (net.trusted and _drops_new_inbound(net, version)):
         return ()  # no port of this network is an exception: do not walk them
+    # Routed: each port from anywhere; otherwise (NAT, protected): from each trusted interface.
+    sources = (f"! -i {b}",) if routed else tuple(f"-i {t}" for t in net.trusted)
     for f in forwards:
         match = (
             f"-d {f.container_ip}/{f.container_ip.max_prefixlen} %s -o {b} "
             f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j RETURN"
         )
-        if net.mode(version) is GatewayMode.ROUTED:
-            out.append(f"-A {chain} " + match % f"! -i {b}")
-        elif _drops_new_inbound(net, version):
-            out.extend(f"-A {chain} " + match % f"-i {t}" for t in net.trusted)
+        out.extend(f"-A {chain} " + match % source for source in sources)
     return tuple(out)
 
 
@@ -666,6 +665,10 @@ def restore_changes(
     # A chain already there that changed a little is edited in place (a port among a
     # thousand is one line deleted or inserted), a new one or one changed a lot rewritten.
     edits = {} if previous is None else _edits(changed, previous)
+    # The jumps (and the fast path) the kernel must hold, checked against ``present``.
+    wanted = list(jumps(names, version)) if present is not None else []
+    if present is not None and bridged_set and (fast := fast_path(names, version, present)):
+        wanted.append((FILTER, DOCKER_USER, *fast))
     out: list[str] = []
     for table in tables(names):
         declare = [c for c in changed if table_of(names, c) == table and c not in edits]
@@ -673,9 +676,6 @@ def restore_changes(
         delete = [c for c in gone if table_of(names, c) == table]
         extra: list[str] = []
         if present is not None:
-            wanted = list(jumps(names, version))
-            if bridged_set and (fast := fast_path(names, version, present)):
-                wanted.append((FILTER, DOCKER_USER, *fast))
             for t, chain, position, match in wanted:
                 if t == table and not has_rule(present, table, chain, match):
                     extra.append(f"{position} {match}")
