@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -180,28 +180,35 @@ def underlay() -> Iterator[tuple[Netns, Netns]]:
         yield a, b
 
 
-def _settings(etcd: EtcdCluster, root: Path, vtep: str) -> Settings:
-    return Settings(
+def _settings(etcd: EtcdCluster, root: Path, vtep: str, ttl: int | None) -> Settings:
+    """``ttl`` None leaves the lease at the default a user gets without the flag."""
+    settings = Settings(
         socket=root / "pd.sock",
         state_dir=root / "state",
         prefix="pk",
         gc_interval=0,
         cluster="etcd://" + ",".join(e.removeprefix("http://") for e in etcd.endpoints),
         advertise_address=vtep,
-        cluster_lease_ttl=TTL,
     )
+    return settings if ttl is None else replace(settings, cluster_lease_ttl=ttl)
 
 
 @pytest.fixture
 async def hosts(
-    etcd: EtcdCluster, underlay: tuple[Netns, Netns], tmp_path: Path
+    etcd: EtcdCluster,
+    underlay: tuple[Netns, Netns],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[tuple[Host, Host]]:
+    """Two hosts with lease TTL ``TTL``, or what ``indirect`` parametrisation asks (None: the
+    default)."""
+    ttl = getattr(request, "param", TTL)
     etcdctl(etcd, "del", "--prefix", "/pouch/")
     pair = []
     for ns, n in zip(underlay, (21, 22), strict=True):
         root = tmp_path / str(n)
         root.mkdir()
-        pair.append(Host(ns, UNDERLAY % n, root, _settings(etcd, root, UNDERLAY % n)))
+        pair.append(Host(ns, UNDERLAY % n, root, _settings(etcd, root, UNDERLAY % n, ttl)))
     a, b = pair
     try:
         await a.start()
@@ -337,12 +344,21 @@ async def test_an_address_in_another_hosts_block_is_refused_naming_the_host(
         await b.d.addresses.request_address(b.pools[4], neighbour, False)
 
 
+@pytest.mark.parametrize("hosts", [TTL, None], ids=["ttl2", "default-ttl"], indirect=True)
 async def test_a_dead_hosts_entries_are_withdrawn_after_its_lease(
-    hosts: tuple[Host, Host], etcd: EtcdCluster
+    hosts: tuple[Host, Host], etcd: EtcdCluster, request: pytest.FixtureRequest
 ) -> None:
     """B's plugin stops without a word (its session task is cancelled, nothing deleted, as
-    with kill -9): once B's lease expires, A forgets B's containers and B as a VXLAN peer."""
+    with kill -9): once B's lease expires, A forgets B's containers and B as a VXLAN peer;
+    not before, since B renews every third of the TTL and may be alive behind a slow network.
+    Also run with the lease a user gets without ``--cluster-lease-ttl``."""
     a, b = hosts
+    asked = request.node.callspec.params["hosts"]
+    ttl = Settings().cluster_lease_ttl if asked is None else asked
+    cluster = b.d.cluster
+    assert cluster is not None and cluster.lease is not None
+    granted = json.loads(etcdctl(etcd, "lease", "timetolive", f"{cluster.lease:x}", "-w", "json"))
+    assert granted["granted-ttl"] == ttl, granted
     with ExitStack() as stack:
         for h in (a, b):
             await create_network(h)
@@ -353,11 +369,12 @@ async def test_a_dead_hosts_entries_are_withdrawn_after_its_lease(
         assert f"-s {b.vtep}/32 -d {a.vtep}/32 -p udp -m udp --dport 4789 -j RETURN" in (
             a.ns.iptables_save()
         )
-        cluster = b.d.cluster
-        assert cluster is not None and cluster._task is not None
+        assert cluster._task is not None
         cluster._task.cancel()
-        took = await eventually(lambda: mac not in a.fdb_macs(), TTL + 4)
-        print(f"\nwithdrawn {took:.1f}s after the host went silent (TTL {TTL}s)")
+        took = await eventually(lambda: mac not in a.fdb_macs(), ttl + 4)
+        print(f"\nwithdrawn {took:.1f}s after the host went silent (TTL {ttl}s)")
+        # The last renewal was at most ttl/3 before the silence; the lease lives ttl after it.
+        assert took >= ttl * 2 / 3 - 0.5, f"withdrawn {took:.1f}s into a {ttl}s lease"
         await eventually(lambda: f"-s {b.vtep}/32" not in a.ns.iptables_save(), 2)
         assert f"-d {a.vtep}/32 -p udp -m udp --dport 4789 -j DROP" in a.ns.iptables_save()
 
