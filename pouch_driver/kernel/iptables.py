@@ -110,28 +110,32 @@ class IptablesFirewall:
         previous = self._applied.pop(version, None)
         present = None if previous is not None else await self._read(version)
 
-        def render() -> dict[str, list[str]]:
-            isolation = version in self._docker_isolation
-            return rules.render(
+        def prepare(
+            present: rules.Saved | None, previous: dict[str, list[str]] | None
+        ) -> tuple[dict[str, list[str]], str]:
+            # Pure, and on a worker thread: with hundreds of networks and ports the
+            # rendering and comparing take milliseconds the event loop has better use for.
+            chains = rules.render(
                 plan,
                 version,
                 self.names,
-                docker_isolation=isolation,
+                docker_isolation=version in self._docker_isolation,
                 bridged_set=self._has_ipset,
             )
+            text = rules.restore_changes(
+                chains,
+                version,
+                self.names,
+                present=present,
+                previous=previous,
+                bridged_set=self._has_ipset,
+            )
+            return chains, text
 
         # The set first: our rules name it (and a rule of ours naming it is never removed
         # before it, nor it before the rule: it only ever speeds up a verdict).
         await self._fill_set(plan, version, refill=present is not None)
-        chains = render()
-        text = rules.restore_changes(
-            chains,
-            version,
-            self.names,
-            present=present,
-            previous=previous,
-            bridged_set=self._has_ipset,
-        )
+        chains, text = await asyncio.to_thread(prepare, present, previous)
         try:
             if text:
                 await self._exec([restore, "--noflush"], text)
@@ -142,15 +146,7 @@ class IptablesFirewall:
             # deleted): look again and rewrite everything.
             present = await self._read(version)
             await self._fill_set(plan, version, refill=True)
-            chains = render()
-            text = rules.restore_changes(
-                chains,
-                version,
-                self.names,
-                present=present,
-                previous=None,
-                bridged_set=self._has_ipset,
-            )
+            chains, text = await asyncio.to_thread(prepare, present, None)
             await self._exec([restore, "--noflush"], text)
         self._applied[version] = chains
 

@@ -305,7 +305,9 @@ def _publish(
     """The DNAT, hairpin and raw rules of one bridge's published ports; returns the ACCEPTs
     that go first in its ``<P>-F-<bridge>``."""
     accepts = []
-    raw, seen = own("R", b), set(own("R", b))
+    # (A chain left empty is dropped by ``render``.)
+    raw, dnats, hairpins = own("R", b), own("D", b), own("N", b)
+    seen = set(raw)
     trusted, is_routed = protected.get(b), b in routed
     for f in forwards:
         accept, hardening, dnat, hairpin = _forward_rules(n, f, version, trusted, is_routed)
@@ -315,9 +317,9 @@ def _publish(
                 seen.add(rule)
                 raw.append(rule)
         if dnat is not None:
-            own("D", b).append(dnat)
+            dnats.append(dnat)
         if hairpin is not None:
-            own("N", b).append(hairpin)
+            hairpins.append(hairpin)
     return accepts
 
 
@@ -714,8 +716,22 @@ def _edit(chain: str, old: list[str], new: list[str]) -> list[str] | None:
     """``-D``/``-I``/``-A`` lines taking ``chain`` from ``old`` to ``new`` by position, or None
     when rewriting the chain whole is as short. Edits run from the end of the chain, so the
     positions of those before stay valid."""
-    matcher = difflib.SequenceMatcher(a=old, b=new, autojunk=False)
-    ops = [op for op in matcher.get_opcodes() if op[0] != "equal"]
+    # What both share at either end is skipped before diffing: a change is mostly one port
+    # among a thousand rules, and difflib on the whole chain cost more than the change.
+    start, stop = 0, min(len(old), len(new))
+    while start < stop and old[start] == new[start]:
+        start += 1
+    tail = 0
+    while tail < stop - start and old[-1 - tail] == new[-1 - tail]:
+        tail += 1
+    matcher = difflib.SequenceMatcher(
+        a=old[start : len(old) - tail], b=new[start : len(new) - tail], autojunk=False
+    )
+    ops = [
+        (tag, i1 + start, i2 + start, j1 + start, j2 + start)
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes()
+        if tag != "equal"
+    ]
     if sum((i2 - i1) + (j2 - j1) for _, i1, i2, j1, j2 in ops) * 2 > len(new):
         return None
     head = f"-A {chain} "
