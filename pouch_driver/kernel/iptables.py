@@ -80,7 +80,7 @@ class IptablesFirewall:
         await self._sysctls.ensure_bridge_netfilter()
 
     async def apply(self, plan: FirewallPlan) -> None:
-        rules.check_plan(plan)
+        await asyncio.to_thread(rules.check_plan, plan)  # a walk of every port: off the loop
         async with self._lock:
             if not plan.networks and not plan.forwards:
                 if not self._absent:

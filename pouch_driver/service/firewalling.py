@@ -3,6 +3,7 @@ while the previous one ran."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from ..kernel import Firewall, FirewallPlan, VxlanFilter
@@ -23,10 +24,18 @@ class FirewallSync:
         self._enabled = enabled
         self._firewall = firewall
         self._vxlan = vxlan
-        self._coalescer = Coalescer(lambda: firewall.apply(self.plan(state)))
+        self._coalescer = Coalescer(lambda: self._apply(state))
 
     def plan(self, state: State) -> FirewallPlan:
         return firewall_plan(state.networks.values(), state.endpoints.values(), self._vxlan())
+
+    async def _apply(self, state: State) -> None:
+        # The records as they are now (a copy: the loop goes on changing the dicts), turned
+        # into a plan on a worker thread: a host with hundreds of networks and a thousand
+        # ports takes milliseconds to walk.
+        networks, endpoints = tuple(state.networks.values()), tuple(state.endpoints.values())
+        plan = await asyncio.to_thread(firewall_plan, networks, endpoints, self._vxlan())
+        await self._firewall.apply(plan)
 
     async def sync(self) -> None:
         """Make the firewall match the state; returns once an apply covering it ran."""
