@@ -277,3 +277,6 @@ class FakeFirewall:
 
     async def remove_all(self) -> None:
         self.plan = FirewallPlan()
+
+    async def close(self) -> None:
+        pass

@@ -21,6 +21,7 @@ import shutil
 from ..errors import KernelError
 from ..naming import Names
 from . import FirewallPlan, process, rules
+from .restore import RestoreSession
 from .sysctl import Sysctls
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,27 @@ class IptablesFirewall:
         self._has_ipset = _HAS_IPSET
         # Per family, the members the bridged set is known to hold.
         self._set_members: dict[int, frozenset[str]] = {}
+        self._sessions: dict[int, RestoreSession] = {}
 
     async def _exec(self, argv: list[str], stdin: str | None = None) -> str:
         return await process.run(argv, stdin, netns=self._netns)
+
+    async def _restore(self, version: int, text: str) -> None:
+        """Load ``text`` with ``iptables-restore --noflush`` of that family, one process kept
+        per family (kernel/restore.py says why)."""
+        session = self._sessions.get(version)
+        if session is None:
+            name = "iptables-restore" if version == 4 else "ip6tables-restore"
+            argv = process.in_netns(self._netns, [name, "--noflush"])
+            session = self._sessions[version] = RestoreSession(argv, name)
+        await session.run(text)
+
+    async def close(self) -> None:
+        """Ends the ``iptables-restore`` processes kept between changes."""
+        async with self._lock:
+            for session in self._sessions.values():
+                await session.close()
+            self._sessions.clear()
 
     async def _read(self, version: int) -> rules.Saved:
         """One family's iptables-save, parsed; notes whether Docker's isolation chain is in
@@ -106,7 +125,6 @@ class IptablesFirewall:
                 self._v6_used = plan.needs_ipv6()
 
     async def _apply_family(self, plan: FirewallPlan, version: int) -> None:
-        restore = "iptables-restore" if version == 4 else "ip6tables-restore"
         previous = self._applied.pop(version, None)
         present = None if previous is not None else await self._read(version)
 
@@ -138,7 +156,7 @@ class IptablesFirewall:
         chains, text = await asyncio.to_thread(prepare, present, previous)
         try:
             if text:
-                await self._exec([restore, "--noflush"], text)
+                await self._restore(version, text)
         except KernelError:
             if present is not None:
                 raise
@@ -147,7 +165,7 @@ class IptablesFirewall:
             present = await self._read(version)
             await self._fill_set(plan, version, refill=True)
             chains, text = await asyncio.to_thread(prepare, present, None)
-            await self._exec([restore, "--noflush"], text)
+            await self._restore(version, text)
         self._applied[version] = chains
 
     async def _fill_set(self, plan: FirewallPlan, version: int, *, refill: bool) -> None:
@@ -212,9 +230,8 @@ class IptablesFirewall:
     async def _remove_all(self) -> None:
         for version in self._families():
             present = await self._read(version)
-            restore = "iptables-restore" if version == 4 else "ip6tables-restore"
             self._applied.pop(version, None)
-            await self._exec([restore, "--noflush"], rules.removal_input(present, self.names))
+            await self._restore(version, rules.removal_input(present, self.names))
             self._set_members.pop(version, None)
             if self._has_ipset and await self._set_exists(version):
                 await self._exec(["ipset", "destroy", self.names.bridged_set(version)])

@@ -125,6 +125,7 @@ class Driver:
             await self.cluster.stop()
         await self.deletes.drain()
         await self.firewall_sync.idle()
+        await self.firewall.close()
         await self.store.close()
         await self.links.close()
 

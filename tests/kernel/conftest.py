@@ -116,8 +116,10 @@ def names() -> Names:
 
 
 @pytest.fixture
-def firewall(netns: Netns, names: Names) -> IptablesFirewall:
-    return IptablesFirewall(names, netns=netns.name)
+async def firewall(netns: Netns, names: Names) -> AsyncIterator[IptablesFirewall]:
+    fw = IptablesFirewall(names, netns=netns.name)
+    yield fw
+    await fw.close()
 
 
 @pytest.fixture
