@@ -113,17 +113,28 @@ def throughput(c1: str, c2: str, seconds: float) -> float:
     return int(sent) * 8 / float(elapsed) / 1e9
 
 
-async def _timed(fw: IptablesFirewall, a: FirewallPlan, b: FirewallPlan, reps: int) -> list[float]:
-    """Seconds of ``apply(a)`` then ``apply(b)``, each, ``reps`` times (after one warm-up)."""
-    out = []
+#: The pause between two applies measured "apart": engine operations come tens of
+#: milliseconds apart or more, longer than the grace period a removal leaves behind.
+GAP = 0.1
+
+
+async def _timed(
+    fw: IptablesFirewall, a: FirewallPlan, b: FirewallPlan, reps: int, gap: float = 0.0
+) -> list[float]:
+    """Seconds of ``apply(a)`` then ``apply(b)``, each, ``reps`` times (after one warm-up),
+    ``gap`` seconds before each apply."""
+    out: list[float] = []
     for i in range(reps + 1):
+        await asyncio.sleep(gap)
         t0 = time.perf_counter()
         await fw.apply(a)
         t1 = time.perf_counter()
-        await fw.apply(b)
+        await asyncio.sleep(gap)
         t2 = time.perf_counter()
+        await fw.apply(b)
+        t3 = time.perf_counter()
         if i:
-            out.extend((t1 - t0, t2 - t1))
+            out.extend((t1 - t0, t3 - t2))
     return out
 
 
@@ -147,9 +158,12 @@ def _measure_changes(networks: int, ports: int, reps: int) -> dict[str, Any]:
         first = time.perf_counter() - t0
         ports = await _timed(fw, one_more, base, reps)
         nets = await _timed(fw, with_net, base, reps)
-        # Apart too: a removal carries a cost of its own that does not grow (nf_tables frees
-        # deleted rules after an RCU grace period, and iptables-restore waits for it as it
-        # exits: ~15 ms per table changed, here and for Docker's iptables -D alike).
+        # Adds and removals apart too, and also spaced in time: after a removal of rules
+        # with xt matches, nf_tables makes the next commit wait for an RCU grace period
+        # (10-20 ms here) if it comes at once; back to back, an add carries that wait.
+        ports_apart = await _timed(fw, one_more, base, reps, GAP)
+        nets_apart = await _timed(fw, with_net, base, reps, GAP)
+        await fw.close()
         return {
             "first_apply_ms": first * 1000,
             "port_change_ms": _stats(ports),
@@ -158,6 +172,10 @@ def _measure_changes(networks: int, ports: int, reps: int) -> dict[str, Any]:
             "network_change_ms": _stats(nets),
             "network_add_ms": _stats(nets[0::2]),
             "network_remove_ms": _stats(nets[1::2]),
+            "port_add_spaced_ms": _stats(ports_apart[0::2]),
+            "port_remove_spaced_ms": _stats(ports_apart[1::2]),
+            "network_add_spaced_ms": _stats(nets_apart[0::2]),
+            "network_remove_spaced_ms": _stats(nets_apart[1::2]),
         }
 
     return asyncio.run(measure())
@@ -196,7 +214,11 @@ def run_all(
                 f"({step['port_add_ms']['median']:.1f}/{step['port_remove_ms']['median']:.1f}), "
                 f"one network {step['network_change_ms']['median']:.1f} ms "
                 f"({step['network_add_ms']['median']:.1f}/"
-                f"{step['network_remove_ms']['median']:.1f}) (whole plan at first "
+                f"{step['network_remove_ms']['median']:.1f}); {GAP * 1000:.0f} ms apart, port "
+                f"{step['port_add_spaced_ms']['median']:.1f}/"
+                f"{step['port_remove_spaced_ms']['median']:.1f}, network "
+                f"{step['network_add_spaced_ms']['median']:.1f}/"
+                f"{step['network_remove_spaced_ms']['median']:.1f} (whole plan at first "
                 f"{step['first_apply_ms']:.0f} ms); throughput "
                 f"{step['throughput_gbit']['median']:.2f} Gbit/s "
                 f"({step['throughput_gbit']['min']:.2f}-{step['throughput_gbit']['max']:.2f})"
@@ -211,6 +233,10 @@ def run_all(
             "network_change_ms",
             "network_add_ms",
             "network_remove_ms",
+            "port_add_spaced_ms",
+            "port_remove_spaced_ms",
+            "network_add_spaced_ms",
+            "network_remove_spaced_ms",
             "throughput_gbit",
         )
     }
@@ -218,7 +244,10 @@ def run_all(
         "[firewall] growth (largest/smallest host): one port "
         f"{growth['port_change_ms']:.2f} (add {growth['port_add_ms']:.2f}, remove "
         f"{growth['port_remove_ms']:.2f}), one network {growth['network_change_ms']:.2f} "
-        f"(add {growth['network_add_ms']:.2f}, remove {growth['network_remove_ms']:.2f}), "
+        f"(add {growth['network_add_ms']:.2f}, remove {growth['network_remove_ms']:.2f}); "
+        f"{GAP * 1000:.0f} ms apart: port add {growth['port_add_spaced_ms']:.2f}, remove "
+        f"{growth['port_remove_spaced_ms']:.2f}, network add "
+        f"{growth['network_add_spaced_ms']:.2f}, remove {growth['network_remove_spaced_ms']:.2f}; "
         f"throughput {growth['throughput_gbit']:.2f}"
     )
     return {"sizes": sizes, "reps": reps, "steps": steps, "growth": growth}
