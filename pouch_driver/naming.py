@@ -106,6 +106,13 @@ class Names:
         a change to that network rewrites this chain, not every network's."""
         return f"{self.prefix.upper()}-{part}-{bridge}"
 
+    def port_chain(self, part: str, bridge: str, bucket: int) -> str:
+        """One of the chains (``PORT_BUCKETS`` per part) sharing a network's published-port
+        rules of one part, jumped to from ``net_chain``: removing a port is an edit by
+        position, and ``iptables-restore`` (nf_tables) reads the rules of the chain it edits,
+        so a port's cost follows the size of its bucket, not the number of ports."""
+        return f"{self.net_chain(part, bridge)}-{bucket:x}"
+
     def bridged_set(self, version: int) -> str:
         """The ipset of our bridges whose containers talk to each other (icc), per family."""
         return f"{self.prefix.upper()}-ICC{version}"
@@ -129,6 +136,9 @@ class Names:
             self.chain_raw,
         )
 
+
+#: How many chains a network's published-port rules of one part are spread over.
+PORT_BUCKETS = 16
 
 #: Per-network chains, by the letter after the prefix: the table each lives in.
 NET_CHAINS = {"I": "mangle", "F": "filter", "N": "nat", "D": "nat", "R": "raw"}

@@ -51,11 +51,12 @@ from __future__ import annotations
 import difflib
 import functools
 import ipaddress
+import zlib
 from collections.abc import Callable
 
 from ..errors import KernelError
-from ..model import GatewayMode, IPNetwork
-from ..naming import NET_CHAINS, Names
+from ..model import GatewayMode, IPAddress, IPNetwork
+from ..naming import NET_CHAINS, PORT_BUCKETS, Names
 from . import FirewallPlan, NetworkRules, PortForward, VxlanFilter
 
 MANGLE, FILTER, NAT, RAW = "mangle", "filter", "nat", "raw"
@@ -214,12 +215,7 @@ def render(
     for net in plan.networks:
         _network(n, net, version, own, docker_isolation=docker_isolation, published=published)
     for b, fs in forwards.items():
-        # Last in the network's chain: every rule before them ACCEPTs or concerns traffic
-        # leaving the bridge, and they match only new traffic entering it (! -i b -o b), so
-        # the order changes no verdict. There, the bulk (inside the bridge, replies into it)
-        # is decided before them, and a new port is appended: iptables-restore reads a chain
-        # only to edit it by position, which cost a port in proportion to the others.
-        own("F", b).extend(_publish(n, b, fs, version, own, protected=protected, routed=routed))
+        _publish(n, b, fs, version, chains, protected=protected, routed=routed)
     # The top-level chains: jumps into each network's chains, in the plan's order. A packet
     # is matched against a network's FORWARD rules only if it enters or leaves its bridge
     # (every rule there names the bridge); NAT and raw rules match on addresses.
@@ -231,7 +227,9 @@ def render(
             (
                 "R",
                 raw,
-                _raw_dispatch(b, tuple(chains.get(n.net_chain("R", b), ())), subnets.get(b, ())),
+                _raw_dispatch(b, _bucketed(n, "R", b, chains), subnets.get(b, ()))
+                if b in forwards
+                else (),
             ),
         ):
             name = n.net_chain(part, b)
@@ -297,40 +295,73 @@ def _publish(
     b: str,
     forwards: list[PortForward],
     version: int,
-    own: Callable[[str, str], list[str]],
+    chains: dict[str, list[str]],
     *,
     protected: dict[str, tuple[str, ...]],
     routed: set[str],
-) -> list[str]:
-    """The DNAT, hairpin and raw rules of one bridge's published ports; returns the ACCEPTs
-    that go first in its ``<P>-F-<bridge>``."""
-    accepts = []
-    # (A chain left empty is dropped by ``render``.)
-    raw, dnats, hairpins = own("R", b), own("D", b), own("N", b)
-    seen = set(raw)
+) -> None:
+    """The ACCEPT, DNAT, hairpin and raw rules of one bridge's published ports.
+
+    They go to ``Names.port_chain`` buckets (``port_bucket``; in raw ``address_bucket``, the
+    rules of one address kept together and in order), jumped to from the end of the
+    network's chains: a removal is an edit by position, and iptables-restore reads the rules
+    of the chain it edits, so a port among a thousand costs what one among sixty does. Raw
+    rules all name a container's (or a loopback) address, which the jumps into
+    ``<P>-R-<bridge>`` are dispatched on (``_raw_dispatch``). At the end of
+    ``<P>-F-<bridge>``: every rule before ACCEPTs or concerns traffic leaving the bridge, and
+    the ACCEPTs match only new traffic entering it (! -i b -o b), so the order changes no
+    verdict; the bulk (inside the bridge, replies into it) is decided before them. DNATs
+    never overlap (a host port is published once) and a hairpin matches only its own
+    container's address, so neither's order matters.
+    """
+    seen: set[str] = set()
     trusted, is_routed = protected.get(b), b in routed
     for f in forwards:
-        accept, hardening, dnat, hairpin = _forward_rules(n, f, version, trusted, is_routed)
-        accepts.append(accept)
-        for rule in hardening:
-            if rule not in seen:  # two ports of one container share their address's rule
-                seen.add(rule)
-                raw.append(rule)
-        if dnat is not None:
-            dnats.append(dnat)
-        if hairpin is not None:
-            hairpins.append(hairpin)
-    return accepts
+        placed, raw_chain, hardening = _forward_rules(n, f, version, trusted, is_routed)
+        for chain, rule in placed:
+            chains.setdefault(chain, []).append(rule)
+        if hardening:
+            raw = chains.setdefault(raw_chain, [])
+            for rule in hardening:
+                if rule not in seen:  # two ports of one container share their address's rule
+                    seen.add(rule)
+                    raw.append(rule)
+    for part, match in (("F", f"! -i {b} -o {b} "), ("D", ""), ("N", ""), ("R", "")):
+        top = n.net_chain(part, b)
+        for bucket in range(PORT_BUCKETS):
+            if (name := n.port_chain(part, b, bucket)) in chains:
+                chains.setdefault(top, []).append(f"-A {top} {match}-j {name}")
+
+
+def _bucketed(n: Names, part: str, b: str, chains: dict[str, list[str]]) -> tuple[str, ...]:
+    """Every rule of a network's ``part`` buckets, in order."""
+    return tuple(
+        rule for k in range(PORT_BUCKETS) for rule in chains.get(n.port_chain(part, b, k), ())
+    )
+
+
+def port_bucket(f: PortForward) -> int:
+    """The ``Names.port_chain`` bucket of a published port: the same on every apply."""
+    key = f"{f.proto}/{f.host_ip}/{f.host_port}/{f.container_ip}/{f.container_port}"
+    return zlib.crc32(key.encode()) % PORT_BUCKETS
+
+
+def address_bucket(address: IPAddress) -> int:
+    """The raw ``Names.port_chain`` bucket of a container address's rules."""
+    return zlib.crc32(address.packed) % PORT_BUCKETS
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def _forward_rules(
     n: Names, f: PortForward, version: int, trusted: tuple[str, ...] | None, routed: bool
-) -> tuple[str, tuple[str, ...], str | None, str | None]:
-    """(ACCEPT, raw hardening, DNAT, hairpin) of one published port, remembered: a host with
-    a thousand ports renders only the one that changed. ``trusted``: the network's trusted
-    interfaces where its containers are protected (gateway mode nat), else None."""
+) -> tuple[tuple[tuple[str, str], ...], str, tuple[str, ...]]:
+    """((chain, rule) of its ACCEPT, DNAT and hairpin; its raw chain; its raw hardening) of
+    one published port, remembered: a host with a thousand ports renders only the one that
+    changed. ``trusted``: the network's trusted interfaces where its containers are protected
+    (gateway mode nat), else None."""
     b = f.bridge
+    fc, dc, nc = (n.port_chain(part, b, port_bucket(f)) for part in "FDN")
+    rc = n.port_chain("R", b, address_bucket(f.container_ip))
     # Host addresses are written as iptables-save prints them (/32, /128), so that
     # ``differences`` compares like with like.
     cip = f"{f.container_ip}/{f.container_ip.max_prefixlen}"
@@ -347,24 +378,25 @@ def _forward_rules(
     # This accepts traffic entering the bridge, which no other rule of ours does for NEW
     # connections, so it goes first.
     accept = (
-        f"-A {n.net_chain('F', b)} -d {cip} ! -i {b} -o {b} "
+        f"-A {fc} -d {cip} ! -i {b} -o {b} "
         f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j ACCEPT"
     )
-    hardening = tuple(_harden(n, f, cip, trusted=trusted, routed=routed))
+    hardening = tuple(_harden(rc, f, cip, trusted=trusted, routed=routed))
     if routed:
-        return accept, hardening, None, None  # the container port itself: no DNAT, no hairpin
+        # The container port itself: no DNAT, no hairpin.
+        return ((fc, accept),), rc, hardening
     # No "! -i <bridge>": containers of the same network reach the published port through the
     # host's address too (Docker leaves that to docker-proxy, which the engine does not run
     # for remote drivers).
     dnat = (
-        f"-A {n.net_chain('D', b)} {dst}-p {f.proto} -m {f.proto} "
+        f"-A {dc} {dst}-p {f.proto} -m {f.proto} "
         f"--dport {f.host_port} -j DNAT --to-destination {target}"
     )
     hairpin = (
-        f"-A {n.net_chain('N', b)} -s {cip} -d {cip} "
+        f"-A {nc} -s {cip} -d {cip} "
         f"-p {f.proto} -m {f.proto} --dport {f.container_port} -j MASQUERADE"
     )
-    return accept, hardening, dnat, hairpin
+    return ((fc, accept), (dc, dnat), (nc, hairpin)), rc, hardening
 
 
 @functools.lru_cache(maxsize=1 << 12)
@@ -496,13 +528,13 @@ def _vxlan_filter(n: Names, v: VxlanFilter) -> list[str]:
 
 
 def _harden(
-    n: Names, f: PortForward, cip: str, *, trusted: tuple[str, ...] | None, routed: bool
+    c: str, f: PortForward, cip: str, *, trusted: tuple[str, ...] | None, routed: bool
 ) -> list[str]:
-    """Engine 28's published-port hardening, in ``<P>-R-<bridge>``: a publishing container is
-    not reached by routing to its address from outside its bridge (trusted host interfaces
-    may), and a port published on 127.0.0.1 only from the host itself."""
+    """Engine 28's published-port hardening, in ``c`` (its address's raw bucket): a
+    publishing container is not reached by routing to its address from outside its bridge
+    (trusted host interfaces may), and a port published on 127.0.0.1 only from the host
+    itself."""
     rules: list[str] = []
-    c = n.net_chain("R", f.bridge)
     if trusted is not None:
         rules.extend(f"-A {c} -d {cip} -i {t} -j RETURN" for t in trusted)
         rules.append(f"-A {c} -d {cip} ! -i {f.bridge} -j DROP")

@@ -89,7 +89,10 @@ async def test_rules_say_what_the_policy_says(firewall: IptablesFirewall, netns:
     assert f"-A PK-ISOLATION-2 -i {b} -j DROP" in got
     assert f"-A PK-N-{a} -s 10.61.0.0/24 ! -o pkbaaaaaaaaaaaa -j MASQUERADE" in got
     assert not any("10.62.0.0/24" in r and "MASQUERADE" in r for r in got)
-    assert (f"-A PK-D-{a} -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.61.0.2:80") in got
+    # A published port's rules in bucket chains, jumped to from the network's chains.
+    d = Names("pk").port_chain("D", a, renderer.port_bucket(PLAN.forwards[0]))
+    assert f"-A PK-D-{a} -j {d}" in got
+    assert (f"-A {d} -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.61.0.2:80") in got
     v6 = rules(netns.iptables_save(v6=True))
     assert f"-A PK-N-{a} -s fd70:61::/64 ! -o pkbaaaaaaaaaaaa -j MASQUERADE" in v6
     assert netns.sh("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
@@ -122,14 +125,19 @@ async def test_ipv6_published_ports_go_to_ip6tables(
     )
     await firewall.apply(plan)
     got6 = rules(netns.iptables_save(v6=True))
-    d = f"PK-D-{NET_A.bridge}"
-    assert f"-A {d} -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd70:61::2]:80" in got6
+    tcp, udp = (
+        (lambda part, f=f: Names("pk").port_chain(part, NET_A.bridge, renderer.port_bucket(f)))
+        for f in plan.forwards
+    )
     assert (
-        f"-A {d} -d 2001:db8::5/128 -p udp -m udp --dport 5353 -j DNAT "
+        f"-A {tcp('D')} -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd70:61::2]:80"
+    ) in got6
+    assert (
+        f"-A {udp('D')} -d 2001:db8::5/128 -p udp -m udp --dport 5353 -j DNAT "
         "--to-destination [fd70:61::2]:53"
     ) in got6
     assert (
-        f"-A PK-F-{NET_A.bridge} -d fd70:61::2/128 ! -i {NET_A.bridge} -o {NET_A.bridge} "
+        f"-A {tcp('F')} -d fd70:61::2/128 ! -i {NET_A.bridge} -o {NET_A.bridge} "
         "-p tcp -m tcp --dport 80 -j ACCEPT"
     ) in got6
     # The host's own ::1 is never DNAT'd (the kernel would drop a loopback source anyway).

@@ -21,7 +21,9 @@ import pytest
 
 from pouch_driver.kernel import FirewallPlan, NetworkRules, PortForward
 from pouch_driver.kernel.iptables import IptablesFirewall
+from pouch_driver.kernel.rules import port_bucket
 from pouch_driver.model import GatewayMode
+from pouch_driver.naming import Names
 
 from .conftest import Netns, new_netns
 from .test_firewall import rules
@@ -171,7 +173,8 @@ async def test_routed_reaches_published_ports_and_icmp_at_the_container_address(
     got = rules(lab.host.iptables_save())
     assert not any("-j MASQUERADE" in r or "-j DNAT" in r for r in got), got
     assert (
-        f"-A PK-F-{BRIDGE} -d {CONTAINER}/32 ! -i {BRIDGE} -o {BRIDGE} -p tcp -m tcp --dport 80 "
+        f"-A {Names('pk').port_chain('F', BRIDGE, port_bucket(WEB))} -d {CONTAINER}/32 "
+        f"! -i {BRIDGE} -o {BRIDGE} -p tcp -m tcp --dport 80 "
         "-j ACCEPT"
     ) in got
     assert await asyncio.to_thread(_reach, lab, lab.outside, CONTAINER, 80) == OUTSIDE

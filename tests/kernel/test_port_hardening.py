@@ -10,7 +10,9 @@ from dataclasses import replace
 
 from pouch_driver.kernel import FirewallPlan, PortForward
 from pouch_driver.kernel.iptables import IptablesFirewall
+from pouch_driver.kernel.rules import address_bucket
 from pouch_driver.model import GatewayMode
+from pouch_driver.naming import Names
 
 from .conftest import Netns
 from .packets import Lab, reaches
@@ -21,8 +23,17 @@ A = NET_A.bridge
 LOOPBACK_FWD = replace(FWD, host_ip=ip("127.0.0.1"), host_port=8081)
 PLAN = FirewallPlan(networks=(NET_A,), forwards=(FWD, LOOPBACK_FWD))
 RAW_A = f"PK-R-{A}"  # the network's own raw chain, jumped to from PK-RAW
-DIRECT_DROP = f"-A {RAW_A} -d 10.61.0.2/32 ! -i {A} -j DROP"
-LOOPBACK_DROP = f"-A {RAW_A} -d 127.0.0.1/32 ! -i lo -p tcp -m tcp --dport 8081 -j DROP"
+
+
+def raw_bucket(address: str) -> str:
+    """The chain under ``RAW_A`` holding an address's rules."""
+    return Names("pk").port_chain("R", A, address_bucket(ip(address)))
+
+
+# Both of the container's ports: their rules sit in its address's bucket.
+RAW_C = raw_bucket("10.61.0.2")
+DIRECT_DROP = f"-A {RAW_C} -d 10.61.0.2/32 ! -i {A} -j DROP"
+LOOPBACK_DROP = f"-A {RAW_C} -d 127.0.0.1/32 ! -i lo -p tcp -m tcp --dport 8081 -j DROP"
 
 
 def packets(netns: Netns, rule: str) -> int:
@@ -105,21 +116,23 @@ async def test_raw_rules_are_part_of_the_plan(firewall: IptablesFirewall, netns:
         [
             jump,
             *dispatch,
+            f"-A {RAW_A} -j {RAW_C}",
             DIRECT_DROP,  # once, though the container publishes two ports
             LOOPBACK_DROP,
         ]
     )
-    assert [r for r in raw if r.startswith(f"-A {RAW_A} ")] == [DIRECT_DROP, LOOPBACK_DROP]
+    assert [r for r in raw if r.startswith(f"-A {RAW_C} ")] == [DIRECT_DROP, LOOPBACK_DROP]
     assert [r for r in raw if r.startswith("-A PK-RAW ")] == dispatch
     assert sorted(rules(netns.iptables_save(v6=True), "raw")) == sorted(
         [
             jump,
             f"-A PK-RAW -d fd70:61::/64 ! -i {A} -j {RAW_A}",
-            f"-A {RAW_A} -d fd70:61::2/128 ! -i {A} -j DROP",
+            f"-A {RAW_A} -j {raw_bucket('fd70:61::2')}",
+            f"-A {raw_bucket('fd70:61::2')} -d fd70:61::2/128 ! -i {A} -j DROP",
         ]
     )
     assert await firewall.differences(plan) == []
-    netns.sh("iptables", "-t", "raw", "-F", RAW_A)
+    netns.sh("iptables", "-t", "raw", "-F", RAW_C)
     diffs = await firewall.differences(plan)
     assert f"IPv4 missing rule: {DIRECT_DROP}" in diffs, diffs
     await firewall.apply(plan)
@@ -127,7 +140,7 @@ async def test_raw_rules_are_part_of_the_plan(firewall: IptablesFirewall, netns:
     # A trusted host interface reaches the container address: its RETURN comes first.
     trusting = replace(plan, networks=(replace(NET_A, trusted=("pktrust0",)),))
     await firewall.apply(trusting)
-    own = [r for r in rules(netns.iptables_save(), "raw") if r.startswith(f"-A {RAW_A} ")]
+    own = [r for r in rules(netns.iptables_save(), "raw") if r.startswith(f"-A {RAW_C} ")]
     assert own[:2] == [
         DIRECT_DROP.replace(f"! -i {A} -j DROP", "-i pktrust0 -j RETURN"),
         DIRECT_DROP,

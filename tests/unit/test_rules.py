@@ -16,14 +16,16 @@ from pouch_driver.errors import KernelError
 from pouch_driver.kernel import FirewallPlan, NetworkRules, PortForward
 from pouch_driver.kernel.rules import (
     _edit,
+    address_bucket,
     check_plan,
     differences,
+    port_bucket,
     render,
     restore_changes,
     table_of,
 )
 from pouch_driver.model import GatewayMode
-from pouch_driver.naming import Names
+from pouch_driver.naming import PORT_BUCKETS, Names
 
 NAMES = Names("pk")
 B = "pkbaaaaaaaaaaaa"
@@ -38,6 +40,15 @@ NET = NetworkRules(
 ISO, FWD, POST, DNAT, RAW = (NAMES.net_chain(part, B) for part in "IFNDR")
 WEB4 = PortForward(B, "tcp", None, 8080, ipaddress.ip_address("10.61.0.2"), 80)
 WEB6 = PortForward(B, "tcp", None, 8080, ipaddress.ip_address("fd70:61::2"), 80)
+
+
+def port_chain(part: str, f: PortForward) -> str:
+    """The bucket chain holding a published port's rules of one part (F, D or N)."""
+    return NAMES.port_chain(part, f.bridge, port_bucket(f))
+
+
+# WEB4's accept, DNAT and hairpin, each in its bucket chain.
+F4, D4, N4 = (port_chain(part, WEB4) for part in "FDN")
 DROP_NEW = f"-A {ISO} ! -i {B} -o {B} -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
 
 
@@ -63,7 +74,8 @@ def test_nat_is_todays_rule_set() -> None:
     )
     got = rules(FirewallPlan((old,), (WEB4,)))
     assert f"-A {POST} -s 10.61.0.0/24 ! -o pkbaaaaaaaaaaaa -j MASQUERADE" in got
-    assert f"-A {DNAT} -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.61.0.2:80" in got
+    assert f"-A {D4} -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.61.0.2:80" in got
+    assert f"-A {DNAT} -j {D4}" in got
     assert DROP_NEW in got
     assert not any("RETURN" in r and "--dport" in r for r in got)
 
@@ -90,15 +102,17 @@ def test_routed_has_no_nat_and_opens_the_published_container_port() -> None:
     fwd = chain(plan, FWD)
     # Last: every rule before it accepts or matches only what leaves the bridge, so the order
     # changes no verdict, and a new port is an append (iptables-restore reads a chain only to
-    # edit it by position).
-    published = f"-A {FWD} -d 10.61.0.2/32 ! -i {B} -o {B} -p tcp -m tcp --dport 80 -j ACCEPT"
-    assert fwd[-1] == published, fwd
+    # edit it by position), in a bucket chain of its own.
+    assert fwd[-1] == f"-A {FWD} ! -i {B} -o {B} -j {F4}", fwd
+    published = f"-A {F4} -d 10.61.0.2/32 ! -i {B} -o {B} -p tcp -m tcp --dport 80 -j ACCEPT"
+    assert chain(plan, F4) == [published]
     assert all(r.endswith("-j ACCEPT") or f" -i {B} " in r for r in fwd), fwd
     assert f"-A {FWD} -o {B} -p icmp -j ACCEPT" in fwd
     # IPv6 keeps its own (default) mode: NAT.
     v6 = rules(plan, 6)
     assert f"-A {POST} -s fd70:61::/64 ! -o {B} -j MASQUERADE" in v6
-    assert f"-A {DNAT} -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd70:61::2]:80" in v6
+    d6 = port_chain("D", WEB6)
+    assert f"-A {d6} -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd70:61::2]:80" in v6
     assert not any("RETURN" in r and "--dport" in r for r in v6)
 
 
@@ -119,7 +133,7 @@ def test_nat_unprotected_lets_any_port_in_and_still_masquerades() -> None:
     assert DROP_NEW not in got
     assert f"-A {FWD} ! -i {B} -o {B} -j ACCEPT" in got
     assert f"-A {POST} -s 10.61.0.0/24 ! -o {B} -j MASQUERADE" in got
-    assert f"-A {DNAT} -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.61.0.2:80" in got
+    assert f"-A {D4} -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.61.0.2:80" in got
     # Other networks stay out: the isolation jump is still there.
     assert f"-A {ISO} ! -i {B} -o {B} -j PK-ISOLATION-2" in got
 
@@ -143,9 +157,7 @@ def test_host_ip_is_the_snat_source() -> None:
     assert f"-A {POST} -s 10.61.0.0/24 ! -o {B} -j MASQUERADE" not in v4
     assert f"-A {POST} -s fd70:61::/64 ! -o {B} -j SNAT --to-source 2001:db8::7" in v6
     # The hairpin of published ports still masquerades (its source must be the bridge's).
-    assert (
-        f"-A {POST} -s 10.61.0.2/32 -d 10.61.0.2/32 -p tcp -m tcp --dport 80 -j MASQUERADE"
-    ) in v4
+    assert (f"-A {N4} -s 10.61.0.2/32 -d 10.61.0.2/32 -p tcp -m tcp --dport 80 -j MASQUERADE") in v4
     # No NAT at all in routed mode, so no SNAT either; nor with masquerading off.
     routed = replace(net, mode_v4=GatewayMode.ROUTED)
     assert not any("SNAT" in r for r in rules(FirewallPlan((routed,))))
@@ -266,18 +278,52 @@ def test_a_change_rewrites_only_the_chains_it_touches() -> None:
         for i in range(50)
     )
     before = FirewallPlan((NET, *others), (WEB4,))
-    web2 = replace(WEB4, host_port=8081, container_ip=ipaddress.ip_address("10.61.0.3"))
-    after = replace(before, forwards=(WEB4, web2))
     old = render(before, 4, NAMES, docker_isolation=False)
-    new = render(after, 4, NAMES, docker_isolation=False)
+
+    def port(bucket_as_web4: bool) -> PortForward:
+        """Another port of WEB4's container (its address's raw rules are there already)."""
+        return next(
+            f
+            for p in range(8081, 9000)
+            if (port_bucket(f := replace(WEB4, host_port=p)) == port_bucket(WEB4)) is bucket_as_web4
+        )
+
+    # A port in WEB4's bucket: its rule appended there in each part: iptables-restore reads a
+    # chain's rules only to edit it by position.
+    web2 = port(True)
+    new = render(replace(before, forwards=(WEB4, web2)), 4, NAMES, docker_isolation=False)
     text = restore_changes(new, 4, NAMES, present=None, previous=old)
     touched = {touched_chain(line) for line in text.splitlines()} - {None}
-    assert touched == {FWD, POST, DNAT, RAW}, touched
-    # Edited in place: one rule each (two in raw: the address's rule, no new subnet), each
-    # appended: iptables-restore reads a chain's rules only to edit it by position.
-    assert len([line for line in text.splitlines() if touched_chain(line)]) == 4, text
+    assert touched == {F4, N4, D4}, touched
+    assert len([line for line in text.splitlines() if touched_chain(line)]) == 3, text
     assert all(line.startswith("-A ") for line in text.splitlines() if touched_chain(line))
     assert restore_changes(new, 4, NAMES, present=None, previous=new) == ""
+    # In a bucket of its own: that bucket's chains are made, one jump appended to each
+    # network chain that holds the buckets.
+    web3 = port(False)
+    new = render(replace(before, forwards=(WEB4, web3)), 4, NAMES, docker_isolation=False)
+    text = restore_changes(new, 4, NAMES, present=None, previous=old)
+    made = {port_chain(part, web3) for part in "FDN"}
+    touched = {touched_chain(line) for line in text.splitlines()} - {None}
+    assert touched == {FWD, POST, DNAT, *made}, touched
+    edits = [line for line in text.splitlines() if touched_chain(line) in {FWD, POST, DNAT}]
+    # (Buckets are jumped to in their order: a new one may be inserted before another.)
+    assert len(edits) == 3, text
+    for parent, part in ((FWD, "F"), (POST, "N"), (DNAT, "D")):
+        (line,) = (e for e in edits if e.split()[1] == parent)
+        assert line[:3] in ("-A ", "-I "), line
+        assert line.endswith(f"-j {port_chain(part, web3)}"), line
+    # A new container's port: its address's raw rule goes to that address's bucket only.
+    web4 = replace(web2, container_ip=ipaddress.ip_address("10.61.0.3"))
+    new = render(replace(before, forwards=(WEB4, web4)), 4, NAMES, docker_isolation=False)
+    text = restore_changes(new, 4, NAMES, present=None, previous=old)
+    raw_bucket = NAMES.port_chain("R", B, address_bucket(web4.container_ip))
+    touched = {touched_chain(line) for line in text.splitlines()} - {None}
+    assert touched & {RAW, *(NAMES.port_chain("R", B, k) for k in range(PORT_BUCKETS))} <= {
+        RAW,
+        raw_bucket,
+    }
+    assert f"-A {raw_bucket} -d 10.61.0.3/32 ! -i {B} -j DROP" in text, text
     # A network gone: its chains are deleted, the top-level chains that jumped there rewritten.
     gone = render(replace(before, networks=(NET, *others[1:])), 4, NAMES, docker_isolation=False)
     text = restore_changes(gone, 4, NAMES, present=None, previous=old)
