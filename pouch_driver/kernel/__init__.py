@@ -9,7 +9,7 @@ there, or removing what is gone, succeeds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..model import GatewayMode, IPAddress, IPInterface, IPNetwork
@@ -161,6 +161,16 @@ class PortForward:
     host_port: int
     container_ip: IPAddress
     container_port: int
+    # Rendering looks forwards up by value on every apply (``rules``); an address hashes
+    # through its hex text, so the hash is computed once.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        key = (self.bridge, self.proto, self.host_ip, self.host_port, self.container_ip)
+        object.__setattr__(self, "_hash", hash((*key, self.container_port)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True)

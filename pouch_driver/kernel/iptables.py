@@ -55,6 +55,8 @@ class IptablesFirewall:
         # Per family, the members the bridged set is known to hold.
         self._set_members: dict[int, frozenset[str]] = {}
         self._sessions: dict[int, RestoreSession] = {}
+        # Bridges whose route_localnet this process has set (``_write_sysctls``).
+        self._localnet: set[str] = set()
 
     async def _exec(self, argv: list[str], stdin: str | None = None) -> str:
         return await process.run(argv, stdin, netns=self._netns)
@@ -106,14 +108,7 @@ class IptablesFirewall:
                     await self._remove_all()
                 return
             self._absent = False
-            if any(not net.internal for net in plan.networks):
-                await self._sysctls.write("net/ipv4/ip_forward", "1")
-            # Published ports reach 127.0.0.1 too: the DNAT'd packet leaves through the bridge
-            # with a loopback source, which the kernel drops unless route_localnet is on.
-            for bridge in sorted({f.bridge for f in plan.forwards}):
-                await self._sysctls.write(
-                    f"net/ipv4/conf/{bridge}/route_localnet", "1", missing_ok=True
-                )
+            await self._write_sysctls(plan)
             await self._apply_family(plan, 4)
             if self._has_ip6tables and (plan.needs_ipv6() or self._v6_used):
                 if any(
@@ -123,6 +118,35 @@ class IptablesFirewall:
                     await self._sysctls.write("net/ipv6/conf/all/forwarding", "1")
                 await self._apply_family(plan, 6)
                 self._v6_used = plan.needs_ipv6()
+
+    async def _write_sysctls(self, plan: FirewallPlan) -> None:
+        keys: list[tuple[str, str]] = []
+        if any(not net.internal for net in plan.networks):
+            keys.append(("net/ipv4/ip_forward", "1"))
+        # Published ports reach 127.0.0.1 too: the DNAT'd packet leaves through the bridge
+        # with a loopback source, which the kernel drops unless route_localnet is on. Only
+        # bridges not yet known to have it are written (a key per bridge on every change
+        # grew with the host); the sweep's ``differences`` looks at all of them again.
+        wanted = {f.bridge for f in plan.forwards}
+        self._localnet &= wanted
+        new = sorted(wanted - self._localnet)
+        optional = [_localnet_key(bridge) for bridge in new]
+        present = await self._sysctls.write_many(
+            keys + [(key, "1") for key in optional], missing_ok=optional
+        )
+        # A bridge not there yet (a restart rebuilding the kernel) is tried again next time.
+        self._localnet |= {b for b in new if _localnet_key(b) in present}
+
+    async def _localnet_differences(self, plan: FirewallPlan) -> list[str]:
+        bridges = sorted({f.bridge for f in plan.forwards})
+        values = await self._sysctls.read_many([_localnet_key(b) for b in bridges])
+        out = []
+        for bridge in bridges:
+            value = values[_localnet_key(bridge)]
+            if value is not None and value != "1":
+                self._localnet.discard(bridge)  # the next apply writes it again
+                out.append(f"bridge {bridge}: route_localnet is {value}, not 1")
+        return out
 
     async def _apply_family(self, plan: FirewallPlan, version: int) -> None:
         previous = self._applied.pop(version, None)
@@ -220,7 +244,7 @@ class IptablesFirewall:
             if found:  # the next apply checks the jumps and rewrites every chain
                 self._applied.pop(version, None)
             out.extend(found)
-        return out
+        return out + await self._localnet_differences(plan)
 
     async def remove_all(self) -> None:
         """Remove every jump and chain of ours (what an empty plan does)."""
@@ -259,3 +283,7 @@ class IptablesFirewall:
         if out:
             self._absent = False
         return out
+
+
+def _localnet_key(bridge: str) -> str:
+    return f"net/ipv4/conf/{bridge}/route_localnet"

@@ -196,13 +196,7 @@ def render(
         if net.masquerade and net.mode(version) is GatewayMode.NAT and not _internal(net, version)
     }
     routed = {net.bridge for net in plan.networks if net.mode(version) is GatewayMode.ROUTED}
-    forwards: dict[str, list[PortForward]] = {}
-    for f in plan.forwards:
-        if f.container_ip.version != version:
-            continue
-        if f.host_ip is not None and f.host_ip.version != version:
-            continue
-        forwards.setdefault(f.bridge, []).append(f)
+    forwards = _by_bridge(plan, version)
     bridges = [net.bridge for net in plan.networks]
     bridges += [b for b in forwards if b not in bridges]
 
@@ -214,8 +208,22 @@ def render(
     published = {f.bridge for f in plan.forwards}
     for net in plan.networks:
         _network(n, net, version, own, docker_isolation=docker_isolation, published=published)
+    dispatch: dict[str, tuple[str, ...]] = {}
     for b, fs in forwards.items():
-        _publish(n, b, fs, version, chains, protected=protected, routed=routed)
+        placed, tails, dispatch[b] = _publish(
+            n,
+            b,
+            tuple(fs),
+            version,
+            trusted=protected.get(b),
+            routed=b in routed,
+            subnets=subnets.get(b, ()),
+        )
+        for chain, rules in placed:
+            chains[chain] = list(rules)
+        for part, jumps_to in tails.items():
+            if jumps_to:
+                own(part, b).extend(jumps_to)
     # The top-level chains: jumps into each network's chains, in the plan's order. A packet
     # is matched against a network's FORWARD rules only if it enters or leaves its bridge
     # (every rule there names the bridge); NAT and raw rules match on addresses.
@@ -224,13 +232,7 @@ def render(
             ("F", fwd, (f"-o {b} ", f"-i {b} ")),
             ("N", post, ("",)),
             ("D", dnat, ("",)),
-            (
-                "R",
-                raw,
-                _raw_dispatch(b, _bucketed(n, "R", b, chains), subnets.get(b, ()))
-                if b in forwards
-                else (),
-            ),
+            ("R", raw, dispatch.get(b, ())),
         ):
             name = n.net_chain(part, b)
             if chains.get(name):
@@ -240,6 +242,18 @@ def render(
     if plan.vxlan is not None and plan.vxlan.local.version == version:
         raw.extend(_vxlan_filter(n, plan.vxlan))
     return chains
+
+
+def _by_bridge(plan: FirewallPlan, version: int) -> dict[str, list[PortForward]]:
+    """The plan's forwards of one family, by bridge, in the plan's order."""
+    forwards: dict[str, list[PortForward]] = {}
+    for f in plan.forwards:
+        if f.container_ip.version != version:
+            continue
+        if f.host_ip is not None and f.host_ip.version != version:
+            continue
+        forwards.setdefault(f.bridge, []).append(f)
+    return forwards
 
 
 def _network(
@@ -290,34 +304,40 @@ def _network_rules(
     return tuple(forward), tuple(nat)
 
 
+@functools.lru_cache(maxsize=1 << 12)
 def _publish(
     n: Names,
     b: str,
-    forwards: list[PortForward],
+    forwards: tuple[PortForward, ...],
     version: int,
-    chains: dict[str, list[str]],
     *,
-    protected: dict[str, tuple[str, ...]],
-    routed: set[str],
-) -> None:
-    """The ACCEPT, DNAT, hairpin and raw rules of one bridge's published ports.
+    trusted: tuple[str, ...] | None,
+    routed: bool,
+    subnets: tuple[IPNetwork, ...],
+) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], dict[str, tuple[str, ...]], tuple[str, ...]]:
+    """The ACCEPT, DNAT, hairpin and raw rules of one bridge's published ports: (bucket chain
+    and its rules, ...), the jumps to the buckets by the part whose network chain ends with
+    them, and the matches of the jumps into ``<P>-R-<bridge>`` (``_raw_dispatch``).
 
-    They go to ``Names.port_chain`` buckets (``port_bucket``; in raw ``address_bucket``, the
-    rules of one address kept together and in order), jumped to from the end of the
+    Remembered, keyed on the bridge's forwards (``PortForward`` hashes cheaply and
+    ``desired.firewall_plan`` hands the same objects back while an endpoint is unchanged):
+    an apply on a host with a hundred publishing networks renders only the one that changed.
+
+    The rules go to ``Names.port_chain`` buckets (``port_bucket``; in raw ``address_bucket``,
+    the rules of one address kept together and in order), jumped to from the end of the
     network's chains: a removal is an edit by position, and iptables-restore reads the rules
     of the chain it edits, so a port among a thousand costs what one among sixty does. Raw
     rules all name a container's (or a loopback) address, which the jumps into
-    ``<P>-R-<bridge>`` are dispatched on (``_raw_dispatch``). At the end of
-    ``<P>-F-<bridge>``: every rule before ACCEPTs or concerns traffic leaving the bridge, and
-    the ACCEPTs match only new traffic entering it (! -i b -o b), so the order changes no
-    verdict; the bulk (inside the bridge, replies into it) is decided before them. DNATs
-    never overlap (a host port is published once) and a hairpin matches only its own
-    container's address, so neither's order matters.
+    ``<P>-R-<bridge>`` are dispatched on. At the end of ``<P>-F-<bridge>``: every rule before
+    ACCEPTs or concerns traffic leaving the bridge, and the ACCEPTs match only new traffic
+    entering it (! -i b -o b), so the order changes no verdict; the bulk (inside the bridge,
+    replies into it) is decided before them. DNATs never overlap (a host port is published
+    once) and a hairpin matches only its own container's address, so neither's order matters.
     """
+    chains: dict[str, list[str]] = {}
     seen: set[str] = set()
-    trusted, is_routed = protected.get(b), b in routed
     for f in forwards:
-        placed, raw_chain, hardening = _forward_rules(n, f, version, trusted, is_routed)
+        placed, raw_chain, hardening = _forward_rules(n, f, version, trusted, routed)
         for chain, rule in placed:
             chains.setdefault(chain, []).append(rule)
         if hardening:
@@ -326,17 +346,18 @@ def _publish(
                 if rule not in seen:  # two ports of one container share their address's rule
                     seen.add(rule)
                     raw.append(rule)
+    tails: dict[str, tuple[str, ...]] = {}
     for part, match in (("F", f"! -i {b} -o {b} "), ("D", ""), ("N", ""), ("R", "")):
         top = n.net_chain(part, b)
-        for bucket in range(PORT_BUCKETS):
-            if (name := n.port_chain(part, b, bucket)) in chains:
-                chains.setdefault(top, []).append(f"-A {top} {match}-j {name}")
-
-
-def _bucketed(n: Names, part: str, b: str, chains: dict[str, list[str]]) -> tuple[str, ...]:
-    """Every rule of a network's ``part`` buckets, in order."""
-    return tuple(
-        rule for k in range(PORT_BUCKETS) for rule in chains.get(n.port_chain(part, b, k), ())
+        buckets = [n.port_chain(part, b, k) for k in range(PORT_BUCKETS)]
+        tails[part] = tuple(f"-A {top} {match}-j {name}" for name in buckets if name in chains)
+    raw_rules = tuple(
+        rule for k in range(PORT_BUCKETS) for rule in chains.get(n.port_chain("R", b, k), ())
+    )
+    return (
+        tuple((c, tuple(r)) for c, r in chains.items()),
+        tails,
+        _raw_dispatch(b, raw_rules, subnets),
     )
 
 

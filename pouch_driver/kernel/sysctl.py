@@ -8,7 +8,7 @@ points there.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from ..errors import KernelError
@@ -37,29 +37,73 @@ class Sysctls:
 
         ``missing_ok``: a per-interface key of an interface that is gone is not an error.
         """
-        if self._netns is not None:  # the file as the target namespace sees it
-            script = f'[ -e "$1" ] || exit {0 if missing_ok else 1}; echo "$2" > "$1"'
-            await process.run(
-                ["sh", "-c", script, "sysctl", str(PROC_SYS / rel), value], netns=self._netns
+        await self.write_many([(rel, value)], missing_ok={rel} if missing_ok else ())
+
+    async def write_many(
+        self, keys: Sequence[tuple[str, str]], *, missing_ok: Collection[str] = ()
+    ) -> set[str]:
+        """``write`` for several keys in one worker-thread hop (a hop costs more than the
+        write itself); ``missing_ok``: the keys that may be absent. Returns the keys that
+        exist (now holding their value)."""
+        if not keys:
+            return set()
+        if self._netns is not None:  # the files as the target namespace sees them
+            script = (
+                'while [ $# -gt 0 ]; do if [ -e "$1" ]; then echo "$2" > "$1"; echo "$1"; '
+                'elif [ "$3" = 0 ]; then exit 1; fi; shift 3; done'
             )
-            return
-        path = self._dir / rel
+            argv = ["sh", "-c", script, "sysctl"]
+            for rel, value in keys:
+                argv += [str(PROC_SYS / rel), value, str(int(rel in missing_ok))]
+            out = await process.run(argv, netns=self._netns)
+            done = set(out.split())
+            return {rel for rel, _ in keys if str(PROC_SYS / rel) in done}
 
-        def write() -> None:
-            try:
-                if path.read_text().strip() != value:
-                    path.write_text(value)
-            except FileNotFoundError:
-                if not missing_ok:
-                    raise KernelError(f"{path} does not exist") from None
-            except OSError as exc:
-                key = rel.replace("/", ".")
-                raise KernelError(
-                    f"cannot set {key}={value} ({path}): {exc.strerror}; set it on the host "
-                    f"(sysctl -w {key}={value})"
-                ) from exc
+        def write() -> set[str]:
+            present: set[str] = set()
+            for rel, value in keys:
+                path = self._dir / rel
+                try:
+                    if path.read_text().strip() != value:
+                        path.write_text(value)
+                except FileNotFoundError:
+                    if rel not in missing_ok:
+                        raise KernelError(f"{path} does not exist") from None
+                    continue
+                except OSError as exc:
+                    key = rel.replace("/", ".")
+                    raise KernelError(
+                        f"cannot set {key}={value} ({path}): {exc.strerror}; set it on the "
+                        f"host (sysctl -w {key}={value})"
+                    ) from exc
+                present.add(rel)
+            return present
 
-        await asyncio.get_running_loop().run_in_executor(None, write)
+        return await asyncio.get_running_loop().run_in_executor(None, write)
+
+    async def read_many(self, rels: Sequence[str]) -> dict[str, str | None]:
+        """The values of several keys (``None``: absent), in one hop."""
+        if not rels:
+            return {}
+        if self._netns is not None:
+            script = 'for f; do if [ -e "$f" ]; then echo "$f $(cat "$f")"; fi; done'
+            out = await process.run(
+                ["sh", "-c", script, "sysctl", *(str(PROC_SYS / r) for r in rels)],
+                netns=self._netns,
+            )
+            got = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+            return {r: got.get(str(PROC_SYS / r)) for r in rels}
+
+        def read() -> dict[str, str | None]:
+            out: dict[str, str | None] = {}
+            for rel in rels:
+                try:
+                    out[rel] = (self._dir / rel).read_text().strip()
+                except OSError:
+                    out[rel] = None
+            return out
+
+        return await asyncio.get_running_loop().run_in_executor(None, read)
 
     async def ensure_bridge_netfilter(self) -> None:
         """Bridged traffic passes iptables: what icc=false and a container reaching its own

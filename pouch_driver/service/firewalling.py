@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from ..kernel import Firewall, FirewallPlan, VxlanFilter
 from ..locks import Coalescer
-from .desired import firewall_plan
+from .desired import PlanMemo, firewall_plan
 from .state import State
 
 
@@ -25,6 +25,7 @@ class FirewallSync:
         self._firewall = firewall
         self._vxlan = vxlan
         self._coalescer = Coalescer(lambda: self._apply(state))
+        self._memo = PlanMemo()  # only ``_apply`` uses it: the coalescer runs one at a time
 
     def plan(self, state: State) -> FirewallPlan:
         return firewall_plan(state.networks.values(), state.endpoints.values(), self._vxlan())
@@ -34,7 +35,9 @@ class FirewallSync:
         # into a plan on a worker thread: a host with hundreds of networks and a thousand
         # ports takes milliseconds to walk.
         networks, endpoints = tuple(state.networks.values()), tuple(state.endpoints.values())
-        plan = await asyncio.to_thread(firewall_plan, networks, endpoints, self._vxlan())
+        plan = await asyncio.to_thread(
+            firewall_plan, networks, endpoints, self._vxlan(), self._memo
+        )
         await self._firewall.apply(plan)
 
     async def sync(self) -> None:

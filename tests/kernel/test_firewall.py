@@ -295,6 +295,29 @@ async def test_a_flushed_forward_chain_is_noticed_and_restored(
     assert await firewall.differences(PLAN) == []
 
 
+async def test_route_localnet_is_written_once_per_bridge_and_repaired(
+    firewall: IptablesFirewall, netns: Netns
+) -> None:
+    """127.0.0.1:PORT needs route_localnet on the bridge of a published port. It is written
+    when the bridge first publishes (not on every change: a key per bridge grew with the
+    host), tried again while the bridge is missing, and a reset is reported by the sweep's
+    ``differences`` and put back by the next apply."""
+    a = NET_A.bridge
+    key = f"/proc/sys/net/ipv4/conf/{a}/route_localnet"
+    await firewall.apply(PLAN)  # no bridge yet: nothing to write, nothing to report
+    assert await firewall.differences(PLAN) == []
+    netns.sh("ip", "link", "add", a, "type", "bridge")
+    await firewall.apply(PLAN)
+    assert netns.sh("cat", key).stdout.strip() == "1"
+    netns.sh("sh", "-c", f"echo 0 > {key}")
+    await firewall.apply(PLAN)  # known to be written: not looked at again
+    assert netns.sh("cat", key).stdout.strip() == "0"
+    assert await firewall.differences(PLAN) == [f"bridge {a}: route_localnet is 0, not 1"]
+    await firewall.apply(PLAN)
+    assert netns.sh("cat", key).stdout.strip() == "1"
+    assert await firewall.differences(PLAN) == []
+
+
 async def test_docker_bridges_are_other_networks_and_loopback_ports_work(
     firewall: IptablesFirewall, netns: Netns
 ) -> None:
