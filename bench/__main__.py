@@ -9,7 +9,9 @@ benchmarks, installed package, not ``--quick``) also writes ``latest.json`` and 
 ``profile`` (py-spy on the daemon) is not part of the default set: sampling perturbs the
 timings, so it runs on its own (``--only profile``). Nor is ``scale`` (``--only scale``, ~15 min:
 the host grown to 200 networks and 1,000 published ports on two engines; ``bench/scale.py``),
-which writes ``scale.json`` and ``scale.png``.
+which writes ``scale.json`` and ``scale.png``; nor ``hostcalls`` (``--only hostcalls``, ~1
+min: the plugin's time per call over its socket, 1 network against 200 + 1,000 ports;
+``bench/host_calls.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 from .common import ROOT, Record, bench_lock, cleanup_leftovers, loadavg, log
 
 DEFAULT = ("ipam", "plugin", "startup", "docker")
-ALL = (*DEFAULT, "profile", "cluster", "multihost", "scale")
+ALL = (*DEFAULT, "profile", "cluster", "multihost", "hostcalls", "scale")
 
 
 def _git(*args: str) -> str:
@@ -170,6 +172,7 @@ def _steps(rec: Record, only: list[str], args: argparse.Namespace, src: Path | N
         "profile": lambda: _profile(rec, src, args.out, args.endpoints),
         "cluster": lambda: _cluster(rec, args),
         "multihost": lambda: _multihost(rec, args),
+        "hostcalls": lambda: _host_calls(rec, args),
         "scale": lambda: _scale(rec, args),
     }
     failed = []
@@ -226,6 +229,12 @@ def _ipam(rec: Record) -> None:
     from . import ipam  # noqa: PLC0415
 
     ipam.run_all(rec)
+
+
+def _host_calls(rec: Record, args: argparse.Namespace) -> None:
+    from . import host_calls  # noqa: PLC0415
+
+    host_calls.run_all(rec, quick=args.quick)
 
 
 def _plugin(rec: Record, src: Path | None, rounds: int, per_round: int) -> None:

@@ -1,0 +1,192 @@
+"""The plugin's own time per call as the host grows, over its socket, without an engine.
+
+One daemon in a throwaway namespace (log level info, firewall on, store fsynced). The
+measured operation is what the engine sends for a network created with one container
+publishing one port, then both removed: RequestPool, RequestAddress (gateway),
+CreateNetwork, RequestAddress, CreateEndpoint, Join, ProgramExternalConnectivity,
+RevokeExternalConnectivity, Leave, DeleteEndpoint, ReleaseAddress, DeleteNetwork,
+ReleasePool, with pauses of 150 ms around the removals (engine operations come tens of
+milliseconds apart). It is timed on a host holding one network, then on the same daemon
+grown to ``NETWORKS`` networks and ``PORTS`` published ports spread over endpoints of ten
+ports on half of them (many containers publishing a few ports each: every publishing bridge
+has port chains of its own). Server-side durations come from the plugin's request log; the
+baseline is the same daemon at the smallest host, in the same run.
+
+The engine benchmark (``scale.py``) publishes its thousand ports on one network, and
+``forward.py`` hands the firewall a ready plan; this one covers what sits between: the
+state turned into a plan and rendered across a hundred publishing bridges on every change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import time
+from typing import Any
+
+from .common import Daemon, PluginClient, Record, log, netns, ratio, workdir
+
+NETWORKS = 200
+PORTS = 1000
+PORTS_PER_ENDPOINT = 10
+REPS = 8
+SPACE = "PouchLocal"
+#: what the summary line shows, in call order
+SHOWN = (
+    "CreateNetwork",
+    "ProgramExternalConnectivity",
+    "RevokeExternalConnectivity",
+    "DeleteNetwork",
+)
+
+
+def _id(tag: str) -> str:
+    return hashlib.sha256(tag.encode()).hexdigest()
+
+
+class Host:
+    """Networks in 10.152-155.x.0/24 (``grow``) and 10.156.x.0/24 (measured ones)."""
+
+    def __init__(self, c: PluginClient) -> None:
+        self.c = c
+        self.nets: list[tuple[str, str]] = []
+        self.next_port = 20000
+
+    def network(self, subnet: str, tag: str) -> tuple[str, str]:
+        c = self.c
+        c.call(
+            "IpamDriver.RequestPool",
+            {"AddressSpace": SPACE, "Pool": subnet, "SubPool": "", "Options": {}, "V6": False},
+        )
+        gw = c.call(
+            "IpamDriver.RequestAddress",
+            {
+                "PoolID": f"{SPACE}/{subnet}",
+                "Address": "",
+                "Options": {"RequestAddressType": "com.docker.network.gateway"},
+            },
+        )
+        nid = _id(f"net-{tag}")
+        c.call(
+            "NetworkDriver.CreateNetwork",
+            {
+                "NetworkID": nid,
+                "Options": {"com.docker.network.generic": {}},
+                "IPv4Data": [{"AddressSpace": SPACE, "Pool": subnet, "Gateway": gw["Address"]}],
+                "IPv6Data": [],
+            },
+        )
+        return subnet, nid
+
+    def remove_network(self, subnet: str, nid: str) -> None:
+        self.c.call("NetworkDriver.DeleteNetwork", {"NetworkID": nid})
+        self.c.call("IpamDriver.ReleasePool", {"PoolID": f"{SPACE}/{subnet}"})
+
+    def endpoint(self, subnet: str, nid: str, tag: str, ports: int) -> tuple[dict[str, str], str]:
+        c = self.c
+        addr = c.call(
+            "IpamDriver.RequestAddress",
+            {"PoolID": f"{SPACE}/{subnet}", "Address": "", "Options": None},
+        )["Address"]
+        ep = {"NetworkID": nid, "EndpointID": _id(f"ep-{tag}")}
+        c.call(
+            "NetworkDriver.CreateEndpoint",
+            {**ep, "Interface": {"Address": addr, "AddressIPv6": "", "MacAddress": ""}},
+        )
+        c.call("NetworkDriver.Join", {**ep, "SandboxKey": "/var/run/docker/netns/x"})
+        portmap = []
+        for k in range(ports):
+            port, self.next_port = self.next_port, self.next_port + 1
+            portmap.append(
+                {"Proto": 6, "Port": 80 + k, "HostIP": "", "HostPort": port, "HostPortEnd": port}
+            )
+        c.call(
+            "NetworkDriver.ProgramExternalConnectivity",
+            {**ep, "Options": {"com.docker.network.portmap": portmap}},
+        )
+        return ep, addr
+
+    def remove_endpoint(self, subnet: str, ep: dict[str, str], addr: str) -> None:
+        c = self.c
+        c.call("NetworkDriver.RevokeExternalConnectivity", ep)
+        c.call("NetworkDriver.Leave", ep)
+        c.call("NetworkDriver.DeleteEndpoint", ep)
+        c.call(
+            "IpamDriver.ReleaseAddress",
+            {"PoolID": f"{SPACE}/{subnet}", "Address": addr.split("/", maxsplit=1)[0]},
+        )
+
+    def grow(self, networks: int, ports: int) -> None:
+        while len(self.nets) < networks:
+            i = len(self.nets)
+            self.nets.append(self.network(f"10.{152 + i // 256}.{i % 256}.0/24", f"grow-{i}"))
+        for k in range(ports // PORTS_PER_ENDPOINT):
+            subnet, nid = self.nets[k % len(self.nets)]
+            self.endpoint(subnet, nid, f"grow-{k}", PORTS_PER_ENDPOINT)
+
+
+def _measure(d: Daemon, host: Host, label: str, reps: int) -> dict[str, list[float]]:
+    """ms per call of ``reps`` operations (after one warm-up)."""
+    out: dict[str, list[float]] = {}
+    for r in range(reps + 1):
+        mark = d.log_path.stat().st_size
+        subnet, nid = host.network(f"10.156.{r}.0/24", f"{label}-{r}")
+        ep, addr = host.endpoint(subnet, nid, f"{label}-{r}", 1)
+        host.remove_endpoint(subnet, ep, addr)
+        time.sleep(0.15)
+        host.remove_network(subnet, nid)
+        time.sleep(0.15)
+        if r == 0:
+            continue
+        for call, secs in d.server_times(mark).items():
+            out.setdefault(call, []).extend(s * 1000 for s in secs)
+    return out
+
+
+def run_all(rec: Record, *, quick: bool = False) -> None:
+    networks, ports, reps = (20, 100, 3) if quick else (NETWORKS, PORTS, REPS)
+    with netns() as ns, workdir() as base:
+        d = Daemon(ns, base)
+        d.start()
+        c = PluginClient(d.socket)
+        try:
+            host = Host(c)
+            host.grow(1, 0)
+            small = _measure(d, host, "small", reps)
+            t0 = time.monotonic()
+            host.grow(networks, ports)
+            log(
+                f"[host calls] grown to {networks} networks, {ports} ports in "
+                f"{time.monotonic() - t0:.0f} s"
+            )
+            large = _measure(d, host, "large", reps)
+        finally:
+            c.close()
+            d.stop()
+    med = {
+        call: (statistics.median(small[call]), statistics.median(large[call]))
+        for call in small
+        if call in large
+    }
+    total = (sum(a for a, _ in med.values()), sum(b for _, b in med.values()))
+    data: dict[str, Any] = {
+        "networks": networks,
+        "ports": ports,
+        "ports_per_endpoint": PORTS_PER_ENDPOINT,
+        "reps": reps,
+        "median_ms": {call: {"smallest": a, "largest": b} for call, (a, b) in med.items()},
+        "growth": {call: ratio(b, a) for call, (a, b) in med.items()},
+        "operation_ms": {"smallest": total[0], "largest": total[1]},
+        "operation_growth": ratio(total[1], total[0]),
+        "raw_ms": {"smallest": small, "largest": large},
+    }
+    shown = ", ".join(
+        f"{call} {med[call][0]:.1f} -> {med[call][1]:.1f}" for call in SHOWN if call in med
+    )
+    rec.put(
+        "host_calls",
+        data,
+        f"[host calls] 1 -> {networks} networks + {ports} ports, median ms: {shown}; "
+        f"the whole operation {total[0]:.0f} -> {total[1]:.0f} ms "
+        f"(x{data['operation_growth']:.2f})",
+    )
