@@ -166,8 +166,20 @@ class PortForward:
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        key = (self.bridge, self.proto, self.host_ip, self.host_port, self.container_ip)
-        object.__setattr__(self, "_hash", hash((*key, self.container_port)))
+        object.__setattr__(
+            self,
+            "_hash",
+            hash(
+                (
+                    self.bridge,
+                    self.proto,
+                    self.host_ip,
+                    self.host_port,
+                    self.container_ip,
+                    self.container_port,
+                )
+            ),
+        )
 
     def __hash__(self) -> int:
         return self._hash

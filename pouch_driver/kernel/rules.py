@@ -347,13 +347,12 @@ def _publish(
                     seen.add(rule)
                     raw.append(rule)
     tails: dict[str, tuple[str, ...]] = {}
+    used: dict[str, list[str]] = {}
     for part, match in (("F", f"! -i {b} -o {b} "), ("D", ""), ("N", ""), ("R", "")):
         top = n.net_chain(part, b)
-        buckets = [n.port_chain(part, b, k) for k in range(PORT_BUCKETS)]
-        tails[part] = tuple(f"-A {top} {match}-j {name}" for name in buckets if name in chains)
-    raw_rules = tuple(
-        rule for k in range(PORT_BUCKETS) for rule in chains.get(n.port_chain("R", b, k), ())
-    )
+        used[part] = [c for k in range(PORT_BUCKETS) if (c := n.port_chain(part, b, k)) in chains]
+        tails[part] = tuple(f"-A {top} {match}-j {name}" for name in used[part])
+    raw_rules = tuple(rule for name in used["R"] for rule in chains[name])
     return (
         tuple((c, tuple(r)) for c, r in chains.items()),
         tails,
