@@ -113,6 +113,13 @@ class Names:
         so a port's cost follows the size of its bucket, not the number of ports."""
         return f"{self.net_chain(part, bridge)}-{bucket:x}"
 
+    def dispatch_chain(self, part: str, key: str) -> str:
+        """One of the chains the top-level chain of a part spreads its jumps over (a bridge
+        name's first letter after ours, or a hash of it): adding or removing a network edits
+        a chain of a few rules, not one of a rule per network. ``=`` is in no interface name,
+        so this never names a network's own chain."""
+        return f"{self.prefix.upper()}-{part}-={key}"
+
     def bridged_set(self, version: int) -> str:
         """The ipset of our bridges whose containers talk to each other (icc), per family."""
         return f"{self.prefix.upper()}-ICC{version}"
@@ -139,6 +146,8 @@ class Names:
 
 #: How many chains a network's published-port rules of one part are spread over.
 PORT_BUCKETS = 16
+#: How many chains the top-level NAT and raw chains spread their jumps over (by hash).
+DISPATCH_BUCKETS = 16
 
 #: Per-network chains, by the letter after the prefix: the table each lives in.
 NET_CHAINS = {"I": "mangle", "F": "filter", "N": "nat", "D": "nat", "R": "raw"}

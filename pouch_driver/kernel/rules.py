@@ -43,7 +43,10 @@ Where our rules sit, and why:
 Each of those chains holds jumps; a network's rules live in chains of its own
 (``<P>-I/F/N/D/R-<bridge>``), so that a change rewrites (``restore_changes``: or edits in
 place) only what it changes, and a packet inside one bridge is decided without walking a rule
-per network (``render``, ``_isolation``).
+per network (``render``, ``_isolation``). The jumps into them are spread over dispatch chains
+(``Names.dispatch_chain``: ``_by_interface``, ``_by_hash``), so that adding or removing a
+network edits a chain of a few rules: iptables-restore reads every rule of a chain it edits
+by position, and the top-level chains would otherwise hold a rule or two per network.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from collections.abc import Callable
 
 from ..errors import KernelError
 from ..model import GatewayMode, IPAddress, IPNetwork
-from ..naming import NET_CHAINS, PORT_BUCKETS, Names
+from ..naming import DISPATCH_BUCKETS, NET_CHAINS, PORT_BUCKETS, Names
 from . import FirewallPlan, NetworkRules, PortForward, VxlanFilter
 
 MANGLE, FILTER, NAT, RAW = "mangle", "filter", "nat", "raw"
@@ -178,8 +181,7 @@ def render(
     """
     n = names
     chains: dict[str, list[str]] = {c: [] for c in n.all_chains()}
-    fwd, post, dnat = chains[n.chain_forward], chains[n.chain_postrouting], chains[n.chain_dnat]
-    raw = chains[n.chain_raw]
+    fwd, raw = chains[n.chain_forward], chains[n.chain_raw]
     if bridged_set and plan.networks:
         # What stays inside one bridge (br_netfilter) of a network whose containers may talk:
         # accepted by one hash lookup, as that network's first rule would accept it (the
@@ -224,24 +226,97 @@ def render(
         for part, jumps_to in tails.items():
             if jumps_to:
                 own(part, b).extend(jumps_to)
-    # The top-level chains: jumps into each network's chains, in the plan's order. A packet
-    # is matched against a network's FORWARD rules only if it enters or leaves its bridge
-    # (every rule there names the bridge); NAT and raw rules match on addresses.
-    for b in bridges:
-        for part, top, jumps_in in (
-            ("F", fwd, (f"-o {b} ", f"-i {b} ")),
-            ("N", post, ("",)),
-            ("D", dnat, ("",)),
-            ("R", raw, dispatch.get(b, ())),
-        ):
-            name = n.net_chain(part, b)
-            if chains.get(name):
-                top.extend(f"-A {_top(n, part)} {m}-j {name}" for m in jumps_in)
-            else:
-                chains.pop(name, None)
+    _tops(n, bridges, dispatch, chains)
     if plan.vxlan is not None and plan.vxlan.local.version == version:
         raw.extend(_vxlan_filter(n, plan.vxlan))
     return chains
+
+
+def _tops(
+    n: Names, bridges: list[str], dispatch: dict[str, tuple[str, ...]], chains: dict[str, list[str]]
+) -> None:
+    """The top-level chains' jumps into each network's chains, spread over dispatch chains
+    (``_by_interface``, ``_by_hash``); a network's chain left empty is dropped. A packet is
+    matched against a network's FORWARD rules only if it enters or leaves its bridge (every
+    rule there names the bridge); NAT and raw rules match on addresses, and no two networks'
+    rules there match one packet the same way (their subnets, containers and host ports
+    differ), so their order is free. ``dispatch``: the matches of the jumps into each
+    bridge's raw chain, which stay in ``<P>-RAW``."""
+    entries: dict[str, list[tuple[str, str]]] = {"o": [], "i": [], "N": [], "D": [], "R": []}
+    for b in bridges:
+        for part, keys, jumps_in in (
+            ("F", "oi", (f"-o {b} ", f"-i {b} ")),
+            ("N", "N", ("",)),
+            ("D", "D", ("",)),
+            ("R", "R" * len(dispatch.get(b, ())), dispatch.get(b, ())),
+        ):
+            name = n.net_chain(part, b)
+            if chains.get(name):
+                for key, m in zip(keys, jumps_in, strict=True):
+                    entries[key].append((b, f"{m}-j {name}"))
+            else:
+                chains.pop(name, None)
+    fwd = chains[n.chain_forward]
+    for direction in "oi":
+        fwd.extend(_by_interface(n, "F", direction, entries[direction], verb="-j", chains=chains))
+    for part in "ND":  # (nat: the first packet of a connection only)
+        chains[_top(n, part)].extend(_by_hash(n, part, entries[part], chains))
+    # Every packet of the host passes raw PREROUTING: there a jump per publishing network,
+    # each behind its address match, costs a packet less than jumps into hashed chains would.
+    raw = n.chain_raw
+    chains[raw].extend(f"-A {raw} {body}" for _, body in entries["R"])
+
+
+def _by_interface(
+    n: Names,
+    part: str,
+    direction: str,
+    rules: list[tuple[str, str]],
+    *,
+    verb: str,
+    chains: dict[str, list[str]],
+) -> list[str]:
+    """The top-level lines of ``part`` for ``rules`` ((bridge, rule after ``-A CHAIN``), each
+    matching ``-o``/``-i`` (``direction``) that bridge): a bridge named ``<prefix>b<c>...``
+    (all but user-named ones) is reached through ``-<direction> <prefix>b<c>+ <verb>`` and the
+    dispatch chain of ``c``, which holds its rules in their order; any other keeps its rules
+    in the top-level chain. A packet walks the few dispatch jumps and one chain of a
+    sixteenth of the networks, not a rule per network, and a network added or removed edits
+    that chain (iptables-restore reads every rule of a chain it edits by position).
+    ``verb`` ``-g`` keeps a goto's meaning: what the bridge's chain returns ends the caller."""
+    top = _top(n, part) if direction == "o" or part == "F" else n.chain_isolation2
+    lead = f"{n.prefix}b"
+    held: dict[str, list[str]] = {}
+    out: list[str] = []
+    for b, body in rules:
+        if b.startswith(lead) and len(b) > len(lead):
+            held.setdefault(b[len(lead)], []).append(body)
+        else:  # (a user's bridge name: no wildcard of ours matches it)
+            out.append(f"-A {top} {body}")
+    for c in sorted(held):
+        bucket = n.dispatch_chain(part, f"{direction}{c}")
+        chains[bucket] = [f"-A {bucket} {body}" for body in held[c]]
+        out.append(f"-A {top} -{direction} {lead}{c}+ {verb} {bucket}")
+    return out
+
+
+def _by_hash(
+    n: Names, part: str, rules: list[tuple[str, str]], chains: dict[str, list[str]]
+) -> list[str]:
+    """The top-level lines of ``part`` (nat) for ``rules`` ((bridge, rule after
+    ``-A CHAIN``)), spread over ``DISPATCH_BUCKETS`` dispatch chains by a hash of the bridge
+    name: what one network adds or removes edits one of them. Their order is free
+    (``render``), and a bucket holds the rules of a bridge together, in their order."""
+    top = _top(n, part)
+    held: dict[int, list[str]] = {}
+    for b, body in rules:
+        held.setdefault(zlib.crc32(b.encode()) % DISPATCH_BUCKETS, []).append(body)
+    out = []
+    for k in sorted(held):
+        bucket = n.dispatch_chain(part, f"h{k:x}")
+        chains[bucket] = [f"-A {bucket} {body}" for body in held[k]]
+        out.append(f"-A {top} -j {bucket}")
+    return out
 
 
 def _by_bridge(plan: FirewallPlan, version: int) -> dict[str, list[PortForward]]:
@@ -493,13 +568,22 @@ def _isolation(
             iso.append(
                 f"-A {top} -i {net.bridge} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
             )
+    into: list[tuple[str, str]] = []
     for net in plan.networks:
         b = net.bridge
         c = n.net_chain("I", b)
-        iso.append(f"-A {top} -o {b} -g {c}")
-        iso2.append(f"-A {n.chain_isolation2} -i {b} -j DROP")
+        into.append((b, f"-o {b} -g {c}"))
         exceptions = _exceptions(c, net, version, tuple(forwards.get(b, ())))
         chains[c] = list(_network_isolation(n, net, version, exceptions))
+    # Through dispatch chains (``_by_interface``), by goto: a packet for one of our bridges
+    # meets exactly one of these, and what that bridge's chain returns ends <P>-ISOLATION.
+    iso.extend(_by_interface(n, "I", "o", into, verb="-g", chains=chains))
+    # <P>-ISOLATION-2 only drops, so its order is free.
+    iso2.extend(
+        _by_interface(
+            n, "I", "i", [(b, f"-i {b} -j DROP") for b, _ in into], verb="-g", chains=chains
+        )
+    )
     for net in plan.networks:
         if _internal(net, version):
             iso.append(f"-A {top} -i {net.bridge} -j DROP")

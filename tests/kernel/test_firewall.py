@@ -75,10 +75,14 @@ async def test_rules_say_what_the_policy_says(firewall: IptablesFirewall, netns:
     got = rules(netns.iptables_save())
     a, b = NET_A.bridge, NET_B.bridge
     assert got[0] == "-A FORWARD -m comment --comment pk-driver -j PK-ISOLATION"
-    # Each network's rules in chains of its own, the top-level chains jump there.
-    assert f"-A PK-FORWARD -o {a} -j PK-F-{a}" in got
-    assert f"-A PK-FORWARD -i {a} -j PK-F-{a}" in got
-    assert f"-A PK-ISOLATION -o {a} -g PK-I-{a}" in got
+    # Each network's rules in chains of its own, the top-level chains jump there through
+    # dispatch chains, one per letter after "pkb" (the kernel takes the "+" wildcard).
+    assert "-A PK-FORWARD -o pkba+ -j PK-F-=oa" in got
+    assert f"-A PK-F-=oa -o {a} -j PK-F-{a}" in got
+    assert "-A PK-FORWARD -i pkba+ -j PK-F-=ia" in got
+    assert f"-A PK-F-=ia -i {a} -j PK-F-{a}" in got
+    assert "-A PK-ISOLATION -o pkba+ -g PK-I-=oa" in got
+    assert f"-A PK-I-=oa -o {a} -g PK-I-{a}" in got
     assert f"-A PK-F-{a} -i {a} -o {a} -j ACCEPT" in got
     assert f"-A PK-F-{b} -i {b} -o {b} -j DROP" in got  # icc=false
     assert f"-A PK-F-{a} -i {a} ! -o {a} -j ACCEPT" in got
@@ -86,7 +90,8 @@ async def test_rules_say_what_the_policy_says(firewall: IptablesFirewall, netns:
     assert f"-A PK-ISOLATION -i {b} -j DROP" in got
     assert f"-A PK-I-{b} ! -i {b} -o {b} -j DROP" in got
     assert f"-A PK-I-{a} ! -i {a} -o {a} -j PK-ISOLATION-2" in got
-    assert f"-A PK-ISOLATION-2 -i {b} -j DROP" in got
+    assert "-A PK-ISOLATION-2 -i pkbb+ -g PK-I-=ib" in got
+    assert f"-A PK-I-=ib -i {b} -j DROP" in got
     assert f"-A PK-N-{a} -s 10.61.0.0/24 ! -o pkbaaaaaaaaaaaa -j MASQUERADE" in got
     assert not any("10.62.0.0/24" in r and "MASQUERADE" in r for r in got)
     # A published port's rules in bucket chains, jumped to from the network's chains.
@@ -335,7 +340,11 @@ async def test_docker_bridges_are_other_networks_and_loopback_ports_work(
     # Out of our networks into Docker's: the drops of PK-ISOLATION-2 (from our bridges).
     assert "-A PK-ISOLATION -o docker0 -j PK-ISOLATION-2" in got
     assert "-A PK-ISOLATION -o br-+ -j PK-ISOLATION-2" in got
-    assert f"-A PK-ISOLATION-2 -i {a} -j DROP" in got
+    assert f"-A PK-I-=ia -i {a} -j DROP" in got
+    # A bridge name of the user's is no dispatch chain's: its rules stay at the top.
+    assert "-A PK-ISOLATION-2 -i br-mine -j DROP" in got
+    assert "-A PK-ISOLATION -o br-mine -g PK-I-br-mine" in got
+    assert "-A PK-FORWARD -i br-mine -j PK-F-br-mine" in got
     # 127.0.0.1:8080 from the host: DNAT'd (no loopback exclusion) and masqueraded.
     assert "-A OUTPUT -m addrtype --dst-type LOCAL -m comment --comment pk-driver -j PK-DNAT" in got
     assert (f"-A PK-N-{a} -s 127.0.0.0/8 -o {a} -m addrtype --src-type LOCAL -j MASQUERADE") in got

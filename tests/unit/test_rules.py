@@ -5,6 +5,7 @@ The real iptables reads the same plans in tests/kernel/test_firewall.py.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from dataclasses import replace
 
@@ -96,8 +97,9 @@ def test_routed_has_no_nat_and_opens_the_published_container_port() -> None:
     assert chain(plan, "PK-ISOLATION")[:3] == [
         "-A PK-ISOLATION -m physdev --physdev-is-bridged -j RETURN",
         replies,
-        f"-A PK-ISOLATION -o {B} -g {ISO}",
+        "-A PK-ISOLATION -o pkba+ -g PK-I-=oa",  # its dispatch chain (by the name's letter)
     ]
+    assert chain(plan, "PK-I-=oa") == [f"-A PK-I-=oa -o {B} -g {ISO}"]
     assert DROP_NEW in iso
     fwd = chain(plan, FWD)
     # Last: every rule before it accepts or matches only what leaves the bridge, so the order
@@ -329,8 +331,49 @@ def test_a_change_rewrites_only_the_chains_it_touches() -> None:
     text = restore_changes(gone, 4, NAMES, present=None, previous=old)
     deleted = {line.split()[1] for line in text.splitlines() if line.startswith("-X ")}
     assert deleted == {NAMES.net_chain(p, others[0].bridge) for p in "IFN"}, deleted
-    # Its jumps are deleted from the top-level chains by position, before the chains go.
-    assert "-D PK-ISOLATION " in text and "PK-DNAT" not in text, text
-    assert text.index("-D PK-ISOLATION ") < text.index(
-        f"-X {NAMES.net_chain('I', others[0].bridge)}"
+    # Its jumps are deleted from the dispatch chains by position, before the chains go; the
+    # top-level chains keep theirs (the other networks share the dispatch chains).
+    assert "-D PK-I-=o0 " in text and "PK-DNAT" not in text, text
+    assert text.index("-D PK-I-=o0 ") < text.index(f"-X {NAMES.net_chain('I', others[0].bridge)}")
+    tops = ("-D PK-ISOLATION ", "-D PK-FORWARD ", "-D PK-POSTROUTING ")
+    assert not any(line.startswith(tops) for line in text.splitlines()), text
+
+
+def test_a_network_added_or_removed_edits_only_small_chains() -> None:
+    """The top-level chains hold a jump per dispatch chain, not per network: on a host of 200
+    networks (half of them publishing a port), adding or removing one edits by position only
+    chains of a few rules (iptables-restore reads every rule of a chain it edits), and never
+    a top-level chain whose size follows the number of networks."""
+
+    def network(i: int) -> tuple[NetworkRules, PortForward]:
+        bridge = "pkb" + hashlib.sha256(str(i).encode()).hexdigest()[:12]
+        subnet = ipaddress.ip_network(f"10.{100 + i // 250}.{i % 250}.0/24")
+        net = replace(NET, bridge=bridge, subnets=(subnet,))
+        return net, PortForward(bridge, "tcp", None, 20000 + i, subnet[2], 80)
+
+    host = [network(i) for i in range(200)]
+    plan = FirewallPlan(
+        tuple(net for net, _ in host), tuple(f for i, (_, f) in enumerate(host) if i % 2)
     )
+    old = render(plan, 4, NAMES, docker_isolation=False)
+    # (<P>-RAW keeps a jump per publishing network, each behind its address match: every
+    # packet of the host passes it, rules/render's _tops says why.)
+    tops = [top for top in NAMES.all_chains() if top != NAMES.chain_raw]
+    assert max(len(old[top]) for top in tops) <= 2 * 16 + 4
+    new_net, new_port = network(999)
+    grown = FirewallPlan((*plan.networks, new_net), (*plan.forwards, new_port))
+    new = render(grown, 4, NAMES, docker_isolation=False)
+    for before, after in ((old, new), (new, old)):
+        text = restore_changes(after, 4, NAMES, present=None, previous=before)
+        declared = {touched_chain(line) for line in text.splitlines() if line.startswith(":")}
+        edited = {
+            line.split()[1] for line in text.splitlines() if line[:3] in ("-A ", "-D ", "-I ")
+        } - declared
+        assert edited, text
+        assert max(len(before[c]) for c in edited - {NAMES.chain_raw}) <= 40, text
+        # Edits and rewrites together give what the new plan renders, chain by chain.
+        for c, rules_ in after.items():
+            if c in declared:
+                continue
+            lines = [line for line in text.splitlines() if touched_chain(line) == c]
+            assert apply_edits(before.get(c, []), c, lines) == rules_, c
