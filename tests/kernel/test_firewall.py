@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import shutil
+import subprocess
 from dataclasses import replace
 
 import pytest
@@ -207,6 +208,56 @@ async def test_isolation_chains_move_out_of_filter(
         line for line in save.split("*filter")[1].split("COMMIT")[0].splitlines()
     )
     assert await firewall.differences(PLAN) == []
+
+
+async def test_the_jumps_of_the_earlier_layout_are_replaced(names: Names, netns: Netns) -> None:
+    """Before the dispatch chains, the top-level chains held a jump per network. A plugin
+    restarted on such a host reports them, and its first apply leaves exactly the plan."""
+    a, b = NET_A.bridge, NET_B.bridge
+    first = IptablesFirewall(names, netns=netns.name)
+    await first.apply(PLAN)
+    await first.close()
+    earlier = "\n".join(
+        [
+            "*mangle",
+            ":PK-ISOLATION - [0:0]",
+            ":PK-ISOLATION-2 - [0:0]",
+            "-A PK-ISOLATION -m physdev --physdev-is-bridged -j RETURN",
+            f"-A PK-ISOLATION -o {a} -g PK-I-{a}",
+            f"-A PK-ISOLATION -o {b} -g PK-I-{b}",
+            f"-A PK-ISOLATION -i {b} -j DROP",
+            f"-A PK-ISOLATION-2 -i {a} -j DROP",
+            f"-A PK-ISOLATION-2 -i {b} -j DROP",
+            "COMMIT",
+            "*filter",
+            ":PK-FORWARD - [0:0]",
+            *(f"-A PK-FORWARD -{d} {x} -j PK-F-{x}" for x in (a, b) for d in "oi"),
+            "COMMIT",
+            "",
+        ]
+    )
+    subprocess.run(  # noqa: ASYNC221 (a test's setup, nothing else runs)
+        ["nsenter", f"--net=/run/netns/{netns.name}", "iptables-restore", "--noflush"],
+        input=earlier,
+        text=True,
+        check=True,
+    )
+    for table, part in (("mangle", "I"), ("filter", "F")):
+        for key in ("oa", "ob", "ia", "ib"):
+            netns.sh("iptables", "-t", table, "-F", f"PK-{part}-={key}")
+            netns.sh("iptables", "-t", table, "-X", f"PK-{part}-={key}")
+    restarted = IptablesFirewall(names, netns=netns.name)
+    try:
+        diffs = await restarted.differences(PLAN)
+        assert f"IPv4 unexpected rule: -A PK-FORWARD -o {a} -j PK-F-{a}" in diffs, diffs
+        assert "IPv4 missing rule: -A PK-ISOLATION -o pkba+ -g PK-I-=oa" in diffs, diffs
+        await restarted.apply(PLAN)
+        assert await restarted.differences(PLAN) == []
+        got = rules(netns.iptables_save())
+        assert not any(r.startswith(f"-A PK-FORWARD -o {a} ") for r in got), got
+        assert f"-A PK-I-=oa -o {a} -g PK-I-{a}" in got
+    finally:
+        await restarted.close()
 
 
 async def test_removing_a_network_removes_exactly_its_rules(
