@@ -55,7 +55,7 @@ import difflib
 import functools
 import ipaddress
 import zlib
-from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..errors import KernelError
 from ..model import GatewayMode, IPAddress, IPNetwork
@@ -141,27 +141,6 @@ def _icmp(version: int) -> str:
     return "icmp" if version == 4 else "ipv6-icmp"
 
 
-def _isolate(
-    names: Names, net: NetworkRules, version: int, iso: list[str], iso2: list[str]
-) -> None:
-    n, b = names, net.bridge
-    if _internal(net, version):
-        iso.append(f"-A {n.chain_isolation} -i {b} ! -o {b} -j DROP")
-        iso.append(f"-A {n.chain_isolation} ! -i {b} -o {b} -j DROP")
-        return
-    iso.append(f"-A {n.chain_isolation} -i {b} ! -o {b} -j {n.chain_isolation2}")
-    iso2.append(f"-A {n.chain_isolation2} -o {b} -j DROP")
-    if _drops_new_inbound(net, version):
-        # A network without masquerading is meant to be reached; a NATed one only through its
-        # published ports, a routed one only at them (the exceptions before this).
-        iso.append(
-            f"-A {n.chain_isolation} ! -i {b} -o {b} -m conntrack "
-            "! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
-        )
-    # Docker's own bridges (default names) are other networks too: keep them out.
-    iso.extend(f"-A {n.chain_isolation} -i {d} -o {b} -j DROP" for d in DOCKER_BRIDGES)
-
-
 def render(
     plan: FirewallPlan,
     version: int,
@@ -190,81 +169,126 @@ def render(
             f"-A {n.chain_forward} -m physdev --physdev-is-bridged "
             f"-m set --match-set {n.bridged_set(version)} src,src -j ACCEPT"
         )
-    # Gateway mode nat: published ports are the only way in, so the raw table drops what is
-    # routed straight to a publishing container (routed and nat-unprotected mean reachable).
-    protected = {
-        net.bridge: net.trusted
-        for net in plan.networks
-        if net.masquerade and net.mode(version) is GatewayMode.NAT and not _internal(net, version)
-    }
-    routed = {net.bridge for net in plan.networks if net.mode(version) is GatewayMode.ROUTED}
     forwards = _by_bridge(plan, version)
-    bridges = [net.bridge for net in plan.networks]
-    bridges += [b for b in forwards if b not in bridges]
-
-    def own(part: str, bridge: str) -> list[str]:
-        return chains.setdefault(n.net_chain(part, bridge), [])
-
-    subnets = {net.bridge: net.subnets for net in plan.networks}
-    _isolation(n, plan, version, forwards, chains)
     published = {f.bridge for f in plan.forwards}
-    for net in plan.networks:
-        _network(n, net, version, own, docker_isolation=docker_isolation, published=published)
-    dispatch: dict[str, tuple[str, ...]] = {}
-    for b, fs in forwards.items():
-        placed, tails, dispatch[b] = _publish(
-            n,
-            b,
-            tuple(fs),
-            version,
-            trusted=protected.get(b),
-            routed=b in routed,
-            subnets=subnets.get(b, ()),
+    pieces = [
+        (
+            net.bridge,
+            _bridge(
+                n,
+                net.bridge,
+                net,
+                tuple(forwards.get(net.bridge, ())),
+                version,
+                docker_isolation=docker_isolation,
+                published=net.bridge in published,
+            ),
         )
-        for chain, rules in placed:
-            chains[chain] = list(rules)
-        for part, jumps_to in tails.items():
-            if jumps_to:
-                own(part, b).extend(jumps_to)
-    _tops(n, bridges, dispatch, chains)
-    if plan.vxlan is not None and plan.vxlan.local.version == version:
-        raw.extend(_vxlan_filter(n, plan.vxlan))
-    return chains
-
-
-def _tops(
-    n: Names, bridges: list[str], dispatch: dict[str, tuple[str, ...]], chains: dict[str, list[str]]
-) -> None:
-    """The top-level chains' jumps into each network's chains, spread over dispatch chains
-    (``_by_interface``, ``_by_hash``); a network's chain left empty is dropped. A packet is
-    matched against a network's FORWARD rules only if it enters or leaves its bridge (every
-    rule there names the bridge); NAT and raw rules match on addresses, and no two networks'
-    rules there match one packet the same way (their subnets, containers and host ports
-    differ), so their order is free. ``dispatch``: the matches of the jumps into each
-    bridge's raw chain, which stay in ``<P>-RAW``."""
-    entries: dict[str, list[tuple[str, str]]] = {"o": [], "i": [], "N": [], "D": [], "R": []}
-    for b in bridges:
-        for part, keys, jumps_in in (
-            ("F", "oi", (f"-o {b} ", f"-i {b} ")),
-            ("N", "N", ("",)),
-            ("D", "D", ("",)),
-            ("R", "R" * len(dispatch.get(b, ())), dispatch.get(b, ())),
-        ):
-            name = n.net_chain(part, b)
-            if chains.get(name):
-                for key, m in zip(keys, jumps_in, strict=True):
-                    entries[key].append((b, f"{m}-j {name}"))
-            else:
-                chains.pop(name, None)
-    fwd = chains[n.chain_forward]
+        for net in plan.networks
+    ]
+    held = {net.bridge for net in plan.networks}
+    pieces += [
+        (b, _bridge(n, b, None, tuple(fs), version, docker_isolation=False, published=True))
+        for b, fs in forwards.items()
+        if b not in held
+    ]
+    # The pieces' lists are shared with the memo and with the previous apply's result (which
+    # ``restore_changes`` compares by identity first): never modified once made.
+    entries: dict[str, list[tuple[str, str]]] = {k: [] for k in _JUMP_KINDS}
+    for b, piece in pieces:
+        chains.update(piece.chains)
+        for kind, body in piece.jumps:
+            entries[kind].append((b, body))
+    _isolation(n, plan, version, entries, chains)
     for direction in "oi":
         fwd.extend(_by_interface(n, "F", direction, entries[direction], verb="-j", chains=chains))
     for part in "ND":  # (nat: the first packet of a connection only)
         chains[_top(n, part)].extend(_by_hash(n, part, entries[part], chains))
     # Every packet of the host passes raw PREROUTING: there a jump per publishing network,
     # each behind its address match, costs a packet less than jumps into hashed chains would.
-    raw = n.chain_raw
-    chains[raw].extend(f"-A {raw} {body}" for _, body in entries["R"])
+    raw.extend(f"-A {n.chain_raw} {body}" for _, body in entries["R"])
+    if plan.vxlan is not None and plan.vxlan.local.version == version:
+        raw.extend(_vxlan_filter(n, plan.vxlan))
+    return chains
+
+
+#: The top-level jumps a network's piece asks for: into <P>-ISOLATION by its bridge as the
+#: output ("Io") and <P>-ISOLATION-2 by it as the input ("Ii"), <P>-FORWARD both ways ("o",
+#: "i"), <P>-POSTROUTING ("N"), <P>-DNAT ("D") and <P>-RAW ("R").
+_JUMP_KINDS = ("Io", "Ii", "o", "i", "N", "D", "R")
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One bridge's own chains (only non-empty ones) and the jumps into them, as
+    (kind, rule after ``-A CHAIN``) in ``_JUMP_KINDS``."""
+
+    chains: tuple[tuple[str, list[str]], ...]
+    jumps: tuple[tuple[str, str], ...]
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _bridge(
+    n: Names,
+    b: str,
+    net: NetworkRules | None,
+    forwards: tuple[PortForward, ...],
+    version: int,
+    *,
+    docker_isolation: bool,
+    published: bool,
+) -> _Piece:
+    """Everything of one bridge: its network's chains (``net``; None for ports on a bridge
+    the plan holds no network for) and its published ports' (``forwards``, this family's),
+    remembered: on a host of hundreds of networks an apply renders the one that changed and
+    looks the others up. ``published``: the bridge has ports in either family."""
+    chains: dict[str, list[str]] = {}
+    jumps: list[tuple[str, str]] = []
+
+    def own(part: str) -> list[str]:
+        return chains.setdefault(n.net_chain(part, b), [])
+
+    trusted: tuple[str, ...] | None = None
+    routed, subnets = False, tuple[IPNetwork, ...]()
+    if net is not None:
+        c = n.net_chain("I", b)
+        jumps += [("Io", f"-o {b} -g {c}"), ("Ii", f"-i {b} -j DROP")]
+        exceptions = _exceptions(c, net, version, forwards)
+        chains[c] = list(_network_isolation(n, net, version, exceptions))
+        forward, nat = _network_rules(n, net, version, docker_isolation, published)
+        own("F").extend(forward)
+        if nat:
+            own("N").extend(nat)
+        # Gateway mode nat: published ports are the only way in, so the raw table drops what
+        # is routed straight to a publishing container (routed and nat-unprotected mean
+        # reachable).
+        if net.masquerade and net.mode(version) is GatewayMode.NAT and not _internal(net, version):
+            trusted = net.trusted
+        routed, subnets = net.mode(version) is GatewayMode.ROUTED, net.subnets
+    dispatch: tuple[str, ...] = ()
+    if forwards:
+        placed, tails, dispatch = _publish(
+            n, b, forwards, version, trusted=trusted, routed=routed, subnets=subnets
+        )
+        for chain, rules in placed:
+            chains[chain] = list(rules)
+        for part, jumps_to in tails.items():
+            if jumps_to:
+                own(part).extend(jumps_to)
+    # A packet is matched against a network's FORWARD rules only if it enters or leaves its
+    # bridge (every rule there names the bridge); NAT and raw rules match on addresses.
+    for part, kinds, matches in (
+        ("F", "oi", (f"-o {b} ", f"-i {b} ")),
+        ("N", "N", ("",)),
+        ("D", "D", ("",)),
+        ("R", "R" * len(dispatch), dispatch),
+    ):
+        name = n.net_chain(part, b)
+        if chains.get(name):
+            jumps += [(k, f"{m}-j {name}") for k, m in zip(kinds, matches, strict=True)]
+        else:
+            chains.pop(name, None)
+    return _Piece(tuple(chains.items()), tuple(jumps))
 
 
 def _by_interface(
@@ -329,22 +353,6 @@ def _by_bridge(plan: FirewallPlan, version: int) -> dict[str, list[PortForward]]
             continue
         forwards.setdefault(f.bridge, []).append(f)
     return forwards
-
-
-def _network(
-    n: Names,
-    net: NetworkRules,
-    version: int,
-    own: Callable[[str, str], list[str]],
-    *,
-    docker_isolation: bool,
-    published: set[str],
-) -> None:
-    """One network's ``<P>-F-<bridge>`` (filter) and ``<P>-N-<bridge>`` (masquerading)."""
-    forward, nat = _network_rules(n, net, version, docker_isolation, net.bridge in published)
-    own("F", net.bridge).extend(forward)
-    if nat:
-        own("N", net.bridge).extend(nat)
 
 
 @functools.lru_cache(maxsize=1 << 12)
@@ -538,10 +546,11 @@ def _isolation(
     n: Names,
     plan: FirewallPlan,
     version: int,
-    forwards: dict[str, list[PortForward]],
+    entries: dict[str, list[tuple[str, str]]],
     chains: dict[str, list[str]],
 ) -> None:
-    """``<P>-ISOLATION`` (mangle) and each network's ``<P>-I-<bridge>``.
+    """``<P>-ISOLATION`` and ``<P>-ISOLATION-2`` (mangle), which reach each network's
+    ``<P>-I-<bridge>`` (``_bridge``) through ``entries`` "Io" and "Ii".
 
     Every rule here is a RETURN or a DROP, and every RETURN of the old single chain came
     before every DROP: a packet is dropped if no exception matches and some drop does. So
@@ -568,22 +577,13 @@ def _isolation(
             iso.append(
                 f"-A {top} -i {net.bridge} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
             )
-    into: list[tuple[str, str]] = []
-    for net in plan.networks:
-        b = net.bridge
-        c = n.net_chain("I", b)
-        into.append((b, f"-o {b} -g {c}"))
-        exceptions = _exceptions(c, net, version, tuple(forwards.get(b, ())))
-        chains[c] = list(_network_isolation(n, net, version, exceptions))
     # Through dispatch chains (``_by_interface``), by goto: a packet for one of our bridges
     # meets exactly one of these, and what that bridge's chain returns ends <P>-ISOLATION.
-    iso.extend(_by_interface(n, "I", "o", into, verb="-g", chains=chains))
+    # (One for a bridge that carries our name but is not in the plan, one being made or
+    # deleted with no container on it, ends it there too, past the drops below.)
+    iso.extend(_by_interface(n, "I", "o", entries["Io"], verb="-g", chains=chains))
     # <P>-ISOLATION-2 only drops, so its order is free.
-    iso2.extend(
-        _by_interface(
-            n, "I", "i", [(b, f"-i {b} -j DROP") for b, _ in into], verb="-g", chains=chains
-        )
-    )
+    iso2.extend(_by_interface(n, "I", "i", entries["Ii"], verb="-g", chains=chains))
     for net in plan.networks:
         if _internal(net, version):
             iso.append(f"-A {top} -i {net.bridge} -j DROP")
@@ -798,7 +798,8 @@ def restore_changes(
         held = [c for _, (_, cs) in ours(present or {}, names).items() for c in cs]
         gone = [c for c in held if c not in chains]
     else:
-        changed = {c: r for c, r in chains.items() if previous.get(c) != r}
+        # (Identity first: a network's chains are the same lists while it is unchanged.)
+        changed = {c: r for c, r in chains.items() if (p := previous.get(c)) is not r and p != r}
         gone = [c for c in previous if c not in chains]
     # A chain already there that changed a little is edited in place (a port among a
     # thousand is one line deleted or inserted), a new one or one changed a lot rewritten.

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from pouch_driver.errors import KernelError
 from pouch_driver.kernel import FirewallPlan, NetworkRules, PortForward
+from pouch_driver.kernel import rules as renderer
 from pouch_driver.kernel.rules import (
     _edit,
     address_bucket,
@@ -377,3 +378,52 @@ def test_a_network_added_or_removed_edits_only_small_chains() -> None:
                 continue
             lines = [line for line in text.splitlines() if touched_chain(line) == c]
             assert apply_edits(before.get(c, []), c, lines) == rules_, c
+
+
+def test_remembered_pieces_render_what_a_cold_start_does() -> None:
+    """Each bridge's rules are remembered between applies (``_bridge``): along a run of
+    changes (ports, gateway modes, icc, a network's removal) every render equals one made
+    with nothing remembered, and an unchanged network's chains are the very same lists."""
+
+    def cold(plan: FirewallPlan, version: int) -> dict[str, list[str]]:
+        for cached in (
+            renderer._bridge,
+            renderer._publish,
+            renderer._forward_rules,
+            renderer._network_rules,
+            renderer._network_isolation,
+            renderer._raw_dispatch,
+            renderer._dispatch_match,
+        ):
+            cached.cache_clear()
+        return render(plan, version, NAMES, docker_isolation=False, bridged_set=True)
+
+    others = tuple(
+        replace(NET, bridge=f"pkb{i:012x}", subnets=(ipaddress.ip_network(f"10.80.{i}.0/24"),))
+        for i in range(20)
+    )
+    web = replace(WEB4, bridge=others[3].bridge, container_ip=ipaddress.ip_address("10.80.3.2"))
+    steps = [
+        FirewallPlan((NET, *others), (WEB4, WEB6)),
+        FirewallPlan((NET, *others), (WEB4, WEB6, web)),
+        FirewallPlan((with_mode(GatewayMode.ROUTED), *others), (WEB4, WEB6, web)),
+        FirewallPlan((NET, replace(others[0], icc=False), *others[1:]), (WEB4, web)),
+        FirewallPlan((NET, *others[1:]), (web,)),
+        FirewallPlan((NET, *others[1:]), (web, replace(web, host_port=9090))),
+    ]
+    # Warm first, all along the run: an unchanged network's chains stay the same lists.
+    f5 = NAMES.net_chain("F", others[5].bridge)
+    warm: list[dict[str, list[str]]] = []
+    for plan in steps:
+        for version in (4, 6):
+            got = render(plan, version, NAMES, docker_isolation=False, bridged_set=True)
+            again = render(plan, version, NAMES, docker_isolation=False, bridged_set=True)
+            assert again == got
+            assert all(again[c] is got[c] for c in got if NAMES.is_net_chain(c) and "=" not in c)
+            if version == 4 and warm:
+                assert warm[-2][f5] is got[f5]
+            warm.append(got)
+    # Then each from nothing.
+    for k, plan in enumerate(steps):
+        for j, version in enumerate((4, 6)):
+            assert cold(plan, version) == warm[2 * k + j]
