@@ -12,6 +12,11 @@ ports on half of them (many containers publishing a few ports each: every publis
 has port chains of its own). Server-side durations come from the plugin's request log; the
 baseline is the same daemon at the smallest host, in the same run.
 
+A third measurement adds, beside ours, rules shaped like Engine 20.10's for as many bridge
+networks and published ports (``docker_rules``), one of them changed between calls as a
+busy engine does: what a grown Docker host's tables cost the plugin, without dockerd on
+the same two cores.
+
 The engine benchmark (``scale.py``) publishes its thousand ports on one network, and
 ``forward.py`` hands the firewall a ready plan; this one covers what sits between: the
 state turned into a plan and rendered across a hundred publishing bridges on every change.
@@ -21,10 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import statistics
+import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
 
-from .common import Daemon, PluginClient, Record, log, netns, ratio, workdir
+from .common import Daemon, PluginClient, Record, log, netns, ratio, run, workdir
 
 NETWORKS = 200
 PORTS = 1000
@@ -125,17 +132,83 @@ class Host:
             self.endpoint(subnet, nid, f"grow-{k}", PORTS_PER_ENDPOINT)
 
 
-def _measure(d: Daemon, host: Host, label: str, reps: int) -> dict[str, list[float]]:
-    """ms per call of ``reps`` operations (after one warm-up)."""
+def docker_rules(networks: int, ports: int) -> str:
+    """``iptables-restore --noflush`` input shaped like Engine 20.10's rules for ``networks``
+    bridge networks (br-*, 10.200-201.x.0/24) with ``ports`` published on the first: its
+    MASQUERADE and DNATs in nat, four FORWARD rules per network, the isolation stages, an
+    ACCEPT per published port in filter."""
+    nat = [
+        "*nat",
+        ":DOCKER - [0:0]",
+        "-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER",
+        "-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER",
+    ]
+    flt = [
+        "*filter",
+        ":DOCKER - [0:0]",
+        ":DOCKER-ISOLATION-STAGE-1 - [0:0]",
+        ":DOCKER-ISOLATION-STAGE-2 - [0:0]",
+        ":DOCKER-USER - [0:0]",
+        "-A FORWARD -j DOCKER-USER",
+        "-A FORWARD -j DOCKER-ISOLATION-STAGE-1",
+        "-A DOCKER-USER -j RETURN",
+    ]
+    for i in range(networks):
+        br, subnet = f"br-{i:012x}", f"10.{200 + i // 256}.{i % 256}.0/24"
+        nat += [
+            f"-A POSTROUTING -s {subnet} ! -o {br} -j MASQUERADE",
+            f"-A DOCKER -i {br} -j RETURN",
+        ]
+        flt += [
+            f"-A FORWARD -o {br} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-A FORWARD -o {br} -j DOCKER",
+            f"-A FORWARD -i {br} ! -o {br} -j ACCEPT",
+            f"-A FORWARD -i {br} -o {br} -j ACCEPT",
+            f"-A DOCKER-ISOLATION-STAGE-1 -i {br} ! -o {br} -j DOCKER-ISOLATION-STAGE-2",
+            f"-A DOCKER-ISOLATION-STAGE-2 -o {br} -j DROP",
+        ]
+    flt += ["-A DOCKER-ISOLATION-STAGE-1 -j RETURN", "-A DOCKER-ISOLATION-STAGE-2 -j RETURN"]
+    br = f"br-{0:012x}"
+    for p in range(ports):
+        port, cip = 30000 + p, f"10.200.0.{2 + p // 500}"
+        nat.append(
+            f"-A DOCKER ! -i {br} -p tcp -m tcp --dport {port} -j DNAT --to-destination {cip}:80"
+        )
+        flt.append(f"-A DOCKER -d {cip}/32 ! -i {br} -o {br} -p tcp -m tcp --dport 80 -j ACCEPT")
+    return "\n".join([*nat, "COMMIT", *flt, "COMMIT", ""])
+
+
+def _engine_change(ns: str, r: int) -> None:
+    """What a busy engine does between our calls: one rule of its own rewritten."""
+    run(
+        "ip", "netns", "exec", ns, "iptables", "-R", "DOCKER-ISOLATION-STAGE-2", "1",
+        "-o", f"br-{0:012x}", "-m", "comment", "--comment", f"bench-{r}", "-j", "DROP",
+    )  # fmt: skip
+
+
+def _measure(
+    d: Daemon, host: Host, label: str, reps: int, between: Callable[[int], None] | None = None
+) -> dict[str, list[float]]:
+    """ms per call of ``reps`` operations (after one warm-up); ``between(step)`` runs in the
+    pauses."""
     out: dict[str, list[float]] = {}
+    step = 0
+
+    def pause() -> None:
+        nonlocal step
+        time.sleep(0.15)
+        if between is not None:
+            between(step)
+            step += 1
+
     for r in range(reps + 1):
         mark = d.log_path.stat().st_size
         subnet, nid = host.network(f"10.156.{r}.0/24", f"{label}-{r}")
         ep, addr = host.endpoint(subnet, nid, f"{label}-{r}", 1)
         host.remove_endpoint(subnet, ep, addr)
-        time.sleep(0.15)
+        pause()
         host.remove_network(subnet, nid)
-        time.sleep(0.15)
+        pause()
         if r == 0:
             continue
         for call, secs in d.server_times(mark).items():
@@ -160,6 +233,18 @@ def run_all(rec: Record, *, quick: bool = False) -> None:
                 f"{time.monotonic() - t0:.0f} s"
             )
             large = _measure(d, host, "large", reps)
+            feed = subprocess.run(
+                ["ip", "netns", "exec", ns, "iptables-restore", "--noflush"],
+                input=docker_rules(networks, ports),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if feed.returncode != 0:
+                raise RuntimeError(f"loading Docker-like rules: {feed.stderr.strip()}")
+            docker = _measure(
+                d, host, "docker", reps, between=lambda step: _engine_change(ns, step)
+            )
         finally:
             c.close()
             d.stop()
@@ -168,17 +253,27 @@ def run_all(rec: Record, *, quick: bool = False) -> None:
         for call in small
         if call in large
     }
+    beside = {call: statistics.median(docker[call]) for call in med if call in docker}
     total = (sum(a for a, _ in med.values()), sum(b for _, b in med.values()))
+    with_docker = sum(beside.values())
     data: dict[str, Any] = {
         "networks": networks,
         "ports": ports,
         "ports_per_endpoint": PORTS_PER_ENDPOINT,
         "reps": reps,
-        "median_ms": {call: {"smallest": a, "largest": b} for call, (a, b) in med.items()},
+        "median_ms": {
+            call: {"smallest": a, "largest": b, "largest_beside_docker": beside.get(call)}
+            for call, (a, b) in med.items()
+        },
         "growth": {call: ratio(b, a) for call, (a, b) in med.items()},
-        "operation_ms": {"smallest": total[0], "largest": total[1]},
+        "operation_ms": {
+            "smallest": total[0],
+            "largest": total[1],
+            "largest_beside_docker": with_docker,
+        },
         "operation_growth": ratio(total[1], total[0]),
-        "raw_ms": {"smallest": small, "largest": large},
+        "operation_growth_beside_docker": ratio(with_docker, total[0]),
+        "raw_ms": {"smallest": small, "largest": large, "largest_beside_docker": docker},
     }
     shown = ", ".join(
         f"{call} {med[call][0]:.1f} -> {med[call][1]:.1f}" for call in SHOWN if call in med
@@ -188,5 +283,8 @@ def run_all(rec: Record, *, quick: bool = False) -> None:
         data,
         f"[host calls] 1 -> {networks} networks + {ports} ports, median ms: {shown}; "
         f"the whole operation {total[0]:.0f} -> {total[1]:.0f} ms "
-        f"(x{data['operation_growth']:.2f})",
+        f"(x{data['operation_growth']:.2f}); beside Docker-like rules for {networks} networks "
+        f"and {ports} ports, changing between calls: "
+        + ", ".join(f"{call} {beside[call]:.1f}" for call in SHOWN if call in beside)
+        + f", the whole {with_docker:.0f} ms (x{data['operation_growth_beside_docker']:.2f})",
     )
