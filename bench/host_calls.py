@@ -32,12 +32,12 @@ from collections.abc import Callable
 from typing import Any
 
 from .common import Daemon, PluginClient, Record, log, netns, ratio, run, workdir
+from .plugin import SPACE, create_network
 
 NETWORKS = 200
 PORTS = 1000
 PORTS_PER_ENDPOINT = 10
 REPS = 8
-SPACE = "PouchLocal"
 #: what the summary line shows, in call order
 SHOWN = (
     "CreateNetwork",
@@ -60,29 +60,8 @@ class Host:
         self.next_port = 20000
 
     def network(self, subnet: str, tag: str) -> tuple[str, str]:
-        c = self.c
-        c.call(
-            "IpamDriver.RequestPool",
-            {"AddressSpace": SPACE, "Pool": subnet, "SubPool": "", "Options": {}, "V6": False},
-        )
-        gw = c.call(
-            "IpamDriver.RequestAddress",
-            {
-                "PoolID": f"{SPACE}/{subnet}",
-                "Address": "",
-                "Options": {"RequestAddressType": "com.docker.network.gateway"},
-            },
-        )
         nid = _id(f"net-{tag}")
-        c.call(
-            "NetworkDriver.CreateNetwork",
-            {
-                "NetworkID": nid,
-                "Options": {"com.docker.network.generic": {}},
-                "IPv4Data": [{"AddressSpace": SPACE, "Pool": subnet, "Gateway": gw["Address"]}],
-                "IPv6Data": [],
-            },
-        )
+        create_network(self.c, subnet, nid)
         return subnet, nid
 
     def remove_network(self, subnet: str, nid: str) -> None:

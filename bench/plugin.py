@@ -50,15 +50,17 @@ def eid(tag: str, i: int) -> str:
     return hashlib.sha256(f"{tag}-{i}".encode()).hexdigest()
 
 
-def setup_network(c: PluginClient) -> None:
+def create_network(c: PluginClient, subnet: str, nid: str) -> None:
+    """What the engine sends for ``docker network create -d pouch --ipam-driver pouch``
+    with one IPv4 subnet: its pool, its gateway, the network."""
     c.call(
         "IpamDriver.RequestPool",
-        {"AddressSpace": SPACE, "Pool": SUBNET, "SubPool": "", "Options": {}, "V6": False},
+        {"AddressSpace": SPACE, "Pool": subnet, "SubPool": "", "Options": {}, "V6": False},
     )
     gw = c.call(
         "IpamDriver.RequestAddress",
         {
-            "PoolID": POOL_ID,
+            "PoolID": f"{SPACE}/{subnet}",
             "Address": "",
             "Options": {"RequestAddressType": "com.docker.network.gateway"},
         },
@@ -66,12 +68,16 @@ def setup_network(c: PluginClient) -> None:
     c.call(
         "NetworkDriver.CreateNetwork",
         {
-            "NetworkID": NID,
+            "NetworkID": nid,
             "Options": {"com.docker.network.generic": {}},
-            "IPv4Data": [{"AddressSpace": SPACE, "Pool": SUBNET, "Gateway": gw["Address"]}],
+            "IPv4Data": [{"AddressSpace": SPACE, "Pool": subnet, "Gateway": gw["Address"]}],
             "IPv6Data": [],
         },
     )
+
+
+def setup_network(c: PluginClient) -> None:
+    create_network(c, SUBNET, NID)
 
 
 def lifecycle(c: PluginClient, endpoint_id: str, times: dict[str, list[float]]) -> None:
