@@ -146,7 +146,7 @@ class Names:
 
 #: How many chains a network's published-port rules of one part are spread over.
 PORT_BUCKETS = 16
-#: How many chains the top-level NAT and raw chains spread their jumps over (by hash).
+#: How many chains the top-level NAT chains spread their jumps over (by a hash of the bridge).
 DISPATCH_BUCKETS = 16
 
 #: Per-network chains, by the letter after the prefix: the table each lives in.

@@ -201,7 +201,11 @@ def render(
             entries[kind].append((b, body))
     _isolation(n, plan, version, entries, chains)
     for direction in "oi":
-        fwd.extend(_by_interface(n, "F", direction, entries[direction], verb="-j", chains=chains))
+        fwd.extend(
+            _by_interface(
+                n, n.chain_forward, "F", direction, entries[direction], verb="-j", chains=chains
+            )
+        )
     for part in "ND":  # (nat: the first packet of a connection only)
         chains[_top(n, part)].extend(_by_hash(n, part, entries[part], chains))
     # Every packet of the host passes raw PREROUTING: there a jump per publishing network,
@@ -249,7 +253,8 @@ def _bridge(
         return chains.setdefault(n.net_chain(part, b), [])
 
     trusted: tuple[str, ...] | None = None
-    routed, subnets = False, tuple[IPNetwork, ...]()
+    routed = False
+    subnets: tuple[IPNetwork, ...] = ()
     if net is not None:
         c = n.net_chain("I", b)
         jumps += [("Io", f"-o {b} -g {c}"), ("Ii", f"-i {b} -j DROP")]
@@ -293,6 +298,7 @@ def _bridge(
 
 def _by_interface(
     n: Names,
+    top: str,
     part: str,
     direction: str,
     rules: list[tuple[str, str]],
@@ -300,7 +306,8 @@ def _by_interface(
     verb: str,
     chains: dict[str, list[str]],
 ) -> list[str]:
-    """The top-level lines of ``part`` for ``rules`` ((bridge, rule after ``-A CHAIN``), each
+    """The lines of the top-level chain ``top`` (its dispatch chains named after ``part``)
+    for ``rules`` ((bridge, rule after ``-A CHAIN``), each
     matching ``-o``/``-i`` (``direction``) that bridge): a bridge named ``<prefix>b<c>...``
     (all but user-named ones) is reached through ``-<direction> <prefix>b<c>+ <verb>`` and the
     dispatch chain of ``c``, which holds its rules in their order; any other keeps its rules
@@ -308,7 +315,6 @@ def _by_interface(
     sixteenth of the networks, not a rule per network, and a network added or removed edits
     that chain (iptables-restore reads every rule of a chain it edits by position).
     ``verb`` ``-g`` keeps a goto's meaning: what the bridge's chain returns ends the caller."""
-    top = _top(n, part) if direction == "o" or part == "F" else n.chain_isolation2
     lead = f"{n.prefix}b"
     held: dict[str, list[str]] = {}
     out: list[str] = []
@@ -581,9 +587,11 @@ def _isolation(
     # meets exactly one of these, and what that bridge's chain returns ends <P>-ISOLATION.
     # (One for a bridge that carries our name but is not in the plan, one being made or
     # deleted with no container on it, ends it there too, past the drops below.)
-    iso.extend(_by_interface(n, "I", "o", entries["Io"], verb="-g", chains=chains))
+    iso.extend(_by_interface(n, top, "I", "o", entries["Io"], verb="-g", chains=chains))
     # <P>-ISOLATION-2 only drops, so its order is free.
-    iso2.extend(_by_interface(n, "I", "i", entries["Ii"], verb="-g", chains=chains))
+    iso2.extend(
+        _by_interface(n, n.chain_isolation2, "I", "i", entries["Ii"], verb="-g", chains=chains)
+    )
     for net in plan.networks:
         if _internal(net, version):
             iso.append(f"-A {top} -i {net.bridge} -j DROP")
