@@ -55,7 +55,13 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("netlink (loop side)", ("pouch_driver/kernel/links.py", "pyroute2/")),
     (
         "firewall",
-        ("pouch_driver/kernel/iptables.py", "pouch_driver/kernel/rules.py", "subprocess.py"),
+        (
+            "pouch_driver/kernel/iptables.py",
+            "pouch_driver/kernel/rules.py",
+            "pouch_driver/kernel/rule_changes.py",
+            "pouch_driver/kernel/saved.py",
+            "subprocess.py",
+        ),
     ),
     ("ipam", ("pouch_driver/ipam.py",)),
     ("reconcile", ("pouch_driver/service/reconcile.py",)),

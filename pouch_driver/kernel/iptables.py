@@ -20,7 +20,7 @@ import shutil
 
 from ..errors import KernelError
 from ..naming import Names
-from . import FirewallPlan, process, rules
+from . import FirewallPlan, process, rule_changes, rules, saved
 from .restore import RestoreSession
 from .sysctl import Sysctls
 
@@ -78,11 +78,11 @@ class IptablesFirewall:
                 await session.close()
             self._sessions.clear()
 
-    async def _read(self, version: int) -> rules.Saved:
+    async def _read(self, version: int) -> saved.Saved:
         """One family's iptables-save, parsed; notes whether Docker's isolation chain is in
         force (every look at the firewall keeps that knowledge current, so a Docker upgraded
         under us is followed by the next repair)."""
-        present = rules.parse_saved(
+        present = saved.parse_saved(
             await self._exec(["iptables-save" if version == 4 else "ip6tables-save"])
         )
         if rules.has_docker_isolation(present):
@@ -153,7 +153,7 @@ class IptablesFirewall:
         present = None if previous is not None else await self._read(version)
 
         def prepare(
-            present: rules.Saved | None, previous: dict[str, list[str]] | None
+            present: saved.Saved | None, previous: dict[str, list[str]] | None
         ) -> tuple[dict[str, list[str]], str]:
             # Pure, and on a worker thread: with hundreds of networks and ports the
             # rendering and comparing take milliseconds the event loop has better use for.
@@ -164,7 +164,7 @@ class IptablesFirewall:
                 docker_isolation=version in self._docker_isolation,
                 bridged_set=self._has_ipset,
             )
-            text = rules.restore_changes(
+            text = rule_changes.restore_changes(
                 chains,
                 version,
                 self.names,
@@ -232,7 +232,7 @@ class IptablesFirewall:
         families = [4] + ([6] if self._has_ip6tables and plan.needs_ipv6() else [])
         for version in families:
             present = await self._read(version)
-            found = rules.differences(
+            found = rule_changes.differences(
                 plan,
                 version,
                 self.names,
@@ -255,7 +255,7 @@ class IptablesFirewall:
         for version in self._families():
             present = await self._read(version)
             self._applied.pop(version, None)
-            await self._restore(version, rules.removal_input(present, self.names))
+            await self._restore(version, rule_changes.removal_input(present, self.names))
             self._set_members.pop(version, None)
             if self._has_ipset and await self._set_exists(version):
                 await self._exec(["ipset", "destroy", self.names.bridged_set(version)])
@@ -275,7 +275,7 @@ class IptablesFirewall:
             if self._has_ipset and await self._set_exists(version):
                 out.append(f"IPv{version} unexpected set {self.names.bridged_set(version)}")
             present = await self._read(version)
-            for table, (jumps, chains) in rules.ours(present, self.names).items():
+            for table, (jumps, chains) in rule_changes.ours(present, self.names).items():
                 out.extend(f"IPv{version} unexpected jump (no networks): {r}" for r in jumps)
                 out.extend(
                     f"IPv{version} unexpected chain {table}/{c} (no networks)" for c in chains

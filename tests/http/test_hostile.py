@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from pouch_driver.kernel import rules
+from pouch_driver.kernel import rule_changes
 from pouch_driver.naming import Names
 
 from . import hostile as h
@@ -72,7 +72,7 @@ def firewall_lines(plugin: Plugin) -> list[str]:
     return [
         line
         for v in (4, 6)
-        for line in rules.restore_input(
+        for line in rule_changes.restore_input(
             plugin.firewall.plan, v, Names("pu"), docker_isolation=False, present=None
         ).splitlines()
     ]

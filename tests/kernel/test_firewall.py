@@ -11,7 +11,14 @@ from dataclasses import replace
 import pytest
 
 from pouch_driver.errors import KernelError
-from pouch_driver.kernel import FirewallPlan, NetworkRules, PortForward, VxlanFilter
+from pouch_driver.kernel import (
+    FirewallPlan,
+    NetworkRules,
+    PortForward,
+    VxlanFilter,
+    rule_changes,
+    saved,
+)
 from pouch_driver.kernel import rules as renderer
 from pouch_driver.kernel.iptables import IptablesFirewall
 from pouch_driver.naming import Names
@@ -464,11 +471,11 @@ def test_changes_edited_in_place_leave_exactly_the_plan(netns: Netns, variant: s
     for plan in steps:
         chains = renderer.render(plan, 4, names, docker_isolation=False)
         present = {} if previous is None else None
-        text = renderer.restore_changes(chains, 4, names, present=present, previous=previous)
+        text = rule_changes.restore_changes(chains, 4, names, present=present, previous=previous)
         netns.sh("sh", "-c", f'printf %s "$1" | iptables-{variant}-restore --noflush', "x", text)
         previous = chains
-        saved = renderer.parse_saved(netns.sh(f"iptables-{variant}-save").stdout)
-        diffs = renderer.differences(plan, 4, names, saved, docker_isolation=False)
+        held = saved.parse_saved(netns.sh(f"iptables-{variant}-save").stdout)
+        diffs = rule_changes.differences(plan, 4, names, held, docker_isolation=False)
         assert [d for d in diffs if "jump" not in d] == [], diffs
 
 

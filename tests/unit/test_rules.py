@@ -16,16 +16,8 @@ from hypothesis import strategies as st
 from pouch_driver.errors import KernelError
 from pouch_driver.kernel import FirewallPlan, NetworkRules, PortForward
 from pouch_driver.kernel import rules as renderer
-from pouch_driver.kernel.rules import (
-    _edit,
-    address_bucket,
-    check_plan,
-    differences,
-    port_bucket,
-    render,
-    restore_changes,
-    table_of,
-)
+from pouch_driver.kernel.rule_changes import _edit, differences, restore_changes, table_of
+from pouch_driver.kernel.rules import address_bucket, check_plan, port_bucket, render
 from pouch_driver.model import GatewayMode
 from pouch_driver.naming import PORT_BUCKETS, Names
 
