@@ -122,6 +122,65 @@ async def create_network(
     )
 
 
+async def define(h: Host, **options: Any) -> None:
+    """A cluster network ``mesh`` (IPv4) with ``options``; a refused definition releases its
+    pool, as the engine rolls back."""
+    v4 = await _pool(h, SUBNET)
+    h.network_id = secrets.token_hex(32)
+    try:
+        await h.d.networks.create_network(
+            h.network_id, NetworkOptions(cluster="mesh", **options), [v4], []
+        )
+    except Conflict:
+        await h.d.addresses.release_pool(h.pools[4])
+        raise
+
+
+def gateway(h: Host) -> str:
+    gw = h.d.state.networks[h.network_id].ipv4[0].gateway
+    assert gw is not None
+    return str(gw.ip)
+
+
+_SERVE = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen()
+print("ready", flush=True)
+s.settimeout(10)
+conn, peer = s.accept()
+print(peer[0], flush=True)
+"""
+_CONNECT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2).close()
+    print("connected")
+except OSError as exc:
+    print("failed", exc.errno)
+"""
+
+
+async def source_seen(server: Netns, address: str, client: Netns) -> str | None:
+    """The source address a TCP connection from ``client`` to ``address`` (held by
+    ``server``) arrives with, or None when it does not arrive. On a thread, so the hosts'
+    loops run on."""
+
+    def attempt() -> str | None:
+        argv = ["ip", "netns", "exec", server.name, sys.executable, "-c", _SERVE, address, "4242"]
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
+            try:
+                assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+                out = client.sh(sys.executable, "-c", _CONNECT, address, "4242")
+                return proc.stdout.readline().strip() if out.stdout.strip() == "connected" else None
+            finally:
+                proc.kill()
+
+    return await asyncio.to_thread(attempt)
+
+
 async def run_container(h: Host, stack: ExitStack, address: str | None = None) -> str:
     """An endpoint as the engine makes one (address, create, join), its end in a namespace of
     its own; returns its IPv4 address."""
@@ -236,6 +295,11 @@ async def test_containers_on_two_hosts_reach_each_other_in_both_families(
         bridge = a.d.state.networks[a.network_id].bridge
         # (in whichever of our chains the firewall layout keeps it)
         assert f"-s 10.61.0.0/16 ! -o {bridge} -j MASQUERADE" in a.ns.iptables_save()
+        # ... and by packets: a connection out to the other host's underlay address arrives
+        # from this host's own address (B routes 10.61/16 into the overlay, so an unmasqueraded
+        # reply would still come back: the source seen is what tells).
+        ca.sh("ip", "route", "add", "default", "via", gateway(a))
+        assert await source_seen(b.ns, b.vtep, ca) == a.vtep
         six_a, six_b = (
             str(h.d.state.endpoints[next(iter(h.containers))].address_v6.ip)  # type: ignore[union-attr]
             for h in (a, b)
@@ -518,30 +582,121 @@ async def test_an_internal_cluster_network_has_no_way_out_on_any_host(
     hosts: tuple[Host, Host],
 ) -> None:
     a, b = hosts
-
-    async def internal(h: Host, value: bool) -> None:
-        v4 = await _pool(h, SUBNET)
-        h.network_id = secrets.token_hex(32)
-        try:
-            await h.d.networks.create_network(
-                h.network_id, NetworkOptions(cluster="mesh", internal=value), [v4], []
-            )
-        except Conflict:
-            await h.d.addresses.release_pool(h.pools[4])  # as the engine rolls back
-            raise
-
-    await internal(a, True)
+    await define(a, internal=True)
     # A host defining it as not internal is refused, naming the difference.
     with pytest.raises(Conflict, match="internal: true in the cluster, false here"):
-        await internal(b, False)
-    await internal(b, True)
+        await define(b, internal=False)
+    await define(b, internal=True)
     with ExitStack() as stack:
         ip_a = await run_container(a, stack)
         ip_b = await run_container(b, stack)
         (ca,), (cb,) = a.containers.values(), b.containers.values()
         assert await ping(ca, ip_b) and await ping(cb, ip_a)
-        for h in (a, b):
+        for h, c, other in ((a, ca, b), (b, cb, a)):
             (eid,) = h.containers
             joined = await h.d.endpoints.join(h.network_id, eid, "/again")
             assert joined.gateway is None and joined.disable_gateway_service
             assert "MASQUERADE" not in h.ns.iptables_save()
+            # A container that makes its own way out (a default route through its host's
+            # end of the bridge) is still not forwarded anywhere: the other host's underlay
+            # address is out of reach. (Its own host is reachable, as from Docker's internal
+            # bridge networks: the ``isolated`` gateway mode is what takes that away.)
+            c.sh("ip", "route", "add", "default", "via", gateway(h))
+            # Forwarding on, as on any Docker host: the firewall must keep it in, not the sysctl.
+            h.ns.sh("sysctl", "-qw", "net.ipv4.ip_forward=1")
+            assert await ping(c, h.vtep, wait=1), "the control: the route is in place"
+            assert not await ping(c, other.vtep, wait=1), f"{other.vtep} reached from {h.vtep}"
+            assert await source_seen(other.ns, other.vtep, c) is None
+
+
+async def test_the_mtu_option_overrides_the_underlays_on_every_host(
+    hosts: tuple[Host, Host],
+) -> None:
+    """``com.docker.network.driver.mtu`` is part of the cluster's definition: every host
+    applies it to the VXLAN device and the containers' interfaces, and a host that leaves it
+    out is refused."""
+    a, b = hosts
+    await define(a, mtu=1400)
+    with pytest.raises(Conflict, match="mtu: 1400 in the cluster, default here"):
+        await define(b)
+    await define(b, mtu=1400)
+    with ExitStack() as stack:
+        await run_container(a, stack)
+        ip_b = await run_container(b, stack)
+        (ca,) = a.containers.values()
+        for h in (a, b):
+            link = h.ns.link(h.vxlan())
+            assert link is not None and link["mtu"] == 1400
+            (c,) = h.containers.values()
+            eth0 = c.link("eth0")
+            assert eth0 is not None and eth0["mtu"] == 1400
+        df = await asyncio.to_thread(ca.sh, sys.executable, "-c", DF_PING, ip_b, "1372")
+        assert df.stdout.strip() == "reply", df.stdout
+        too_big = await asyncio.to_thread(ca.sh, sys.executable, "-c", DF_PING, ip_b, "1373")
+        assert too_big.stdout.strip() != "reply", "the control: one byte more does not fit"
+
+
+async def test_names_that_start_alike_get_distinct_vnis_at_once_and_in_turn(
+    hosts: tuple[Host, Host], etcd: EtcdCluster
+) -> None:
+    """The first VNI a network tries comes from the first eight bytes of its name, so these
+    names all start on the same one: etcd's put-if-absent on the VNI's key moves all but one
+    on, whether two hosts define theirs at the same instant or one after another."""
+    a, b = hosts
+    await asyncio.gather(
+        create_network(a, name="meshmesh-a"),
+        create_network(b, subnet=ipaddress.ip_network("10.62.0.0/16"), name="meshmesh-b"),
+    )
+    first_a, first_b = a.network_id, b.network_id
+    await create_network(a, subnet=ipaddress.ip_network("10.63.0.0/16"), name="meshmesh-c")
+    vnis = {
+        name: h.d.state.networks[nid].vni
+        for h, nid, name in (
+            (a, first_a, "meshmesh-a"),
+            (b, first_b, "meshmesh-b"),
+            (a, a.network_id, "meshmesh-c"),
+        )
+    }
+    assert None not in vnis.values() and len(set(vnis.values())) == 3, vnis
+    held = etcdctl(etcd, "get", "--prefix", "/pouch/v1/vnis/").splitlines()
+    pairs = zip(held[::2], held[1::2], strict=True)
+    registry = {int(key.rsplit("/", 1)[1]): value.split()[0] for key, value in pairs}
+    assert registry == {vni: name for name, vni in vnis.items()}, registry
+    # The other host joining one of them gets that one's VNI.
+    await create_network(b, name="meshmesh-a")
+    assert b.d.state.networks[b.network_id].vni == vnis["meshmesh-a"]
+
+
+async def test_an_endpoint_removed_while_etcd_is_away_is_withdrawn_when_it_returns(
+    hosts: tuple[Host, Host], etcd: EtcdCluster
+) -> None:
+    """The engine removes a container while no etcd member answers: the removal succeeds
+    locally, and once etcd is back the endpoint's record goes and the other host forgets it;
+    its address goes to exactly one new container."""
+    a, b = hosts
+    with ExitStack() as stack:
+        for h in (a, b):
+            await create_network(h)
+        ip_b = await run_container(b, stack)
+        (eid,) = b.containers
+        mac = b.d.state.endpoints[eid].mac
+        await eventually(lambda: mac in a.fdb_macs(), 1.0)
+        for i in range(len(etcd.members)):
+            etcd.stop(i)
+        try:
+            await b.d.endpoints.leave(b.network_id, eid)
+            await b.d.endpoints.delete_endpoint(b.network_id, eid)
+            await b.d.addresses.release_address(b.pools[4], ipaddress.ip_address(ip_b))
+            assert mac in a.fdb_macs(), "A cannot have heard of it yet"
+        finally:
+            etcd.heal()
+        took = await eventually(lambda: mac not in a.fdb_macs(), 15.0)
+        print(f"\nwithdrawn {took:.1f}s after etcd was healed")
+        keys = etcdctl(etcd, "get", "--prefix", "--keys-only", "/pouch/v1/endpoints/")
+        assert f"/pouch/v1/endpoints/mesh/{eid}" not in keys
+        for h in (a, b):
+            assert h.d.cluster is not None
+            assert await h.d.cluster.wait_connected(15), h.d.cluster.last_error
+        assert await run_container(b, stack, ip_b) == ip_b
+        with pytest.raises(Conflict, match=ip_b.replace(".", r"\.")):
+            await run_container(a, stack, ip_b)
