@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from pouch_driver.kernel.fake import FakeFirewall, FakeLinks
+
 from .conftest import Plugin, PluginFactory, payloads
 
 D = payloads("dockerd-20.10")
@@ -299,6 +301,20 @@ BAD_INPUT = [
         _broken(D["CreateEndpoint"], ["Interface", "MacAddress"], "zz:zz"),
         "Interface.MacAddress",
     ),
+    (
+        # Endpoint options we do not read are ignored, but do not excuse a field we do read.
+        "NetworkDriver.CreateEndpoint",
+        _broken(
+            _broken(
+                D["CreateEndpoint"],
+                ["Options"],
+                {**D["CreateEndpoint"]["Options"], "com.example.foo": "bar"},
+            ),
+            ["Interface", "MacAddress"],
+            "zz:zz",
+        ),
+        "Interface.MacAddress",
+    ),
     ("NetworkDriver.Join", _broken(D["Join"], ["SandboxKey"], ""), "SandboxKey"),
     (
         "NetworkDriver.ProgramExternalConnectivity",
@@ -411,7 +427,6 @@ async def test_repeated_empty_pool_requests_return_different_pools(plugin: Plugi
 
 
 async def test_automatic_pool_avoids_host_routes(make_plugin: PluginFactory) -> None:
-    from pouch_driver.kernel.fake import FakeLinks  # noqa: PLC0415
 
     plugin = await make_plugin(links=FakeLinks(routes=[ipaddress.ip_network("10.200.0.0/23")]))
     doc = await plugin.call("IpamDriver.RequestPool", D["RequestPoolAuto"])
@@ -486,3 +501,20 @@ async def test_body_size_limit(make_plugin: PluginFactory) -> None:
         "NetworkDriver.CreateNetwork", raw=b"{" + b" " * 10000 + b"}", status=413
     )
     assert doc["Err"]
+
+
+async def test_without_br_netfilter_create_network_answers_the_fix(
+    make_plugin: PluginFactory,
+) -> None:
+    """A host where br_netfilter cannot be loaded (a managed plugin without the module):
+    the engine's CreateNetwork gets an error naming the fix, and nothing is made."""
+    firewall = FakeFirewall()
+    firewall.bridge_netfilter = False
+    plugin = await make_plugin(firewall=firewall)
+    await plugin.call("IpamDriver.RequestPool", D["RequestPool"])
+    await plugin.call("IpamDriver.RequestAddress", D["RequestAddressGateway"])
+    doc = await plugin.call("NetworkDriver.CreateNetwork", D["CreateNetwork"], status=500)
+    assert "modprobe br_netfilter" in doc["Err"], doc
+    assert plugin.service.state.networks == {} and plugin.links.links == {}
+    firewall.bridge_netfilter = True  # the operator loaded it: the engine's retry works
+    assert await plugin.call("NetworkDriver.CreateNetwork", D["CreateNetwork"]) == {}
