@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import socket
 from collections.abc import Iterable, Sequence
 
@@ -45,15 +46,20 @@ async def resolve_ports(
     taken: Sequence[PortBinding],
     default_host_ip: IPAddress | None,
     dual_stack: bool = False,
+    keep: Sequence[PortBinding] = (),
 ) -> tuple[PortBinding, ...]:
     """Concrete bindings for ``bindings``, avoiding ``taken`` (other endpoints' bindings).
 
     ``dual_stack``: a binding on all addresses is published on IPv6 too (the container has an
-    IPv6 address), so its port must be free for both families.
+    IPv6 address), so its port must be free for both families. ``keep``: what the same
+    endpoint was given before (a repeated ProgramExternalConnectivity): a port chosen from a
+    range or for port 0 stays the one it was, if still free, rather than the lowest free one,
+    which may have changed since.
     """
     used: dict[tuple[Proto, int], list[IPAddress | None]] = {}
     for t in taken:
         used.setdefault((t.proto, t.host_port), []).append(t.host_ip)
+    before = list(keep)
     out: list[PortBinding] = []
     probes = 0
     for b in bindings:
@@ -61,9 +67,15 @@ async def resolve_ports(
         if host_ip is None and default_host_ip is not None and not default_host_ip.is_unspecified:
             host_ip = default_host_ip
         if b.host_port == 0:
-            candidates: Iterable[int] = range(EPHEMERAL_PORTS[0], EPHEMERAL_PORTS[1] + 1)
+            span = range(EPHEMERAL_PORTS[0], EPHEMERAL_PORTS[1] + 1)
         else:
-            candidates = range(b.host_port, max(b.host_port, b.host_port_end) + 1)
+            span = range(b.host_port, max(b.host_port, b.host_port_end) + 1)
+        candidates: Iterable[int] = span
+        for k in before:
+            if (k.proto, k.port, k.host_ip) == (b.proto, b.port, host_ip) and k.host_port in span:
+                before.remove(k)  # each earlier binding serves one binding
+                candidates = itertools.chain((k.host_port,), span)
+                break
         chosen = None
         for p in candidates:
             probes += 1

@@ -60,6 +60,7 @@ class PortService:
                     taken,
                     net.options.host_binding_ipv4,
                     dual_stack=ep.address_v6 is not None,
+                    keep=ep.port_bindings,
                 )
                 if resolved == ep.port_bindings:
                     return  # nothing to publish (the usual case), or a repeated call

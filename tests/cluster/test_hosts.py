@@ -28,6 +28,7 @@ import pytest
 from pouch_driver.config import Settings
 from pouch_driver.daemon import build_driver
 from pouch_driver.errors import Conflict, StoreUnavailable
+from pouch_driver.metrics import Metrics
 from pouch_driver.model import IPAMData, NetworkOptions
 from pouch_driver.naming import Names
 from pouch_driver.service.driver import Driver
@@ -524,6 +525,13 @@ async def test_status_check_and_gc_cover_cluster_networks(
             1,
         )
         assert len(net.blocks) == 1 and net.vni is not None
+        # The metrics' figures are measured, not placeholders: etcd round trips were made,
+        # and B's endpoint reached A through its watch.
+        assert 0 < view.store_p50_ms <= view.store_p99_ms < 5000, view
+        assert 0 < view.watch_lag_ms < 5000, view
+        text = Metrics().render(a.d.status())
+        assert 'pouch_driver_cluster_remote_endpoints{network="mesh"} 1' in text
+        assert "pouch_driver_cluster_watch_lag_seconds 0.000000" not in text
         assert a.d.cluster is not None
         assert await a.d.cluster.audit(repair=False) == ([], [])
         a.ns.sh("bridge", "fdb", "del", mac_b, "dev", a.vxlan())

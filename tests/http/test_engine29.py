@@ -203,3 +203,40 @@ async def test_published_ports_follow_the_gateway_endpoint(plugin: Plugin) -> No
     assert forwards() == [("10.200.0.2", 8080, 80)]
     await plugin.call("NetworkDriver.ProgramExternalConnectivity", program1)
     assert forwards() == [("10.200.0.2", 8080, 80)]
+
+
+async def test_a_repeated_program_keeps_an_ephemeral_host_port(plugin: Plugin) -> None:
+    """`-p 80` (HostPort 0) on two containers: each gets a free host port, the first the
+    lower one. Once the first is gone, a second Program of the other (Engine 29 repeats it on
+    gateway changes) must not move it to the port that came free: its users know the one it
+    has."""
+    await plugin.call("IpamDriver.RequestPool", E["RequestPool"])
+    await plugin.call("IpamDriver.RequestAddress", E["RequestAddressGateway"])
+    await plugin.call("NetworkDriver.CreateNetwork", E["CreateNetwork"])
+    program = copy.deepcopy(E["ProgramExternalConnectivity"])
+    program["Options"]["com.docker.network.portmap"][0].update(HostPort=0, HostPortEnd=0)
+    ids = [EID, "e3" * 32]
+    for eid in ids:
+        got = await plugin.call("IpamDriver.RequestAddress", E["RequestAddressEndpoint"])
+        ep = {"NetworkID": NID, "EndpointID": eid}
+        await plugin.call(
+            "NetworkDriver.CreateEndpoint",
+            {**E["CreateEndpoint"], **ep, "Interface": {"Address": got["Address"]}},
+        )
+        await plugin.call("NetworkDriver.Join", {**E["Join"], **ep})
+        await plugin.call("NetworkDriver.ProgramExternalConnectivity", {**program, **ep})
+
+    def host_ports() -> dict[str, int]:
+        state = plugin.service.state.endpoints
+        return {eid: b.host_port for eid in ids if eid in state for b in state[eid].port_bindings}
+
+    first, second = (host_ports()[eid] for eid in ids)
+    assert first < second
+    gone = {"NetworkID": NID, "EndpointID": EID}
+    for call in ("RevokeExternalConnectivity", "Leave", "DeleteEndpoint"):
+        await plugin.call(f"NetworkDriver.{call}", gone)
+    await plugin.call(
+        "NetworkDriver.ProgramExternalConnectivity", {**program, "EndpointID": ids[1]}
+    )
+    assert host_ports() == {ids[1]: second}
+    assert [f.host_port for f in plugin.firewall.plan.forwards] == [second]
