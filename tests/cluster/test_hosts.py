@@ -708,3 +708,45 @@ async def test_an_endpoint_removed_while_etcd_is_away_is_withdrawn_when_it_retur
         assert await run_container(b, stack, ip_b) == ip_b
         with pytest.raises(Conflict, match=ip_b.replace(".", r"\.")):
             await run_container(a, stack, ip_b)
+
+
+class _Killed(BaseException):
+    """The process ends here: nothing after it runs, no clean-up either."""
+
+
+async def test_a_plugin_killed_between_its_etcd_pin_and_its_own_record_leaks_nothing(
+    hosts: tuple[Host, Host], etcd: EtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A asks for an address by name outside every block: the pin is written to etcd, then
+    the plugin dies before its own store records the address (so the engine never got an
+    answer). The pin keeps everyone else off the address while A may still hold it; the
+    restarted A, which holds no such address, removes the pin, and the address is free for
+    exactly one host again."""
+    a, b = hosts
+    for h in (a, b):
+        await create_network(h)
+    want = ipaddress.ip_address("10.61.200.9")
+    pin = f"/pouch/v1/pins/mesh/{want}"
+
+    async def dies(*_args: Any, **_kwargs: Any) -> None:
+        raise _Killed
+
+    with monkeypatch.context() as m:
+        m.setattr("pouch_driver.service.addresses.durably", dies)
+        m.setattr("pouch_driver.service.blocks.BlockAllocator.released", dies)
+        with pytest.raises(_Killed):
+            await a.d.addresses.request_address(a.pools[4], want, False)
+    assert pin in etcdctl(etcd, "get", "--prefix", "--keys-only", "/pouch/v1/pins/")
+    with pytest.raises(Conflict, match=f"held by host {a.vtep}"):
+        await b.d.addresses.request_address(b.pools[4], want, False)
+    await a.stop()  # what is on disk is what a process started after kill -9 finds
+    await a.start()
+    await eventually(
+        lambda: pin not in etcdctl(etcd, "get", "--prefix", "--keys-only", "/pouch/v1/pins/"),
+        5.0,
+    )
+    results = await asyncio.gather(
+        *(h.d.addresses.request_address(h.pools[4], want, False) for h in (a, b)),
+        return_exceptions=True,
+    )
+    assert sum(not isinstance(r, BaseException) for r in results) == 1, results

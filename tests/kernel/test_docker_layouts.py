@@ -313,6 +313,16 @@ async def test_beside_dockers_nftables_backend(firewall: IptablesFirewall, netns
         assert reaches(a1, "10.61.0.3", 80)  # one network: allowed
         assert not reaches(a1, "10.63.0.2", 80)  # two of ours: isolated both ways
         assert not reaches(c1, "10.61.0.3", 80)
+        # Docker's own bridge, its nftables rules in force: neither side gets into the other,
+        # while both still get out to a LAN host (the control: the way is open otherwise).
+        lab.bridge("docker0", "172.17.0.1/16")
+        d1 = lab.container("docker0", "172.17.0.2/16", "172.17.0.1")
+        lan = lab.neighbour("10.99.0.1/24", "10.99.0.2/24")
+        for ns in (d1, lan):
+            lab.serve(ns, 80)
+        assert reaches(a1, "10.99.0.2", 80) and reaches(d1, "10.99.0.2", 80)
+        assert not reaches(a1, "172.17.0.2", 80)  # (Docker's nftables and ours drop it)
+        assert not reaches(d1, "10.61.0.3", 80)
     # The packets went through Docker's base chain too (its counter moved).
     forward = nft(netns, "list", "chain", "ip", "docker-bridges", "filter-FORWARD")
     counted = re.search(r"counter packets (\d+)", forward)
