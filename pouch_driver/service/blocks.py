@@ -118,12 +118,8 @@ class BlockAllocator:
         subnet = self._ipam.pools[pool_id].pool.network
         block = lay.block_of(subnet, address) if address in subnet else None
         holder = cluster.mirror.blocks.get(name, {}).get(block) if block else None
-        if holder is not None and holder != cluster.host:
-            raise Conflict(
-                f"address {address} of cluster network {name} is in block {block}, which host "
-                f"{holder} allocates from: ask for it on that host, or pick an address in a "
-                "block no host holds (pouch-driver status lists them)"
-            )
+        if block is not None and holder is not None and holder != cluster.host:
+            raise _in_block_of(name, address, block, holder)
         foreign = cluster.mirror.pins.get(name, {}).get(address)
         if foreign is not None and foreign != cluster.host:
             raise Conflict(f"address {address} of cluster network {name} is held by host {foreign}")
@@ -148,6 +144,12 @@ class BlockAllocator:
                 who = lay.owner_of(current.value)
                 cluster.mirror.pins.setdefault(name, {})[address] = who
                 raise Conflict(f"address {address} of cluster network {name} is held by host {who}")
+            # Its block was claimed after our watch last told us: name the claimant.
+            claim = await cluster.timed(cluster.kv.get(lay.block_key(name, block)))
+            if claim is not None:
+                holder = lay.owner_of(claim.value)
+                cluster.mirror.blocks.setdefault(name, {})[block] = holder
+                raise _in_block_of(name, address, block, holder)
             raise Conflict(
                 f"address {address} of cluster network {name}: its block {block} was just "
                 "claimed by another host; ask for it there"
@@ -166,3 +168,11 @@ class BlockAllocator:
             cluster.mirror.pins[name].pop(address, None)
         except Exception as exc:  # noqa: BLE001 - the release itself has succeeded
             log.warning("address %s: pin left in etcd (%s)", address, exc)
+
+
+def _in_block_of(name: str, address: IPAddress, block: IPNetwork, holder: str) -> Conflict:
+    return Conflict(
+        f"address {address} of cluster network {name} is in block {block}, which host "
+        f"{holder} allocates from: ask for it on that host, or pick an address in a "
+        "block no host holds (pouch-driver status lists them)"
+    )

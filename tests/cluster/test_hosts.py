@@ -211,6 +211,15 @@ async def ping(c: Netns, target: str, wait: int = 2, size: int = 56) -> bool:
     return out.returncode == 0
 
 
+async def fits_exactly(c: Netns, target: str, size: int) -> None:
+    """An echo of ``size`` bytes with don't-fragment crosses to ``target``; one byte more
+    does not (the control)."""
+    df = await asyncio.to_thread(c.sh, sys.executable, "-c", DF_PING, target, str(size))
+    assert df.stdout.strip() == "reply", df.stdout
+    too_big = await asyncio.to_thread(c.sh, sys.executable, "-c", DF_PING, target, str(size + 1))
+    assert too_big.stdout.strip() != "reply", "one byte more does not fit"
+
+
 async def eventually(check: Any, seconds: float = 5.0) -> float:
     """Seconds until ``check()`` held; fails after ``seconds``."""
     start = time.monotonic()
@@ -309,10 +318,7 @@ async def test_containers_on_two_hosts_reach_each_other_in_both_families(
         # The overlay's MTU is the underlay's less 50: a full-size DF packet crosses.
         link = a.ns.link(a.vxlan())
         assert link is not None and link["mtu"] == 1450
-        df = await asyncio.to_thread(ca.sh, sys.executable, "-c", DF_PING, ip_b, "1422")
-        assert df.stdout.strip() == "reply", df.stdout
-        too_big = await asyncio.to_thread(ca.sh, sys.executable, "-c", DF_PING, ip_b, "1423")
-        assert too_big.stdout.strip() != "reply", "the control: one byte more does not fit"
+        await fits_exactly(ca, ip_b, 1422)
 
 
 async def test_a_conflicting_definition_is_refused_naming_the_difference(
@@ -638,10 +644,7 @@ async def test_the_mtu_option_overrides_the_underlays_on_every_host(
             (c,) = h.containers.values()
             eth0 = c.link("eth0")
             assert eth0 is not None and eth0["mtu"] == 1400
-        df = await asyncio.to_thread(ca.sh, sys.executable, "-c", DF_PING, ip_b, "1372")
-        assert df.stdout.strip() == "reply", df.stdout
-        too_big = await asyncio.to_thread(ca.sh, sys.executable, "-c", DF_PING, ip_b, "1373")
-        assert too_big.stdout.strip() != "reply", "the control: one byte more does not fit"
+        await fits_exactly(ca, ip_b, 1372)
 
 
 async def test_names_that_start_alike_get_distinct_vnis_at_once_and_in_turn(
