@@ -314,7 +314,10 @@ async def _pouch(
         ca, _, _ = await a.container(nid_a, stack)
         cb, ip_b, _ = await b.container(nid_b, stack)
         give_up = time.monotonic() + 5
-        while _sh(ca, "busybox", "ping", "-c", "1", "-W", "1", ip_b, check=False).returncode != 0:
+        # On a thread: the hosts' loops must run meanwhile (A learns of B's container from its
+        # etcd watch); a ping run on the loop itself would keep them waiting.
+        ping = ("busybox", "ping", "-c", "1", "-W", "1", ip_b)
+        while (await asyncio.to_thread(_sh, ca, *ping, check=False)).returncode != 0:
             assert time.monotonic() < give_up, "pouch: containers do not reach each other"
         gbits = [await asyncio.to_thread(throughput, ca, cb, ip_b, seconds) for _ in range(rounds)]
         rtts = [await asyncio.to_thread(rtt_ms, ca, ip_b) for _ in range(rounds)]
