@@ -39,7 +39,7 @@ from pyroute2 import IPRoute
 
 from pouch_driver.config import Settings
 from pouch_driver.daemon import build_driver
-from pouch_driver.model import IPAMData, NetworkOptions
+from pouch_driver.model import IPAMData, IPNetwork, NetworkOptions
 from pouch_driver.service.driver import Driver
 from pouch_driver.service.reconcile import start_up
 from tests.etcd_members import member_argv
@@ -161,7 +161,7 @@ class Host:
         await self.driver.cluster.start()
         assert await self.driver.cluster.wait_connected(10), self.driver.cluster.last_error
 
-    async def network(self, name: str, subnet: ipaddress.IPv4Network, cluster: bool) -> str:
+    async def network(self, name: str, subnet: IPNetwork, cluster: bool) -> str:
         pool = await self.d.addresses.request_pool("PouchLocal", subnet, None, False)
         gw = await self.d.addresses.request_address(pool.pool_id, None, True)
         nid = secrets.token_hex(32)

@@ -369,13 +369,13 @@ def _measure(
     calls = server_times(eng.plugin.log_path, mark)
     data: dict[str, Any] = {}
     # What the engine asked the plugin per pouch connect+disconnect (warm-up pairs included).
-    rounds = pairs + 2
+    asked = pairs + 2
     data["plugin_calls_per_connect_disconnect"] = {
-        k: {"calls": len(v) / rounds, "server_ms_total": sum(v) / rounds * 1000}
+        k: {"calls": len(v) / asked, "server_ms_total": sum(v) / asked * 1000}
         for k, v in sorted(calls.items())
     }
     data["plugin_server_ms_per_connect_disconnect"] = (
-        sum(sum(v) for v in calls.values()) / rounds * 1000
+        sum(sum(v) for v in calls.values()) / asked * 1000
     )
     for op in ("connect", "disconnect"):
         p, b, f = (summary(cd[d][op]) for d in ("pouch", "bridge", "floor"))

@@ -108,7 +108,7 @@ def rows(doc: dict[str, Any]) -> list[str]:  # noqa: PLR0912 - one row per figur
         if pr and "plugin_cpu_s" in pr[0]:
 
             def mean(rounds: list[dict[str, Any]], key: str) -> float:
-                return sum(x[key] for x in rounds) / len(rounds)
+                return float(sum(x[key] for x in rounds)) / len(rounds)
 
             out.append(
                 _row(
