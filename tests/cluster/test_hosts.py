@@ -29,7 +29,7 @@ from pouch_driver.config import Settings
 from pouch_driver.daemon import build_driver
 from pouch_driver.errors import Conflict, StoreUnavailable
 from pouch_driver.metrics import Metrics
-from pouch_driver.model import IPAMData, NetworkOptions
+from pouch_driver.model import IPAMData, NetworkOptions, PortBinding, Proto
 from pouch_driver.naming import Names
 from pouch_driver.service.driver import Driver
 from pouch_driver.service.reconcile import start_up
@@ -164,17 +164,21 @@ except OSError as exc:
 """
 
 
-async def source_seen(server: Netns, address: str, client: Netns) -> str | None:
-    """The source address a TCP connection from ``client`` to ``address`` (held by
-    ``server``) arrives with, or None when it does not arrive. On a thread, so the hosts'
-    loops run on."""
+async def source_seen(
+    server: Netns, address: str, client: Netns, via: tuple[str, int] | None = None
+) -> str | None:
+    """The source address a TCP connection from ``client`` arrives with at a server on
+    ``address`` (port 4242) in ``server``, or None when it does not arrive. The client
+    connects to ``via`` (a published port) if given, else to the server itself. On a thread,
+    so the hosts' loops run on."""
+    target, port = via or (address, 4242)
 
     def attempt() -> str | None:
         argv = ["ip", "netns", "exec", server.name, sys.executable, "-c", _SERVE, address, "4242"]
         with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
             try:
                 assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-                out = client.sh(sys.executable, "-c", _CONNECT, address, "4242")
+                out = client.sh(sys.executable, "-c", _CONNECT, target, str(port))
                 return proc.stdout.readline().strip() if out.stdout.strip() == "connected" else None
             finally:
                 proc.kill()
@@ -753,3 +757,26 @@ async def test_a_plugin_killed_between_its_etcd_pin_and_its_own_record_leaks_not
         return_exceptions=True,
     )
     assert sum(not isinstance(r, BaseException) for r in results) == 1, results
+
+
+async def test_a_published_port_is_reached_at_its_own_hosts_address(
+    hosts: tuple[Host, Host],
+) -> None:
+    """Published ports are per host: a container on A publishing a port is reached at A's
+    address from B's side of the underlay (with B's address as the source: DNAT, no
+    masquerade), and B's address does not publish it."""
+    a, b = hosts
+    with ExitStack() as stack:
+        for h in (a, b):
+            await create_network(h)
+        ip_a = await run_container(a, stack)
+        (eid,) = a.containers
+        await a.d.ports.program_external_connectivity(
+            a.network_id, eid, [PortBinding(Proto.TCP, 4242, 0, 0, None)]
+        )
+        (bound,) = a.d.state.endpoints[eid].port_bindings
+        (ca,) = a.containers.values()
+        ca.sh("ip", "route", "add", "default", "via", gateway(a))  # as Join's gateway makes it
+        published = (a.vtep, bound.host_port)
+        assert await source_seen(ca, ip_a, b.ns, via=published) == b.vtep
+        assert await source_seen(ca, ip_a, b.ns, via=(b.vtep, bound.host_port)) is None
