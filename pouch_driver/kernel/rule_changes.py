@@ -71,11 +71,13 @@ def restore_changes(
     wanted = list(jumps(names, version)) if present is not None else []
     if present is not None and bridged_set and (fast := fast_path(names, version, present)):
         wanted.append((FILTER, DOCKER_USER, *fast))
+    # Each chain's table, looked up once (a first apply declares thousands of chains).
+    where = {c: table_of(names, c) for c in (*changed, *gone)}
     out: list[str] = []
     for table in tables(names):
-        declare = [c for c in changed if table_of(names, c) == table and c not in edits]
-        edit = [line for c in changed if table_of(names, c) == table for line in edits.get(c, [])]
-        delete = [c for c in gone if table_of(names, c) == table]
+        declare = [c for c in changed if where[c] == table and c not in edits]
+        edit = [line for c in changed if where[c] == table for line in edits.get(c, [])]
+        delete = [c for c in gone if where[c] == table]
         extra: list[str] = []
         if present is not None:
             for t, chain, position, match in wanted:
