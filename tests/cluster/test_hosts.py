@@ -215,6 +215,14 @@ async def ping(c: Netns, target: str, wait: int = 2, size: int = 56) -> bool:
     return out.returncode == 0
 
 
+async def programmed_on(a: Host, b: Host) -> tuple[str, str, float]:
+    """B's only container (its endpoint id and MAC) once A's kernel forwards to it, and
+    the seconds that took; fails after one."""
+    (eid,) = b.containers
+    mac = b.d.state.endpoints[eid].mac
+    return eid, mac, await eventually(lambda: mac in a.fdb_macs(), 1.0)
+
+
 async def fits_exactly(c: Netns, target: str, size: int) -> None:
     """An echo of ``size`` bytes with don't-fragment crosses to ``target``; one byte more
     does not (the control)."""
@@ -345,9 +353,7 @@ async def test_a_new_endpoint_is_programmed_and_withdrawn_on_the_other_host(
         for h in (a, b):
             await create_network(h)
         await run_container(b, stack)
-        (eid,) = b.containers
-        mac = b.d.state.endpoints[eid].mac
-        took = await eventually(lambda: mac in a.fdb_macs(), 1.0)
+        eid, mac, took = await programmed_on(a, b)
         print(f"\nprogrammed on the other host {took * 1000:.0f} ms after CreateEndpoint")
         await b.d.endpoints.leave(b.network_id, eid)
         await b.d.endpoints.delete_endpoint(b.network_id, eid)
@@ -438,9 +444,7 @@ async def test_a_dead_hosts_entries_are_withdrawn_after_its_lease(
         for h in (a, b):
             await create_network(h)
         await run_container(b, stack)
-        (eid,) = b.containers
-        mac = b.d.state.endpoints[eid].mac
-        await eventually(lambda: mac in a.fdb_macs(), 1.0)
+        _, mac, _ = await programmed_on(a, b)
         assert f"-s {b.vtep}/32 -d {a.vtep}/32 -p udp -m udp --dport 4789 -j RETURN" in (
             a.ns.iptables_save()
         )
@@ -463,9 +467,7 @@ async def test_a_restarted_plugin_rebuilds_its_entries_from_etcd(
             await create_network(h)
         ip_b = await run_container(b, stack)
         await run_container(a, stack)
-        (eid,) = b.containers
-        mac = b.d.state.endpoints[eid].mac
-        await eventually(lambda: mac in a.fdb_macs(), 1.0)
+        _, mac, _ = await programmed_on(a, b)
         (ca,) = a.containers.values()
         # A stops; its entries are wiped behind its back; a new A must bring them back.
         await a.stop()
@@ -693,9 +695,7 @@ async def test_an_endpoint_removed_while_etcd_is_away_is_withdrawn_when_it_retur
         for h in (a, b):
             await create_network(h)
         ip_b = await run_container(b, stack)
-        (eid,) = b.containers
-        mac = b.d.state.endpoints[eid].mac
-        await eventually(lambda: mac in a.fdb_macs(), 1.0)
+        eid, mac, _ = await programmed_on(a, b)
         for i in range(len(etcd.members)):
             etcd.stop(i)
         try:
